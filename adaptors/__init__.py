@@ -1,0 +1,1 @@
+"""Fairness adaptors, their trainers and the generation core they share."""

@@ -1,0 +1,140 @@
+"""LoRA adaptors on the text encoder and/or UNet, in the plain diffusers/PEFT file layout.
+
+`pytorch_lora_weights.safetensors` loads with `pipe.load_lora_weights(folder)` in stock
+diffusers. Each adaptor lives in the pipeline as a named PEFT adapter (its id); switching is
+`set_adapter` on the LoRA layers, never fusing, so the base weights are never touched.
+The PEFT scaling (alpha / r) is folded into lora_B when saving, so every file has scale 1.0 and
+needs no alpha metadata to reproduce exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import ClassVar
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+
+from adaptors.base import Adaptor
+from common.adaptor_manifest import AdaptorManifest
+
+logger = logging.getLogger(__name__)
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+COMPONENTS = ("unet", "text_encoder")
+
+
+def _tuner_layers(model: torch.nn.Module | None) -> list[BaseTunerLayer]:
+    if model is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _adapter_names(model: torch.nn.Module | None) -> set[str]:
+    return set(getattr(model, "peft_config", {}) or {}) if model is not None else set()
+
+
+def loaded_adapters(pipe) -> dict[str, set[str]]:
+    """Adapter names registered per LoRA-capable component of the pipeline."""
+    return {c: _adapter_names(getattr(pipe, c, None)) for c in COMPONENTS}
+
+
+def _switch(pipe, adapter: str | None) -> None:
+    """Enable exactly `adapter` on every component that has it and disable LoRA everywhere else."""
+    for component in COMPONENTS:
+        layers = _tuner_layers(getattr(pipe, component, None))
+        if not layers:
+            continue
+        present = adapter is not None and adapter in _adapter_names(getattr(pipe, component))
+        for layer in layers:
+            if present and adapter in getattr(layer, "lora_A", {}):
+                layer.enable_adapters(True)
+                layer.set_adapter(adapter)
+                for p in layer.parameters():  # set_adapter marks the active adapter trainable
+                    p.requires_grad_(False)
+            else:
+                layer.enable_adapters(False)
+
+
+def active_adapter(pipe) -> str | None:
+    """The adapter in effect (as `_switch` leaves it), None when LoRA is off everywhere."""
+    for component in COMPONENTS:
+        for layer in _tuner_layers(getattr(pipe, component, None)):
+            if not layer.disable_adapters and layer.active_adapters:
+                return layer.active_adapters[0]
+    return None
+
+
+class LoraAdaptor(Adaptor):
+    kind: ClassVar[str] = "lora"
+    weights_name: ClassVar[str] = LORA_WEIGHTS_NAME
+
+    def components(self) -> list[str]:
+        return sorted({k.split(".", 1)[0] for k in self.tensors})
+
+    def attach(self, pipe) -> None:
+        if self.id in set().union(*loaded_adapters(pipe).values()):
+            raise ValueError(f"adaptor {self.id!r} is already attached to this pipeline")
+        # a copy: diffusers pops and renames keys of the dict it is given
+        state = {k: v.to(pipe.device, pipe.unet.dtype) for k, v in self.tensors.items()}
+        active = active_adapter(pipe)
+        pipe.load_lora_weights(state, adapter_name=self.id)
+        _switch(pipe, active)  # attaching does not change what the pipeline generates
+        logger.debug("attached LoRA %s (%s)", self.id, ", ".join(self.components()))
+
+    def activate(self, pipe) -> None:
+        _switch(pipe, self.id)
+
+    def deactivate(self, pipe) -> None:
+        _switch(pipe, None)
+
+    def detach(self, pipe) -> None:
+        names = loaded_adapters(pipe)
+        if self.id not in set().union(*names.values()):
+            return
+        active = active_adapter(pipe)
+        pipe.delete_adapters([self.id])
+        remaining = set().union(*loaded_adapters(pipe).values())
+        if not remaining:
+            pipe.unload_lora_weights()  # no adapter left: remove the LoRA wrappers, restoring the base modules
+        else:
+            # PEFT promotes another adapter when the active one is deleted: put back what was in effect
+            _switch(pipe, active if active in remaining else None)
+
+    def file_metadata(self) -> dict[str, str]:
+        return {"format": "pt", "fairdiff_adaptor": json.dumps({"id": self.id, "kind": self.kind})}
+
+
+def lora_state_dict(pipe, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The diffusers-layout state dict of PEFT adapter `adapter_name` on the pipeline's UNet and text encoder.
+
+    The layer's scaling is folded into lora_B so that the result loads at scale 1.0 anywhere.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out: dict[str, torch.Tensor] = {}
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if adapter_name not in _adapter_names(model):
+            continue
+        peft_sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        peft_sd = {k: v.detach().clone().float().cpu() for k, v in peft_sd.items()}
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_B:
+                key = f"{name}.lora_B.weight"
+                if key in peft_sd:
+                    peft_sd[key] = peft_sd[key] * float(module.scaling[adapter_name])
+        for k, v in convert_state_dict_to_diffusers(peft_sd).items():
+            out[f"{component}.{k}"] = v.contiguous()
+    if not out:
+        raise ValueError(f"the pipeline has no LoRA adapter named {adapter_name!r}")
+    return out
+
+
+def lora_from_pipe(pipe, manifest: AdaptorManifest, adapter_name: str = "default") -> LoraAdaptor:
+    """Trainers' exit: wrap the adapter they trained (added with `add_adapter`) as a LoraAdaptor."""
+    manifest.kind = LoraAdaptor.kind
+    return LoraAdaptor(manifest, lora_state_dict(pipe, adapter_name))

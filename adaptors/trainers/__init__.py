@@ -1,0 +1,54 @@
+"""Fairness finetuning methods, by name: config (a FinetuneJob) in, adaptor folder out.
+
+Every trainer has the same signature so the training worker runs any of them alike: it writes
+the adaptor (weights + manifest.json) into `staging_dir`, keeps resumable state in
+`checkpoint_dir`, reports each iteration through `progress`, and stops between iterations when
+`should_stop()` (raising GenerationCancelled). Publishing to the store is the caller's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from adaptors.classifiers import AttributeClassifier
+from common.adaptor_manifest import AdaptorManifest
+from common.schemas import FinetuneJob
+
+ProgressFn = Callable[[dict[str, Any]], None]
+StopFn = Callable[[], bool]
+
+
+class TrainerFn(Protocol):
+    def __call__(
+        self,
+        job: FinetuneJob,
+        pipe: Any,
+        classifier: AttributeClassifier,
+        staging_dir: Path,
+        checkpoint_dir: Path,
+        progress: ProgressFn,
+        should_stop: StopFn,
+    ) -> AdaptorManifest | dict[str, Any] | None: ...
+
+
+TRAINERS: dict[str, TrainerFn] = {}
+
+
+def register_trainer(name: str) -> Callable[[TrainerFn], TrainerFn]:
+    def decorate(fn: TrainerFn) -> TrainerFn:
+        TRAINERS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_trainer(method: str) -> TrainerFn:
+    try:
+        return TRAINERS[method]
+    except KeyError:
+        raise KeyError(f"unknown finetune method {method!r}; known: {sorted(TRAINERS)}") from None
+
+
+from adaptors.trainers import prefix as _prefix  # noqa: E402,F401  (registers 'prefix')

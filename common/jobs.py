@@ -1,0 +1,159 @@
+"""The job store: every job's state, progress, result and cancel flag, in Redis.
+
+The gateway writes a job before it enqueues its task, and workers re-read it when the task
+runs (tasks carry only the job id), so a redelivered task finds the truth and a finished job
+is never run twice. Each field is its own hash entry, so concurrent writers never clobber
+each other's fields.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from common.schemas import JobKind, JobState, ModelInfo
+
+PREFIX = "fairdiff"
+QUEUED_ZSET = PREFIX + ":queued:{queue}"  # job ids waiting, scored by enqueue time
+JOB_KEY = PREFIX + ":job:{id}"
+JOBS_BY_KIND = PREFIX + ":jobs:{kind}"  # zset of ids by creation time, for listings
+IDEMPOTENCY_KEY = PREFIX + ":idem:{scope}:{key}"
+MODEL_KEY = PREFIX + ":model:{base}"
+WORKER_KEY = PREFIX + ":worker:{queue}:{name}"
+
+_JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStore:
+    """Thin, typed access to job records; safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.ttl_s = ttl_s
+
+    @classmethod
+    def from_url(cls, url: str, ttl_s: int = 7 * 24 * 3600) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), ttl_s)
+
+    # -- writing -----------------------------------------------------------------------------
+    def create(self, kind: JobKind, queue: str, request: dict[str, Any], job_id: str | None = None) -> str:
+        job_id = job_id or new_job_id()
+        now = time.time()
+        key = JOB_KEY.format(id=job_id)
+        pipe = self.r.pipeline()
+        pipe.hset(
+            key,
+            mapping={
+                "id": job_id,
+                "kind": kind.value,
+                "queue": queue,
+                "state": JobState.queued.value,
+                "created": now,
+                "request": json.dumps(request),
+            },
+        )
+        pipe.expire(key, self.ttl_s)
+        pipe.zadd(QUEUED_ZSET.format(queue=queue), {job_id: now})
+        pipe.zadd(JOBS_BY_KIND.format(kind=kind.value), {job_id: now})
+        pipe.execute()
+        return job_id
+
+    def claim_idempotency(self, scope: str, key: str, job_id: str) -> str:
+        """Bind (scope, key) to job_id unless already bound; returns the job id that owns it."""
+        rkey = IDEMPOTENCY_KEY.format(scope=scope, key=key)
+        if self.r.set(rkey, job_id, nx=True, ex=self.ttl_s):
+            return job_id
+        return str(self.r.get(rkey))
+
+    def mark_running(self, job_id: str, worker: str) -> None:
+        job = self.get(job_id)
+        pipe = self.r.pipeline()
+        pipe.hset(JOB_KEY.format(id=job_id), mapping={"state": JobState.running.value, "started": time.time(), "worker": worker})
+        if job:
+            pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
+        pipe.execute()
+
+    def set_progress(self, job_id: str, step: int, total: int, **extra: Any) -> None:
+        self.r.hset(JOB_KEY.format(id=job_id), "progress", json.dumps({"step": step, "total": total, **extra}))
+
+    def append_curve(self, job_id: str, point: dict[str, Any]) -> None:
+        """Training curves: one JSON list, rewritten whole (jobs have one writer)."""
+        key = JOB_KEY.format(id=job_id)
+        curve = json.loads(self.r.hget(key, "curve") or "[]")
+        curve.append(point)
+        self.r.hset(key, "curve", json.dumps(curve))
+
+    def finish(self, job_id: str, state: JobState, result: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:  # fmt: skip
+        job = self.get(job_id)
+        mapping: dict[str, Any] = {"state": state.value, "finished": time.time()}
+        if result is not None:
+            mapping["result"] = json.dumps(result)
+        if error is not None:
+            mapping["error"] = json.dumps(error)
+        pipe = self.r.pipeline()
+        pipe.hset(JOB_KEY.format(id=job_id), mapping=mapping)
+        if job:
+            pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
+        pipe.execute()
+
+    def request_cancel(self, job_id: str) -> None:
+        """Flag a job; a queued job is cancelled at once, a running one at its next step."""
+        job = self.get(job_id)
+        if job is None or JobState(job["state"]).finished:
+            return
+        self.r.hset(JOB_KEY.format(id=job_id), "cancel", "1")
+        if job["state"] == JobState.queued.value:
+            self.finish(job_id, JobState.cancelled)
+
+    # -- reading -----------------------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(JOB_KEY.format(id=job_id))
+        if not raw:
+            return None
+        job: dict[str, Any] = dict(raw)
+        for name in _JSON_FIELDS:
+            if name in job:
+                job[name] = json.loads(job[name])
+        for name in ("created", "started", "finished"):
+            if name in job:
+                job[name] = float(job[name])
+        job["cancel"] = job.get("cancel") == "1"
+        return job
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.r.hget(JOB_KEY.format(id=job_id), "cancel") == "1"
+
+    def queue_position(self, job_id: str, queue: str) -> int | None:
+        """0 = next to run; None when the job is not waiting."""
+        rank = self.r.zrank(QUEUED_ZSET.format(queue=queue), job_id)
+        return None if rank is None else int(rank)
+
+    def queue_depth(self, queue: str) -> int:
+        return int(self.r.zcard(QUEUED_ZSET.format(queue=queue)))
+
+    def list_ids(self, kind: JobKind, limit: int = 100) -> list[str]:
+        return list(self.r.zrevrange(JOBS_BY_KIND.format(kind=kind.value), 0, limit - 1))
+
+    # -- base model registry ---------------------------------------------------------------------
+    def publish_model(self, info: ModelInfo) -> None:
+        self.r.set(MODEL_KEY.format(base=info.base_model), json.dumps(info.to_dict()))
+
+    def model_info(self, base_model: str) -> ModelInfo | None:
+        raw = self.r.get(MODEL_KEY.format(base=base_model))
+        return ModelInfo(**json.loads(raw)) if raw else None
+
+    def heartbeat(self, queue: str, name: str, ttl_s: int = 30) -> None:
+        self.r.set(WORKER_KEY.format(queue=queue, name=name), time.time(), ex=ttl_s)
+
+    def live_workers(self, queue: str) -> list[str]:
+        prefix = WORKER_KEY.format(queue=queue, name="")
+        return [k[len(prefix) :] for k in self.r.scan_iter(prefix + "*")]

@@ -1,0 +1,67 @@
+"""All configuration, read from FAIRDIFF_* environment variables in one place.
+
+Nothing else in fairdiff reads os.environ: tests and deployments change behaviour only here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TESTBED = "testbed"
+DEFAULT_ADMIN_TOKEN = "dev-admin-token"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FAIRDIFF_", extra="ignore")
+
+    base_model: str = Field(
+        TESTBED,
+        description="Base pipeline: 'testbed' (the embedded tiny model), a local diffusers folder, or a hub id.",
+    )
+    classifier: str = Field(
+        "auto",
+        description="Attribute classifier: 'auto' (the testbed classifier for the testbed), 'none', or a folder.",
+    )
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:N]'.")
+    offline: bool = Field(True, description="Never reach a model hub: hub ids must already be in the local cache.")
+    default_steps: int = Field(20, ge=1, le=200)
+    default_guidance_scale: float = Field(5.0, ge=0.0, le=50.0)
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads per process; 0 = half the cores (at most 4), so workers do not oversubscribe."
+    )
+    max_batch: int = Field(16, ge=1, description="Images denoised together; larger requests run in chunks.")
+    data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
+
+    # runtime: broker, queues, gateway
+    env: str = Field("dev", description="'dev' or 'prod'; prod refuses the default admin token.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and job store.")
+    admin_token: str = Field(DEFAULT_ADMIN_TOKEN, description="Bearer token for /v1/admin/*.")
+    api_keys: str = Field("", description="Comma-separated API keys for /v1; empty = no auth on /v1.")
+    max_body_bytes: int = Field(64 * 1024, description="Requests with a larger body get 413.")
+    job_ttl_s: int = Field(7 * 24 * 3600, description="How long finished jobs and their records are kept.")
+    visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout; above the longest job.")
+    adaptor_cache_bytes: int = Field(512 * 1024 * 1024, description="In-memory adaptor LRU bound per worker.")
+    max_wait_s: float = Field(60.0, description="Upper bound on `Prefer: wait=N`.")
+
+    @property
+    def adaptor_dir(self) -> Path:
+        return self.data_dir / "adaptors"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @model_validator(mode="after")
+    def _refuse_default_token_outside_dev(self) -> Settings:
+        if self.env != "dev" and self.admin_token == DEFAULT_ADMIN_TOKEN:
+            raise ValueError("FAIRDIFF_ADMIN_TOKEN must be set to a secret outside FAIRDIFF_ENV=dev")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,71 @@
+"""Turning job-store records into public views, shared by the jobs, generate and admin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from common.jobs import JobStore
+from common.schemas import JobKind, JobState
+from service.errors import NotFound
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+POLL_INTERVAL_S = 0.05
+
+
+def job_url(request: Request, job: dict[str, Any]) -> str:
+    name = "get_finetune" if job.get("kind") == JobKind.finetune.value else "get_job"
+    return str(request.app.url_path_for(name, job_id=job["id"]))
+
+
+def public_job(request: Request, store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
+    """The record plus what clients need: its URL, and the queue position while it waits."""
+    out = dict(job)
+    out["url"] = job_url(request, job)
+    out["cancel_requested"] = bool(job.get("cancel"))
+    out["queue_position"] = store.queue_position(job["id"], job["queue"]) if job.get("state") == JobState.queued.value else None
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.observe_job(job)
+    return out
+
+
+def load_job(store: JobStore, job_id: str, kind: JobKind) -> dict[str, Any]:
+    """The job, or 404 for malformed ids, unknown ids and jobs of another kind alike."""
+    job = store.get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None or job.get("kind") != kind.value:
+        noun = "job" if kind is JobKind.generate else "finetune job"
+        raise NotFound(f"no {noun} with id {job_id!r}", param="id", code="job_not_found")
+    return job
+
+
+def parse_prefer_wait(header: str | None, max_wait_s: float) -> float:
+    """Seconds to wait from an RFC 7240 `Prefer: wait=N` header (0 when absent), capped by settings."""
+    if not header:
+        return 0.0
+    for part in re.split(r"[,;]", header):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                wait = float(value.strip().strip('"'))
+            except ValueError:
+                return 0.0
+            if wait != wait or wait <= 0:  # NaN or non-positive
+                return 0.0
+            return min(wait, max_wait_s)
+    return 0.0
+
+
+async def wait_for_finish(store: JobStore, job_id: str, wait_s: float) -> dict[str, Any] | None:
+    """Poll the store until the job finishes or the wait runs out; the last record read."""
+    deadline = time.monotonic() + wait_s
+    job = await run_in_threadpool(store.get, job_id)
+    while job is not None and not JobState(job["state"]).finished and time.monotonic() < deadline:
+        await asyncio.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        job = await run_in_threadpool(store.get, job_id)
+    return job

@@ -1,0 +1,182 @@
+"""POST /v1/generate: validate against the base model, write the job, enqueue its task by name."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
+from common.jobs import IDEMPOTENCY_KEY, JobStore, new_job_id
+from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
+from common.settings import Settings
+from service.api.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
+from service.api.jobview import job_url, parse_prefer_wait, public_job, wait_for_finish
+from service.errors import Conflict, InvalidField, ServiceUnavailable, error_responses
+from service.schemas import GenerateRequest, JobAccepted, JobPublic
+from service.validation import check_prompt, load_manifest, require_model_info
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1", tags=["generate"])
+
+# A second request with the same Idempotency-Key may arrive between the first one's claim and
+# its job record being written; it waits this long for the record before answering 409.
+_IDEMPOTENCY_SETTLE_S = 2.0
+
+
+def check_adaptor(settings: Settings, adaptor_id: str) -> dict[str, Any]:
+    """The adaptor's manifest; 404 when the store has no such adaptor, 409 when it is for another model."""
+    manifest = load_manifest(settings.adaptor_dir, adaptor_id, "adaptor_id")
+    if manifest.base_model != settings.base_model:
+        raise Conflict(
+            f"adaptor_id: adaptor {adaptor_id!r} was built for base model {manifest.base_model!r}, "
+            f"but this service runs {settings.base_model!r}",
+            param="adaptor_id",
+            code="adaptor_base_model_mismatch",
+        )
+    return manifest.to_dict()
+
+
+def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInfo) -> GenerateJob:
+    """Every check that needs the base model or the store; returns what the worker will read."""
+    for field, value, expected in (("width", body.width, info.width), ("height", body.height, info.height)):
+        if value is not None and value != expected:
+            raise InvalidField(
+                f"{field}: {value} is not supported; base model {info.base_model!r} generates {info.width}x{info.height}",
+                param=field,
+                code="unsupported_size",
+            )
+    check_prompt(info, body.prompt, "prompt")
+    if body.negative_prompt:
+        check_prompt(info, body.negative_prompt, "negative_prompt")
+
+    target = None
+    if body.fairness_target is not None:
+        try:
+            target = validate_target(body.fairness_target, info.attributes)
+        except FieldError as exc:
+            raise InvalidField.from_field_error(exc, code="invalid_fairness_target") from exc
+
+    strategy = body.strategy
+    if body.adaptor_id is not None:
+        if strategy not in (Strategy.auto, Strategy.adaptor):
+            raise InvalidField(
+                f"strategy: {strategy.value!r} cannot use adaptor_id; use 'adaptor' or 'auto'",
+                param="strategy",
+                code="strategy_conflict",
+            )
+        check_adaptor(settings, body.adaptor_id)
+    elif strategy in (Strategy.adaptor, Strategy.guidance, Strategy.assign) and target is None:
+        raise InvalidField(
+            f"fairness_target: strategy {strategy.value!r} needs a fairness_target"
+            + (" or an adaptor_id" if strategy is Strategy.adaptor else ""),
+            param="fairness_target",
+            code="missing_fairness_target",
+        )
+
+    return GenerateJob(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        num_images=body.num_images,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        steps=body.steps if body.steps is not None else info.default_steps,
+        guidance_scale=body.guidance_scale if body.guidance_scale is not None else info.default_guidance_scale,
+        height=info.height,
+        width=info.width,
+        fairness_target=target,
+        strategy=strategy.value,
+        adaptor_id=body.adaptor_id,
+        audit=body.audit,
+    )
+
+
+def existing_job(store: JobStore, job_id: str) -> dict[str, Any]:
+    """The job an Idempotency-Key already belongs to, allowing its creator a moment to write it."""
+    deadline = time.monotonic() + _IDEMPOTENCY_SETTLE_S
+    while True:
+        job = store.get(job_id)
+        if job is not None:
+            return job
+        if time.monotonic() > deadline:
+            raise Conflict(
+                "Idempotency-Key: a request with this key is still being accepted; retry shortly",
+                param="Idempotency-Key",
+                code="idempotency_key_in_use",
+            )
+        time.sleep(0.05)
+
+
+def enqueue(store: JobStore, celery: Celery, job: GenerateJob, idem: tuple[str, str] | None) -> str:
+    """Claim the idempotency key, write the job, send the task; the id of the new job or of the key's owner.
+
+    The key is claimed before anything is written or sent, so two requests with one key never
+    both enqueue; the later one answers with the earlier one's job.
+    """
+    job_id = new_job_id()
+    if idem is not None:
+        owner = store.claim_idempotency(idem[0], idem[1], job_id)
+        if owner != job_id:
+            existing_job(store, owner)
+            return owner
+    store.create(JobKind.generate, INFERENCE_QUEUE, job.to_dict(), job_id=job_id)
+    try:
+        celery.send_task(GENERATE_TASK, args=[job_id], queue=INFERENCE_QUEUE, task_id=job_id)
+    except Exception as exc:
+        logger.exception("could not enqueue generate job %s", job_id)
+        store.finish(job_id, JobState.failed, error={"message": "could not enqueue the job", "type": "broker"})
+        if idem is not None:  # let the client retry with the same key
+            key = IDEMPOTENCY_KEY.format(scope=idem[0], key=idem[1])
+            if store.r.get(key) == job_id:
+                store.r.delete(key)
+        raise ServiceUnavailable("the broker did not accept the job; retry shortly", code="broker_unavailable") from exc
+    logger.info("job %s queued (%d images, strategy %s)", job_id, job.num_images, job.strategy)
+    return job_id
+
+
+async def respond(request: Request, store: JobStore, job_id: str, wait_s: float) -> JSONResponse:
+    """200 with the whole job if it finished within the wait, else 202 with where to poll it."""
+    job = await wait_for_finish(store, job_id, wait_s)
+    if job is None:  # expired between acceptance and now
+        raise ServiceUnavailable("the job record disappeared; retry", code="job_lost")
+    url = job_url(request, job)
+    if JobState(job["state"]).finished and wait_s > 0:
+        view = await run_in_threadpool(public_job, request, store, job)
+        return JSONResponse(JobPublic.model_validate(view).model_dump(mode="json"), status_code=200)
+    accepted = JobAccepted(id=job_id, url=url, state=JobState(job["state"]))
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers={"Location": url})
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=None,
+    summary="Generate images, optionally with a fairness target",
+    responses={
+        200: {"model": JobPublic, "description": "Finished within `Prefer: wait=N`: the whole job."},
+        202: {"model": JobAccepted, "description": "Accepted; poll `url`."},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+    },
+)
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    settings: SettingsDep,
+    store: StoreDep,
+    celery: CeleryDep,
+    tenant: TenantDep,
+    prefer: Annotated[str | None, Header(description="`wait=N`: answer 200 if the job finishes within N s.")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(max_length=255, description="Same key (per API key) = same job, enqueued once.")
+    ] = None,
+) -> JSONResponse:
+    info = await run_in_threadpool(require_model_info, store, settings.base_model)
+    job = await run_in_threadpool(build_generate_job, body, settings, info)
+    idem = (tenant, idempotency_key) if idempotency_key else None
+    job_id = await run_in_threadpool(enqueue, store, celery, job, idem)
+    return await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))

@@ -1,0 +1,39 @@
+"""Fixtures for the adaptor tests: the committed testbed pipeline and classifier."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from testbed import CLASSIFIER_DIR, PIPELINE_DIR
+
+
+def pipeline_path() -> Path:
+    return PIPELINE_DIR
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; two threads on a busy 2-core box spin for seconds per call."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def pipe():
+    """A fresh pipeline per test: the tests attach and remove adaptors on it."""
+    from adaptors.generation import load_pipeline
+
+    return load_pipeline(str(pipeline_path()), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory: pytest.TempPathFactory):
+    from adaptors.classifiers import TestbedAttributeClassifier
+
+    return TestbedAttributeClassifier(CLASSIFIER_DIR)

@@ -1,0 +1,28 @@
+"""The gateway stays torch-free and builds no app at import time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+_SCRIPT = """
+import sys
+import service.app
+assert not hasattr(service.app, "app"), "no app may be built at import time"
+from common.settings import Settings
+from service.api.routes.admin import prompt_set
+app = service.app.create_app(Settings(redis_url="redis://127.0.0.1:1/0", data_dir="/nonexistent"))
+app.openapi()
+prompt_set("testbed-test")
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "diffusers", "transformers", "workers", "adaptors"})
+print(",".join(heavy))
+"""
+
+
+def test_gateway_imports_no_torch_and_no_workers() -> None:
+    out = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"the gateway imported {out.stdout.strip()}"

@@ -1,0 +1,110 @@
+"""`fairdiff up` as a user runs it: one command, a working API, and nothing left running afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.processes import ROOT, fairdiff_env, free_port, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not (ROOT / "service/app.py").is_file(), reason="no gateway")]
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def launch(tmp_path: Path, worker_env: dict) -> tuple[subprocess.Popen, int, Path]:
+    port = free_port()
+    env = fairdiff_env("redis://127.0.0.1:1/0", tmp_path / "data", worker_env["FAIRDIFF_BASE_MODEL"],
+                       classifier=worker_env["FAIRDIFF_CLASSIFIER"])  # fmt: skip
+    env.pop("FAIRDIFF_REDIS_URL")  # `up` starts its own Redis
+    out = tmp_path / "up.out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "up", "--port", str(port), "--ready-timeout", "150"],
+        cwd=ROOT, env=env, stdout=out.open("wb"), stderr=(tmp_path / "up.err").open("wb"), start_new_session=True,
+    )  # fmt: skip
+    return proc, port, out
+
+
+def logs(tmp_path: Path) -> str:
+    return (tmp_path / "up.out").read_text() + "\n--- stderr ---\n" + (tmp_path / "up.err").read_text()[-6000:]
+
+
+def test_up_serves_and_stops_everything_on_sigterm(tmp_path: Path, worker_env: dict) -> None:
+    proc, port, out = launch(tmp_path, worker_env)
+    try:
+        wait_until(lambda: "is serving at" in out.read_text() or proc.poll() is not None, 180, "fairdiff up banner")
+        assert proc.poll() is None, logs(tmp_path)
+        banner = out.read_text()
+        assert f"http://127.0.0.1:{port}" in banner and "curl" in banner and "Prefer: wait=30" in banner
+        kids = children_of(proc.pid)
+        assert len(kids) == 4, kids  # redis, two workers, gateway
+
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/generate",
+            data=json.dumps({"prompt": "a photo of a doctor", "num_images": 2, "steps": 3}).encode(),
+            headers={"Content-Type": "application/json", "Prefer": "wait=30"},
+        )
+        with urllib.request.urlopen(req, timeout=40) as resp:
+            body = json.loads(resp.read())
+        assert body["state"] == "succeeded", body
+        assert (tmp_path / "data/jobs" / body["id"] / "1.png").is_file()
+
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, logs(tmp_path)
+        assert time.monotonic() - t0 < 45
+        assert not [k for k in kids if alive(k)], "fairdiff up left children running"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            for k in children_of(proc.pid):
+                os.killpg(k, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_up_exits_nonzero_and_cleans_up_when_a_child_dies(tmp_path: Path, worker_env: dict) -> None:
+    proc, port, out = launch(tmp_path, worker_env)
+    kids: list[int] = []
+    try:
+        wait_until(lambda: "is serving at" in out.read_text() or proc.poll() is not None, 180, "fairdiff up banner")
+        assert proc.poll() is None, logs(tmp_path)
+        kids = children_of(proc.pid)
+        cmdlines = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in kids}
+        gateway = next(k for k, c in cmdlines.items() if b"uvicorn" in c)
+        os.kill(gateway, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1, logs(tmp_path)
+        assert "exited unexpectedly" in logs(tmp_path)
+        assert not [k for k in kids if alive(k)], "children left running after a child died"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for k in kids:
+            if alive(k):
+                os.killpg(k, signal.SIGKILL)

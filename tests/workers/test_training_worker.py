@@ -1,0 +1,107 @@
+"""A real training worker: a finetune job publishes an adaptor that a following generate job uses.
+
+Tiny hyperparameters keep this to seconds on a CPU; the numbers are meaningless until the
+testbed is trained, so these tests pin the plumbing (states, curve, atomic publish, cleanup,
+adaptor selection), not the fairness effect (tests/service covers that end to end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from common.celery_config import FINETUNE_TASK, GENERATE_TASK, INFERENCE_QUEUE, TRAINING_QUEUE, make_celery
+from common.jobs import JobStore
+from common.schemas import FinetuneJob, GenerateJob, JobKind, JobState
+from common.settings import Settings
+from tests.support.processes import ManagedProcess, wait_until
+
+pytestmark = pytest.mark.integration
+
+TARGET = {"gender": {"female": 0.5, "male": 0.5}}
+TINY = {"iterations": 2, "steps": 2, "batch_size": 2, "prompts_per_iteration": 1, "eval_images": 2, "checkpoint_every": 1}
+
+
+@pytest.fixture(scope="module")
+def jobs(workers_redis: str) -> Iterator[JobStore]:
+    store = JobStore.from_url(workers_redis)
+    yield store
+    store.r.close()
+
+
+@pytest.fixture(scope="module")
+def celery_client(workers_redis: str) -> Celery:
+    return make_celery(Settings(redis_url=workers_redis))
+
+
+def finetune(jobs: JobStore, client: Celery, env: dict, **hp: int) -> str:
+    request = FinetuneJob(
+        method="prefix",
+        base_model=env["FAIRDIFF_BASE_MODEL"],
+        fairness_target=TARGET,
+        prompts=["a photo of the face of a doctor, a person"],
+        hyperparameters={**TINY, **hp},
+    )
+    job_id = jobs.create(JobKind.finetune, TRAINING_QUEUE, request.to_dict())
+    client.send_task(FINETUNE_TASK, args=[job_id])
+    return job_id
+
+
+def wait_finished(jobs: JobStore, job_id: str, procs: list[ManagedProcess], timeout: float = 120.0) -> dict:
+    def done() -> dict | None:
+        job = jobs.get(job_id)
+        return job if job and JobState(job["state"]).finished else None
+
+    return wait_until(done, timeout, f"job {job_id} to finish", interval=0.1, procs=procs)
+
+
+def test_finetune_publishes_an_adaptor_that_generate_then_uses(
+    jobs: JobStore, celery_client: Celery, worker_env: dict, training_worker: ManagedProcess,
+    inference_worker: ManagedProcess,
+) -> None:  # fmt: skip
+    job_id = finetune(jobs, celery_client, worker_env)
+    job = wait_finished(jobs, job_id, [training_worker])
+    assert job["state"] == "succeeded", job.get("error")
+    adaptor_id = job["result"]["adaptor_id"]
+    assert job["result"]["manifest"]["id"] == adaptor_id
+    assert job["result"]["manifest"]["target"]["gender"] == TARGET["gender"]
+    assert len(job["curve"]) >= 2  # one point per iteration at least
+
+    data = Path(worker_env["FAIRDIFF_DATA_DIR"])
+    store_dir = data / "adaptors"
+    assert (store_dir / adaptor_id / "manifest.json").is_file()
+    assert not [p.name for p in store_dir.iterdir() if p.name.startswith(".staging")]
+    assert not (data / "checkpoints" / job_id).exists()
+
+    # auto + the same target finds the adaptor by its manifest; an explicit id is used as named.
+    for request in ({"strategy": "auto", "fairness_target": TARGET}, {"strategy": "none", "adaptor_id": adaptor_id}):
+        gid = jobs.create(JobKind.generate, INFERENCE_QUEUE,
+                          GenerateJob(prompt="a photo of a doctor", num_images=2, steps=2, **request).to_dict())  # fmt: skip
+        celery_client.send_task(GENERATE_TASK, args=[gid])
+        gen = wait_finished(jobs, gid, [inference_worker], timeout=60)
+        assert gen["state"] == "succeeded", gen.get("error")
+        assert gen["result"]["adaptor"] == adaptor_id
+        assert gen["result"]["strategy"]["used"] == "adaptor"
+
+
+def test_cancelled_finetune_leaves_no_half_adaptor(
+    jobs: JobStore, celery_client: Celery, worker_env: dict, training_worker: ManagedProcess
+) -> None:
+    store_dir = Path(worker_env["FAIRDIFF_DATA_DIR"]) / "adaptors"
+    before = sorted(p.name for p in store_dir.iterdir()) if store_dir.exists() else []
+    job_id = finetune(jobs, celery_client, worker_env, iterations=500)
+
+    def training() -> bool:
+        job = jobs.get(job_id)
+        assert job is not None and not JobState(job["state"]).finished, job
+        return bool(job.get("curve"))
+
+    wait_until(training, 120, "the finetune to report progress", procs=[training_worker])
+    jobs.request_cancel(job_id)
+    job = wait_finished(jobs, job_id, [training_worker], timeout=60)
+    assert job["state"] == "cancelled"
+    assert sorted(p.name for p in store_dir.iterdir()) == before
+    assert not (Path(worker_env["FAIRDIFF_DATA_DIR"]) / "checkpoints" / job_id).exists()

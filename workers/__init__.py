@@ -1,0 +1,1 @@
+"""Celery workers (inference and training queues) and the `fairdiff` command line."""

@@ -1,0 +1,205 @@
+"""The body of the generate task: one job id in, PNGs and a result record out.
+
+Idempotent by job id: a finished job is never run again, and a redelivered running job runs
+again from scratch with the same per-image seeds, so it produces the same pixels and result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from common.jobs import JobStore
+from common.schemas import GenerateJob, JobState
+from workers.lifecycle import claim
+from workers.runtime import Runtime, get_runtime, incr_stats
+from workers.strategy import Decision, StrategyError, decide
+
+logger = logging.getLogger(__name__)
+
+
+def _adaptor_error_type(exc: Exception) -> str | None:
+    """Map the adaptor library's errors to job error types (the library may be absent)."""
+    try:
+        from common.adaptor_manifest import AdaptorBaseMismatch, AdaptorIntegrityError, AdaptorNotFound
+    except ImportError:
+        return None
+    if isinstance(exc, AdaptorNotFound):
+        return "adaptor_not_found"
+    if isinstance(exc, AdaptorBaseMismatch):
+        return "adaptor_base_mismatch"
+    if isinstance(exc, AdaptorIntegrityError):
+        return "adaptor_integrity_error"
+    return None
+
+
+def list_manifests(store: Any) -> list[Any]:
+    """Every live adaptor manifest; tolerant of a store without a listing method."""
+    if store is None:
+        return []
+    for name in ("list", "list_manifests", "manifests"):
+        method = getattr(store, name, None)
+        if callable(method):
+            return list(method())
+    root = Path(store.root)
+    out = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name.startswith(".") or not (entry / "manifest.json").is_file():
+            continue
+        try:
+            out.append(store.manifest(entry.name))
+        except Exception:  # a retired or broken adaptor is simply not a candidate
+            logger.warning("skipping adaptor %s: unreadable manifest", entry.name, exc_info=True)
+    return out
+
+
+def save_png(pixels: Any, path: Path) -> None:
+    """Write atomically: the gateway may serve the file the moment it exists."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(pixels).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
+    """Run one generate job to a final state; returns that state's name (for logs and tests)."""
+    from adaptors.generation import GenerationCancelled, GenerationSpec, generate, to_uint8
+
+    job, outcome = claim(jobs, job_id, worker, "generate")
+    if job is None:
+        return str(outcome)
+    t_start = time.time()
+    queue_s = max(0.0, t_start - float(job.get("created", t_start)))
+    try:
+        req = GenerateJob.from_dict(job["request"])
+    except (TypeError, ValueError) as exc:
+        jobs.finish(job_id, JobState.failed, error={"type": "invalid_request", "message": str(exc)})
+        return JobState.failed.value
+
+    t0 = time.perf_counter()
+    runtime = runtime or get_runtime()
+    try:
+        decision: Decision = decide(
+            req.strategy,
+            req.fairness_target,
+            req.adaptor_id,
+            list_manifests(runtime.store) if req.fairness_target and not req.adaptor_id else None,
+            runtime.base_model_names(),
+        )
+    except StrategyError as exc:
+        logger.info("generate %s: %s", job_id, exc.message)
+        jobs.finish(job_id, JobState.failed, error=exc.to_dict())
+        return JobState.failed.value
+
+    encoder = None
+    cache = runtime.cache
+    before = _cache_counters(cache)
+    if decision.adaptor_id is not None:
+        if cache is None:
+            jobs.finish(job_id, JobState.failed,
+                        error={"type": "adaptor_unavailable", "message": "this worker has no adaptor store"})  # fmt: skip
+            return JobState.failed.value
+        try:
+            encoder = cache.use(decision.adaptor_id)
+        except Exception as exc:
+            kind = _adaptor_error_type(exc)
+            if kind is None:
+                raise
+            jobs.finish(job_id, JobState.failed, error={"type": kind, "message": str(exc)})
+            return JobState.failed.value
+    elif cache is not None:
+        cache.use(None)
+    after = _cache_counters(cache)
+    load_s = time.perf_counter() - t0
+
+    spec = GenerationSpec(
+        prompt=req.prompt,
+        num_images=req.num_images,
+        seed=req.seed,
+        steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        negative_prompt=req.negative_prompt,
+        height=req.height,
+        width=req.width,
+    )
+
+    def on_step(step: int, total: int) -> None:
+        jobs.set_progress(job_id, step, total)
+        if jobs.cancel_requested(job_id):
+            raise GenerationCancelled(job_id)
+
+    jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
+    t1 = time.perf_counter()
+    try:
+        images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
+                          encode_prompt=encoder)  # fmt: skip
+    except GenerationCancelled:
+        logger.info("generate %s: cancelled between steps", job_id)
+        jobs.finish(job_id, JobState.cancelled)
+        incr_stats(jobs.r, jobs_cancelled=1)
+        return JobState.cancelled.value
+    generate_s = time.perf_counter() - t1
+
+    out_dir = runtime.settings.jobs_dir / job_id
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for k, px in enumerate(to_uint8(images)):
+        save_png(px, out_dir / f"{k}.png")
+
+    t2 = time.perf_counter()
+    report = None
+    if req.audit and runtime.classifier is not None:
+        from adaptors.audit import audit
+
+        report = audit(runtime.classifier, images, req.fairness_target).to_dict()
+    audit_s = time.perf_counter() - t2
+
+    result: dict[str, Any] = {
+        "images": [
+            {
+                "url": f"/v1/jobs/{job_id}/images/{k}.png",
+                "seed_index": k,
+                "attributes": report["images"][k]["attributes"] if report else None,
+                "person": report["images"][k]["person"] if report else None,
+                "person_confidence": report["images"][k]["person_confidence"] if report else None,
+            }
+            for k in range(len(images))
+        ],
+        "realised": report["realised"] if report else None,
+        "counts": report["counts"] if report else None,
+        "bias": report["bias"] if report else None,
+        "no_person": report["no_person"] if report else None,
+        "target_distance": (report["target_distance"] or None) if report else None,
+        "audited": report is not None,
+        "strategy": decision.to_dict(),
+        "adaptor": decision.adaptor_id,
+        "timings": {
+            "queue_s": round(queue_s, 4),
+            "load_s": round(load_s, 4),
+            "generate_s": round(generate_s, 4),
+            "audit_s": round(audit_s, 4),
+            "total_s": round(time.time() - t_start, 4),
+        },
+    }
+    jobs.finish(job_id, JobState.succeeded, result=result)
+    incr_stats(
+        jobs.r,
+        images_generated=len(images),
+        jobs_succeeded=1,
+        adaptor_cache_hits=after[0] - before[0],
+        adaptor_cache_misses=after[1] - before[1],
+        adaptor_swaps=after[2] - before[2],
+        adaptor_cache_evictions=after[3] - before[3],
+        gauges={"adaptor_cache_bytes": int(cache.nbytes)} if cache is not None else None,
+    )
+    logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, len(images), generate_s, decision.used)
+    return JobState.succeeded.value
+
+
+def _cache_counters(cache: Any) -> tuple[int, int, int, int]:
+    if cache is None:
+        return (0, 0, 0, 0)
+    return tuple(int(getattr(cache, name, 0)) for name in ("hits", "misses", "swaps", "evictions"))  # type: ignore[return-value]

@@ -1,0 +1,135 @@
+"""Which fairness strategy a generate job runs with, and which stored adaptor matches a target.
+
+Plain functions over plain data (no torch, no Redis) so the rules are unit-tested on their own:
+the inference task only gathers manifests and acts on the returned decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.schemas import TARGET_TOLERANCE, Strategy
+
+NOT_IMPLEMENTED = frozenset({Strategy.assign.value, Strategy.guidance.value})
+
+
+class StrategyError(Exception):
+    """The job cannot run with the requested strategy; `type` goes into the job's error body."""
+
+    def __init__(self, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type_
+        self.message = message
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the worker does: `used` is 'adaptor' or 'none'; `reason` is reported to the caller."""
+
+    requested: str
+    used: str
+    reason: str
+    adaptor_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "used": self.used, "reason": self.reason}
+
+
+def _field(manifest: Any, *names: str) -> Any:
+    """Read a manifest field whether the manifest is a dataclass/object or a plain dict."""
+    for name in names:
+        if isinstance(manifest, Mapping):
+            if name in manifest:
+                return manifest[name]
+        elif hasattr(manifest, name):
+            return getattr(manifest, name)
+    return None
+
+
+def manifest_target(manifest: Any) -> Mapping[str, Mapping[str, float]] | None:
+    return _field(manifest, "target", "fairness_target", "trained_target")
+
+
+def targets_match(
+    a: Mapping[str, Mapping[str, float]], b: Mapping[str, Mapping[str, float]], tol: float = TARGET_TOLERANCE
+) -> bool:
+    """Same attributes, and each class's probability equal within `tol` (a missing class counts as 0)."""
+    if set(a) != set(b):
+        return False
+    for attr in a:
+        classes = set(a[attr]) | set(b[attr])
+        for cls in classes:
+            if abs(float(a[attr].get(cls, 0.0)) - float(b[attr].get(cls, 0.0))) > tol:
+                return False
+    return True
+
+
+def find_matching_adaptor(
+    manifests: Iterable[Any],
+    target: Mapping[str, Mapping[str, float]],
+    base_models: Collection[str],
+    tol: float = TARGET_TOLERANCE,
+) -> Any | None:
+    """The stored adaptor trained for exactly this target on this base model, or None.
+
+    Several matches: the newest (by `created`, then by id) wins, so the choice is deterministic
+    and a retrained adaptor supersedes an older one without retiring it.
+    """
+    matches = []
+    for manifest in manifests:
+        if _field(manifest, "base_model") not in base_models:
+            continue
+        trained = manifest_target(manifest)
+        if not trained or not targets_match(trained, target, tol):
+            continue
+        matches.append(manifest)
+    if not matches:
+        return None
+    return max(matches, key=lambda m: (str(_field(m, "created") or ""), str(_field(m, "id") or "")))
+
+
+def decide(
+    strategy: str,
+    target: Mapping[str, Mapping[str, float]] | None,
+    adaptor_id: str | None,
+    manifests: Iterable[Any] | None,
+    base_models: Collection[str],
+) -> Decision:
+    """Pick the strategy actually run. Raises StrategyError for requests this build cannot serve.
+
+    `manifests` is only iterated when a search is needed (it may be a lazy store listing).
+    """
+    if strategy in NOT_IMPLEMENTED:
+        raise StrategyError(
+            "not_implemented",
+            f"strategy {strategy!r} is not implemented yet; use 'adaptor', 'auto' or 'none'",
+        )
+    if adaptor_id:
+        return Decision(strategy, Strategy.adaptor.value, "explicit adaptor_id", adaptor_id)
+    if strategy == Strategy.none.value:
+        return Decision(strategy, Strategy.none.value, "strategy 'none' requested")
+    if not target:
+        if strategy == Strategy.adaptor.value:
+            raise StrategyError("invalid_request", "strategy 'adaptor' needs a fairness_target or an adaptor_id")
+        return Decision(strategy, Strategy.none.value, "no fairness_target given")
+    match = find_matching_adaptor(manifests or [], target, base_models)
+    if match is not None:
+        found = str(_field(match, "id"))
+        return Decision(strategy, Strategy.adaptor.value, f"adaptor {found} was trained for this target", found)
+    if strategy == Strategy.adaptor.value:
+        raise StrategyError(
+            "no_matching_adaptor",
+            "no stored adaptor was trained for this fairness_target on this base model; "
+            "train one (POST /v1/admin/finetunes) or name one with adaptor_id",
+        )
+    return Decision(
+        strategy,
+        Strategy.none.value,
+        "no stored adaptor matches this fairness_target and the guidance/assign strategies are not "
+        "implemented yet; generated without a fairness intervention (see the audit for the realised distribution)",
+    )
