@@ -84,6 +84,13 @@ class JobStore:
     def set_progress(self, job_id: str, step: int, total: int, **extra: Any) -> None:
         self.r.hset(JOB_KEY.format(id=job_id), "progress", json.dumps({"step": step, "total": total, **extra}))
 
+    def step_and_check_cancel(self, job_id: str, step: int, total: int) -> bool:
+        """Record progress and read the cancel flag in one round trip (called every denoising step)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(JOB_KEY.format(id=job_id), "progress", json.dumps({"step": step, "total": total}))
+        pipe.hget(JOB_KEY.format(id=job_id), "cancel")
+        return pipe.execute()[1] == "1"
+
     def append_curve(self, job_id: str, point: dict[str, Any]) -> None:
         """Training curves: one JSON list, rewritten whole (jobs have one writer)."""
         key = JOB_KEY.format(id=job_id)

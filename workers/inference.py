@@ -128,8 +128,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     )
 
     def on_step(step: int, total: int) -> None:
-        jobs.set_progress(job_id, step, total)
-        if jobs.cancel_requested(job_id):
+        if jobs.step_and_check_cancel(job_id, step, total):
             raise GenerationCancelled(job_id)
 
     jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))

@@ -15,7 +15,7 @@ from common.schemas import JobKind, JobState
 from service.errors import NotFound
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-POLL_INTERVAL_S = 0.05
+POLL_INTERVAL_S = 0.01  # one small HGETALL on a local Redis: cheap next to the latency it saves
 
 
 def job_url(request: Request, job: dict[str, Any]) -> str:

@@ -1,0 +1,453 @@
+"""Exact per-request class assignment and the per-image conditioning that realises it.
+
+The `assign` strategy meets a request's `fairness_target` without any training: the request's
+images are first split into exact per-class counts (largest remainder, so 8 images at 30/70 are
+2/6 and never "about 2.4"), each image index is given its class, and then every image is
+conditioned on its own class inside one batched denoising pass. The split functions are pure
+and torch-free at import time of their callers' needs; the conditioning part is the primitive
+that IDA reuses, so it takes explicit class texts rather than knowing about any one model.
+
+Two conditioning modes, both per image:
+- "prompt": the image's prompt names its classes ("a photo of the face of an old female
+  senator, a person"); no extra cost over plain generation.
+- "guidance": group-direction guidance in the style of Fair Diffusion / semantic guidance:
+  eps = eps_u + gs (eps_p - eps_u) + w (eps_assigned - eps_p) - w/(K-1) sum_other (eps_other - eps_p),
+  per attribute, after `warmup_steps`, with every text condition of a chunk in one UNet forward.
+  (The eps_p terms cancel: the group term is w (eps_assigned - mean of the other groups' eps).)
+- "both": CFG towards the augmented prompt, group directions on top; for one attribute the
+  augmented prompt is the assigned group's text, so it costs no extra UNet rows over "guidance".
+
+Measured on the testbed (held-out occupations, 50/50 gender, 20 steps, gs 5): the attribute
+prompt alone barely moves held-out occupations (female senators: ~0-15% of female-assigned
+images), while guidance at w = 30 gets ~.81-.94 per image on senator and ~.97 on secretary,
+occupation kept; w >= 40 starts to lose the occupation. Guidance costs ~2x plain generation on
+CPU (4 UNet rows per image instead of 2 for one two-class attribute).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch and diffusers only when images are made; the split functions stay cheap to import
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from adaptors.generation import GenerationSpec, StepCallback
+
+logger = logging.getLogger(__name__)
+
+Target = Mapping[str, Mapping[str, float]]
+"""{attribute: {class: probability}}, as validated by common.schemas.validate_target."""
+
+Assignment = dict[str, str]
+"""One image's classes: {attribute: class}."""
+
+Mode = Literal["prompt", "guidance", "both"]
+
+_ROUND = 9  # quotas are rounded to this many decimals so 10 * 0.7 = 7.000000000000001 floors to 7
+
+
+# --------------------------------------------------------------------------------------------
+# Exact splitting
+# --------------------------------------------------------------------------------------------
+
+
+def _quotas(n: int, shares: Mapping[str, float]) -> dict[str, float]:
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not shares:
+        raise ValueError("shares must name at least one class")
+    if any(not math.isfinite(p) or p < 0 for p in shares.values()):
+        raise ValueError(f"shares must be finite and >= 0, got {dict(shares)}")
+    total = float(sum(shares.values()))
+    if total <= 0:
+        raise ValueError(f"shares must not all be 0, got {dict(shares)}")
+    return {c: round(n * p / total, _ROUND) for c, p in shares.items()}
+
+
+def largest_remainder(n: int, shares: Mapping[str, float]) -> dict[str, int]:
+    """Exact integer counts summing to `n`, as close to `n * share` as integers allow.
+
+    Every class gets the floor of its quota, and the images left over go to the largest
+    fractional parts; equal fractions go to the class named first, so the split is a pure
+    function of (n, shares) and two workers never disagree on it. Shares need not sum to 1.
+    """
+    quotas = _quotas(n, shares)
+    counts = {c: math.floor(q) for c, q in quotas.items()}
+    left = n - sum(counts.values())
+    names = list(quotas)
+    order = sorted(range(len(names)), key=lambda i: (-(quotas[names[i]] % 1.0), i))
+    for i in order[:left]:
+        counts[names[i]] += 1
+    return counts
+
+
+def joint_classes(target: Target) -> list[tuple[str, ...]]:
+    """Every combination of classes, attributes in target order, classes in their listed order."""
+    return list(itertools.product(*[list(dist) for dist in target.values()]))
+
+
+def joint_shares(target: Target) -> dict[tuple[str, ...], float]:
+    """The joint distribution of independent marginals: the product of the marginal shares."""
+    attrs = list(target)
+    out: dict[tuple[str, ...], float] = {}
+    for combo in joint_classes(target):
+        p = 1.0
+        for attr, cls in zip(attrs, combo):
+            total = float(sum(target[attr].values()))
+            p *= float(target[attr][cls]) / total
+        out[combo] = p
+    return out
+
+
+def joint_key(classes: Mapping[str, str], attributes: Sequence[str]) -> str:
+    """A stable string for a joint class ("gender=female,age=old"), usable as a Redis hash field."""
+    return ",".join(f"{a}={classes[a]}" for a in attributes)
+
+
+def joint_counts(n: int, target: Target) -> dict[tuple[str, ...], int]:
+    """Exact counts over the joint classes, summing to `n`, whose marginals follow each attribute's split.
+
+    Plain largest remainder over the joint classes can unbalance a marginal (2 images at 50/50 x
+    50/50 would be female/young + female/old), so the leftover images go first to the joint
+    classes whose marginal classes are most behind their own largest-remainder counts, then by
+    largest fractional part, then by class order. Marginals then match their own split within 1
+    (exactly in every case the tests try).
+    """
+    attrs = list(target)
+    shares = joint_shares(target)
+    quotas = _quotas(n, shares)
+    counts = {c: math.floor(q) for c, q in quotas.items()}
+    marginal_goal = {a: largest_remainder(n, target[a]) for a in attrs}
+    marginal = {a: dict.fromkeys(target[a], 0) for a in attrs}
+    for combo, k in counts.items():
+        for a, c in zip(attrs, combo):
+            marginal[a][c] += k
+    order = {combo: i for i, combo in enumerate(quotas)}
+    candidates = {combo for combo, q in quotas.items() if q % 1.0 > 0}
+    for _ in range(n - sum(counts.values())):
+        pool = candidates or set(quotas)
+
+        def rank(combo: tuple[str, ...]) -> tuple[float, float, int]:
+            deficit = sum(marginal_goal[a][c] - marginal[a][c] for a, c in zip(attrs, combo))
+            return (-deficit, -(quotas[combo] % 1.0), order[combo])
+
+        best = min(pool, key=rank)
+        candidates.discard(best)
+        counts[best] += 1
+        for a, c in zip(attrs, best):
+            marginal[a][c] += 1
+    return counts
+
+
+def joint_assignment(n: int, target: Target, seed: int) -> list[Assignment]:
+    """Each of `n` image indices with its classes; exact joint counts, seeded shuffle of who gets what.
+
+    The shuffle decides which image index (and so which initial noise) gets which class; it is
+    seeded so that a request repeated with the same seed gives the same images.
+    """
+    attrs = list(target)
+    flat: list[tuple[str, ...]] = []
+    for combo, k in joint_counts(n, target).items():
+        flat.extend([combo] * k)
+    perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA551]))
+    order = perm.permutation(len(flat))
+    return [dict(zip(attrs, flat[int(i)])) for i in order]
+
+
+def deficit_assignment(n: int, target: Target, delivered_counts: Mapping[str, int]) -> list[Assignment]:
+    """Classes for the next `n` images of a ledger: each goes to the joint class most behind its share.
+
+    `delivered_counts` maps joint_key(...) strings to images delivered so far (keys of other
+    joint classes are ignored). Image by image, the class with the largest deficit
+    share * (delivered + 1) - count gets it (ties to the class listed first), and counts as
+    delivered for the next one; this keeps every class within one image of its share, so a
+    stream of single-image requests at 30/70 is exactly 60/140 after 200 images.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    attrs = list(target)
+    shares = joint_shares(target)
+    counts = {combo: int(delivered_counts.get(joint_key(dict(zip(attrs, combo)), attrs), 0)) for combo in shares}
+    total = sum(counts.values())
+    out: list[Assignment] = []
+    for _ in range(n):
+        best = max(shares, key=lambda c: (round(shares[c] * (total + 1) - counts[c], _ROUND), -list(shares).index(c)))
+        counts[best] += 1
+        total += 1
+        out.append(dict(zip(attrs, best)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Naming classes in prompts
+# --------------------------------------------------------------------------------------------
+
+_SUBJECT_PATTERN = r"^(?P<head>[^,]*\b)(?P<article>an?) (?P<subject>[^,]+?)(?P<tail>(?:,.*)?)$"
+
+
+@dataclass(frozen=True)
+class ClassTexts:
+    """How a base model's prompts name each class; a base model config may override it via from_dict.
+
+    `adjectives` are attributes named before the subject noun ("an old female senator"), in that
+    order; `with_attributes` are named after the prompt ("..., a person with skin tone i"); any
+    other attribute, or every attribute when the prompt has no "a/an <subject>" to insert into,
+    is appended as ", <words>". `subject_pattern` finds the subject (None: always append).
+    """
+
+    words: dict[str, dict[str, str]]
+    adjectives: tuple[str, ...] = ("age", "gender")
+    with_attributes: tuple[str, ...] = ()
+    subject_pattern: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClassTexts:
+        """Build from a plain mapping (JSON config); unknown keys are an error so typos are caught."""
+        known = {"words", "adjectives", "with_attributes", "subject_pattern"}
+        extra = set(data) - known
+        if extra:
+            raise ValueError(f"unknown ClassTexts keys {sorted(extra)}; known: {sorted(known)}")
+        if "words" not in data:
+            raise ValueError("ClassTexts needs 'words': {attribute: {class: text}}")
+        return cls(
+            words={a: {c: str(t) for c, t in ws.items()} for a, ws in data["words"].items()},
+            adjectives=tuple(data.get("adjectives", ("age", "gender"))),
+            with_attributes=tuple(data.get("with_attributes", ())),
+            subject_pattern=data.get("subject_pattern"),
+        )
+
+    def word(self, attr: str, cls: str) -> str:
+        """The text for one class; an unlisted class is named by itself (underscores as spaces)."""
+        return self.words.get(attr, {}).get(cls, cls.replace("_", " "))
+
+    def classes(self, attr: str) -> list[str]:
+        return list(self.words.get(attr, {}))
+
+
+def class_texts_for_testbed() -> ClassTexts:
+    """The testbed's caption phrasing (testbed.world.attribute_prompt), so prompts match its training captions."""
+    from testbed.world import CLASS_WORDS
+
+    return ClassTexts(
+        words={a: dict(ws) for a, ws in CLASS_WORDS.items()},
+        adjectives=("age", "gender"),
+        with_attributes=("skin_tone",),
+        subject_pattern=_SUBJECT_PATTERN,
+    )
+
+
+GENERIC_CLASS_TEXTS = ClassTexts(
+    words={
+        "gender": {"female": "woman", "male": "man"},
+        "age": {"young": "young", "old": "old"},
+        "race": {
+            "white": "white",
+            "black": "black",
+            "asian": "asian",
+            "east_asian": "east asian",
+            "southeast_asian": "southeast asian",
+            "indian": "indian",
+            "latino_hispanic": "latino",
+            "middle_eastern": "middle eastern",
+        },
+    },
+    adjectives=(),
+)
+"""For real Stable Diffusion: appended words (", woman, old"), which works for any prompt shape."""
+
+
+def class_texts_for(model: str, override: Mapping[str, Any] | None = None) -> ClassTexts:
+    """The class texts of a base model: the config's override, the testbed's phrasing, or the generic one."""
+    from common.settings import TESTBED
+
+    if override:
+        return ClassTexts.from_dict(override)
+    return class_texts_for_testbed() if model == TESTBED else GENERIC_CLASS_TEXTS
+
+
+def augment_prompt(prompt: str, classes: Mapping[str, str], texts: ClassTexts) -> str:
+    """The prompt naming `classes`: adjectives before the subject where the prompt has one, the rest appended."""
+    adjective_words = [texts.word(a, classes[a]) for a in texts.adjectives if a in classes]
+    with_words = [texts.word(a, classes[a]) for a in texts.with_attributes if a in classes]
+    rest = [texts.word(a, c) for a, c in classes.items() if a not in texts.adjectives and a not in texts.with_attributes]
+    text = prompt
+    match = re.match(texts.subject_pattern, prompt) if texts.subject_pattern and classes else None
+    if match:
+        subject = " ".join([*adjective_words, match["subject"]])
+        article = "an" if subject[:1].lower() in "aeiou" else "a"
+        text = f"{match['head']}{article} {subject}{match['tail']}"
+    else:
+        rest = adjective_words + rest
+    if with_words:
+        text += " with " + " and ".join(with_words)
+    if rest:
+        text += ", " + ", ".join(rest)
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Generation with per-image classes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Conditions:
+    """The text rows of one chunk: unique texts and, per image, which rows it reads."""
+
+    texts: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    def add(self, text: str) -> int:
+        if text not in self.index:
+            self.index[text] = len(self.texts)
+            self.texts.append(text)
+        return self.index[text]
+
+
+def generate_assigned(
+    pipe: StableDiffusionPipeline,
+    spec: GenerationSpec,
+    assignment: Sequence[Mapping[str, str]],
+    texts: ClassTexts,
+    mode: Mode = "prompt",
+    guidance_weight: float = 5.0,
+    warmup_steps: int = 0,
+    on_step: StepCallback | None = None,
+    max_batch: int = 16,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> torch.Tensor:
+    """Images in [0, 1] (N x 3 x H x W, CPU), image i conditioned on assignment[i].
+
+    Image i starts from the same noise as generate()'s image i (spec.seed, spec.start_index), so
+    with mode "guidance" and weight 0 the pixels equal plain generation. `groups` lists each
+    attribute's classes to guide away from (default: the classes `texts` names, else the classes
+    present in the assignment).
+    """
+    from dataclasses import replace
+
+    from adaptors.generation import generate
+
+    if len(assignment) != spec.num_images:
+        raise ValueError(f"assignment has {len(assignment)} entries for num_images={spec.num_images}")
+    base_prompts = spec.prompt_list()
+    if mode == "prompt":
+        prompts = [augment_prompt(p, a, texts) for p, a in zip(base_prompts, assignment)]
+        return generate(pipe, replace(spec, prompts=prompts), max_batch=max_batch, on_step=on_step)
+    if mode not in ("guidance", "both"):
+        raise ValueError(f"mode must be 'prompt', 'guidance' or 'both', got {mode!r}")
+    group_classes = _group_classes(assignment, texts, groups)
+    cfg_prompts = base_prompts
+    if mode == "both":  # CFG towards the augmented prompt, group directions on top
+        cfg_prompts = [augment_prompt(p, a, texts) for p, a in zip(base_prompts, assignment)]
+    return _guided(
+        pipe, spec, base_prompts, cfg_prompts, assignment, texts, group_classes, guidance_weight, warmup_steps, on_step, max_batch
+    )
+
+
+def _group_classes(
+    assignment: Sequence[Mapping[str, str]], texts: ClassTexts, groups: Mapping[str, Sequence[str]] | None
+) -> dict[str, list[str]]:
+    attrs: list[str] = []
+    for a in assignment:
+        attrs.extend(k for k in a if k not in attrs)
+    out: dict[str, list[str]] = {}
+    for attr in attrs:
+        if groups is not None and attr in groups:
+            classes = list(groups[attr])
+        else:
+            classes = texts.classes(attr) or sorted({a[attr] for a in assignment if attr in a})
+        missing = {a[attr] for a in assignment if attr in a} - set(classes)
+        if missing:
+            raise ValueError(f"assigned classes {sorted(missing)} of {attr!r} are not among its groups {classes}")
+        out[attr] = classes
+    return out
+
+
+def _guided(
+    pipe: StableDiffusionPipeline,
+    spec: GenerationSpec,
+    base_prompts: list[str],
+    cfg_prompts: list[str],
+    assignment: Sequence[Mapping[str, str]],
+    texts: ClassTexts,
+    group_classes: Mapping[str, list[str]],
+    weight: float,
+    warmup_steps: int,
+    on_step: StepCallback | None,
+    max_batch: int,
+) -> torch.Tensor:
+    """The denoising loop of StableDiffusionPipeline with per-image group directions added to CFG."""
+    import torch
+
+    from adaptors.generation import default_size, initial_latents
+
+    height = spec.height or default_size(pipe)
+    width = spec.width or default_size(pipe)
+    cfg = spec.guidance_scale > 1.0  # as the pipeline: no unconditional pass at scale <= 1
+    chunks = [range(i, min(i + max_batch, spec.num_images)) for i in range(0, spec.num_images, max_batch)]
+    total = spec.steps * len(chunks)
+    outputs: list[torch.Tensor] = []
+    for c, chunk in enumerate(chunks):
+        n = len(chunk)
+        conds = _Conditions()
+        uncond = conds.add(spec.negative_prompt or "") if cfg else -1
+        prompt_rows = [conds.add(cfg_prompts[i]) for i in chunk]
+        # per image, per attribute: (row of the assigned group, rows of the other groups)
+        group_rows: list[list[tuple[int, list[int]]]] = []
+        for i in chunk:
+            per_attr = []
+            for attr, classes in group_classes.items():
+                if attr not in assignment[i]:
+                    continue
+                rows = {cls: conds.add(augment_prompt(base_prompts[i], {attr: cls}, texts)) for cls in classes}
+                own = assignment[i][attr]
+                per_attr.append((rows[own], [r for cls, r in rows.items() if cls != own]))
+            group_rows.append(per_attr)
+
+        with torch.inference_mode():
+            embeds = pipe.encode_prompt(conds.texts, pipe.device, 1, False)[0]
+            # rows of the UNet batch: (image, text row); warm-up steps need only the CFG rows
+            base_pairs = [(j, uncond) for j in range(n)] if cfg else []
+            base_pairs += [(j, prompt_rows[j]) for j in range(n)]
+            group_pairs = sorted({(j, r) for j in range(n) for own, others in group_rows[j] for r in [own, *others]})
+            pipe.scheduler.set_timesteps(spec.steps, device=pipe.device)
+            latents = initial_latents(pipe, spec.seed, [spec.start_index + i for i in chunk], height, width)
+            latents = latents * pipe.scheduler.init_noise_sigma
+            for s, t in enumerate(pipe.scheduler.timesteps):
+                guided = weight != 0.0 and s >= warmup_steps and group_pairs
+                pairs = base_pairs + (group_pairs if guided else [])
+                img_idx = torch.tensor([p[0] for p in pairs], device=pipe.device)
+                txt_idx = torch.tensor([p[1] for p in pairs], device=pipe.device)
+                model_in = pipe.scheduler.scale_model_input(latents[img_idx], t)
+                eps_rows = pipe.unet(model_in, t, encoder_hidden_states=embeds[txt_idx], return_dict=False)[0]
+                row_of = {pair: k for k, pair in enumerate(pairs)}
+                eps_prompt = eps_rows[[row_of[(j, prompt_rows[j])] for j in range(n)]]
+                if cfg:
+                    eps_uncond = eps_rows[:n]
+                    eps = eps_uncond + spec.guidance_scale * (eps_prompt - eps_uncond)
+                else:
+                    eps = eps_prompt.clone()
+                if guided:
+                    for j in range(n):
+                        for own, others in group_rows[j]:
+                            eps[j] += weight * (eps_rows[row_of[(j, own)]] - eps_prompt[j])
+                            if others:
+                                away = sum(eps_rows[row_of[(j, r)]] - eps_prompt[j] for r in others)
+                                eps[j] -= (weight / len(others)) * away
+                latents = pipe.scheduler.step(eps, t, latents, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(c * spec.steps + s + 1, total)
+            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * n)
+        outputs.append(image.float().cpu())
+    logger.debug("guided %d images in %d chunks (weight %.2f, warm-up %d)", spec.num_images, len(chunks), weight, warmup_steps)
+    return torch.cat(outputs)
