@@ -122,6 +122,7 @@ class GenerateJob:
     strategy: str = Strategy.auto.value
     adaptor_id: str | None = None
     audit: bool = True
+    enforce: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0, ge=0, description="CPU threads per process; 0 = half the cores (at most 4), so workers do not oversubscribe."
     )
+    assign_mode: str = Field(
+        "both",
+        pattern="^(prompt|guidance|both)$",
+        description="How `assign` conditions each image: class-named prompt, group-direction guidance, or both.",
+    )
+    assign_guidance_weight: float = Field(
+        30.0, ge=0.0, description="Group-direction guidance weight for `assign` (30 measured best on the testbed)."
+    )
+    enforce_max_rounds: int = Field(3, ge=0, le=20, description="Regeneration rounds `enforce` may spend per request.")
     max_batch: int = Field(16, ge=1, description="Images denoised together; larger requests run in chunks.")
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
 

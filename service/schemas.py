@@ -70,6 +70,11 @@ class GenerateRequest(BaseModel):
     strategy: Strategy = Field(Strategy.auto, description="How the target is met; 'auto' picks and the result names it.")
     adaptor_id: str | None = Field(None, description="Use this adaptor from the store (must match the base model).")
     audit: bool = Field(True, description="Classify every output and report the realised distribution.")
+    enforce: bool = Field(
+        False,
+        description="With `assign`: regenerate images that missed their assigned class (or show no person) "
+        "until the counts are exact or the retry budget is spent; the result says which.",
+    )
 
 
 class JobAccepted(BaseModel):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jobs import JobStore
-from common.schemas import GenerateJob, JobState
+from common.schemas import GenerateJob, JobState, Strategy
 from workers.lifecycle import claim
 from workers.runtime import Runtime, get_runtime, incr_stats
 from workers.strategy import Decision, StrategyError, decide
@@ -63,6 +63,43 @@ def save_png(pixels: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     Image.fromarray(pixels).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def _generate_assigned(runtime: Runtime, spec, target: dict, on_step) -> tuple[list[dict[str, str]], Any]:
+    """`assign`: exact per-class counts for this request (largest remainder over the joint classes,
+    seeded), each image conditioned on its class inside one batched denoising pass."""
+    from adaptors.assign import class_texts_for, generate_assigned, joint_assignment
+
+    settings = runtime.settings
+    assignment = [dict(a) for a in joint_assignment(spec.num_images, target, spec.seed)]
+    images = generate_assigned(
+        runtime.pipe, spec, assignment, class_texts_for(settings.base_model), mode=settings.assign_mode,
+        guidance_weight=settings.assign_guidance_weight, on_step=on_step, max_batch=settings.max_batch,
+    )  # fmt: skip
+    return assignment, images
+
+
+def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step) -> tuple[Any, dict[str, Any]]:
+    """Regenerate misses (wrong class or no person) with fresh noise until the counts are exact."""
+    from adaptors.assign import class_texts_for
+    from adaptors.enforce import enforce
+
+    settings = runtime.settings
+    images, _, report = enforce(
+        runtime.pipe, runtime.classifier, spec, assignment, class_texts_for(settings.base_model), images,
+        max_rounds=settings.enforce_max_rounds, mode=settings.assign_mode,
+        guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
+    )  # fmt: skip
+    return images, {"applied": True, **report.to_dict()}
+
+
+def _assigned_counts(assignment: list[dict[str, str]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for classes in assignment:
+        for attr, cls in classes.items():
+            counts.setdefault(attr, {}).setdefault(cls, 0)
+            counts[attr][cls] += 1
+    return counts
 
 
 def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
@@ -132,10 +169,19 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             raise GenerationCancelled(job_id)
 
     jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
+    assignment = None
+    enforcement: dict[str, Any] | None = None
+    if req.enforce and decision.used != Strategy.assign.value:
+        enforcement = {"applied": False, "reason": f"enforcement needs strategy 'assign'; this job used {decision.used!r}"}
     t1 = time.perf_counter()
     try:
-        images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
-                          encode_prompt=encoder)  # fmt: skip
+        if decision.used == Strategy.assign.value and req.fairness_target:
+            assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step)
+            if req.enforce and runtime.classifier is not None:
+                images, enforcement = _enforce(runtime, spec, assignment, images, on_step)
+        else:
+            images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
+                              encode_prompt=encoder)  # fmt: skip
     except GenerationCancelled:
         logger.info("generate %s: cancelled between steps", job_id)
         jobs.finish(job_id, JobState.cancelled)
@@ -164,6 +210,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
                 "attributes": report["images"][k]["attributes"] if report else None,
                 "person": report["images"][k]["person"] if report else None,
                 "person_confidence": report["images"][k]["person_confidence"] if report else None,
+                "assigned": assignment[k] if assignment else None,
             }
             for k in range(len(images))
         ],
@@ -173,6 +220,8 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         "no_person": report["no_person"] if report else None,
         "target_distance": (report["target_distance"] or None) if report else None,
         "audited": report is not None,
+        "assigned_counts": _assigned_counts(assignment) if assignment else None,
+        "enforcement": enforcement,
         "strategy": decision.to_dict(),
         "adaptor": decision.adaptor_id,
         "timings": {

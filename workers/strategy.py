@@ -12,7 +12,7 @@ from typing import Any
 
 from common.schemas import TARGET_TOLERANCE, Strategy
 
-NOT_IMPLEMENTED = frozenset({Strategy.assign.value, Strategy.guidance.value})
+NOT_IMPLEMENTED = frozenset({Strategy.guidance.value})
 
 
 class StrategyError(Exception):
@@ -107,12 +107,16 @@ def decide(
     if strategy in NOT_IMPLEMENTED:
         raise StrategyError(
             "not_implemented",
-            f"strategy {strategy!r} is not implemented yet; use 'adaptor', 'auto' or 'none'",
+            f"strategy {strategy!r} is not implemented yet; use 'assign', 'adaptor', 'auto' or 'none'",
         )
     if adaptor_id:
         return Decision(strategy, Strategy.adaptor.value, "explicit adaptor_id", adaptor_id)
     if strategy == Strategy.none.value:
         return Decision(strategy, Strategy.none.value, "strategy 'none' requested")
+    if strategy == Strategy.assign.value:
+        if not target:
+            raise StrategyError("invalid_request", "strategy 'assign' needs a fairness_target")
+        return Decision(strategy, Strategy.assign.value, "exact per-request counts, each image conditioned on its class")
     if not target:
         if strategy == Strategy.adaptor.value:
             raise StrategyError("invalid_request", "strategy 'adaptor' needs a fairness_target or an adaptor_id")
@@ -129,7 +133,7 @@ def decide(
         )
     return Decision(
         strategy,
-        Strategy.none.value,
-        "no stored adaptor matches this fairness_target and the guidance/assign strategies are not "
-        "implemented yet; generated without a fairness intervention (see the audit for the realised distribution)",
+        Strategy.assign.value,
+        "no stored adaptor matches this fairness_target and no guidance calibration exists yet: "
+        "exact per-request counts with per-image conditioning",
     )

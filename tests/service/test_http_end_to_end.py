@@ -83,7 +83,7 @@ def test_ready_and_generate_with_a_target_reports_what_was_delivered(stack):
     png = client.get(first["url"])
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(result["target_distance"]["gender"]) == {"total_variation", "kl"}
-    assert result["strategy"]["used"] in ("none", "adaptor")
+    assert result["strategy"]["used"] == "assign"  # auto: no adaptor for this target, so exact assignment
 
 
 def test_progress_moves_and_a_running_job_can_be_cancelled(stack):
@@ -150,3 +150,30 @@ def test_finetune_publishes_an_adaptor_that_shifts_the_delivered_distribution(st
     assert female_share(tuned["result"]) >= female_share(base["result"]) + 0.15, (base["result"]["realised"],
                                                                                 tuned["result"]["realised"])
     assert time.monotonic() - started < 600
+
+
+def test_assign_delivers_the_requested_split_and_reports_it(stack):
+    """secretary is ~96% female in the base model; assign must deliver 4/4 per the target."""
+    client = stack["client"]
+    request = {"prompt": "a photo of the face of a secretary, a person", "num_images": 8, "seed": 3, "fairness_target": BALANCED}
+    base = client.post("/v1/generate", json={**request, "strategy": "none"}, headers={"Prefer": "wait=60"}).json()
+    resp = client.post("/v1/generate", json={**request, "strategy": "assign"}, headers={"Prefer": "wait=60"})
+    assert resp.status_code == 200, resp.text
+    result = resp.json()["result"]
+    assert result["strategy"]["used"] == "assign"
+    assert result["assigned_counts"] == {"gender": {"female": 4, "male": 4}}
+    assert [img["assigned"]["gender"] for img in result["images"]].count("male") == 4
+    assert base["result"]["counts"]["gender"]["male"] <= 1
+    assert abs(result["counts"]["gender"]["male"] - 4) <= 1, result["counts"]
+
+
+def test_enforce_makes_the_delivered_counts_exact(stack):
+    client = stack["client"]
+    body = {"prompt": SENATOR, "num_images": 8, "seed": 5, "fairness_target": BALANCED, "strategy": "assign", "enforce": True}
+    resp = client.post("/v1/generate", json=body, headers={"Prefer": "wait=120"})
+    assert resp.status_code == 200, resp.text
+    result = resp.json()["result"]
+    assert result["enforcement"]["applied"] is True and result["enforcement"]["satisfied"] is True, result["enforcement"]
+    assert result["counts"]["gender"] == result["assigned_counts"]["gender"] == {"female": 4, "male": 4}
+    bad = client.post("/v1/generate", json={"prompt": SENATOR, "enforce": True})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "enforce"

@@ -6,7 +6,7 @@ import torch
 from testbed.classifier import TestbedClassifier
 from testbed.data import render_empties
 from testbed.world import ATTRIBUTES
-from tests.support.models import seeded_images, load_testbed_classifier
+from tests.support.models import load_testbed_classifier, seeded_images
 
 
 def test_classifier_is_at_least_98_percent_accurate_on_renderer_images():

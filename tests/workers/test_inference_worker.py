@@ -117,12 +117,12 @@ def test_unimplemented_strategy_fails_the_job_clearly(
         celery_client,
         prompt="a photo of a chef",
         steps=2,
-        strategy="assign",
+        strategy="guidance",
         fairness_target={"gender": {"female": 0.5, "male": 0.5}},
     )
     job = wait_finished(jobs, job_id, inference_worker)
     assert job["state"] == "failed"
-    assert job["error"]["type"] == "not_implemented" and "assign" in job["error"]["message"]
+    assert job["error"]["type"] == "not_implemented" and "guidance" in job["error"]["message"]
 
 
 def test_redelivered_task_of_finished_job_changes_nothing(

@@ -53,19 +53,25 @@ def test_find_matching_adaptor_prefers_newest_and_reads_objects() -> None:
     assert find_matching_adaptor(ms, HALF, BASES).id == "new"
 
 
-@pytest.mark.parametrize("strategy", ["assign", "guidance"])
-def test_unimplemented_strategies_fail_clearly(strategy: str) -> None:
+def test_unimplemented_guidance_fails_clearly() -> None:
     with pytest.raises(StrategyError) as err:
-        decide(strategy, HALF, None, [], BASES)
+        decide("guidance", HALF, None, [], BASES)
     assert err.value.type == "not_implemented"
-    assert strategy in err.value.message
+    assert "guidance" in err.value.message
 
 
-def test_auto_uses_a_matching_adaptor_else_none_with_reason() -> None:
+def test_assign_needs_a_target_and_runs_assign() -> None:
+    assert decide("assign", HALF, None, [manifest("good", HALF)], BASES).used == "assign"
+    with pytest.raises(StrategyError) as err:
+        decide("assign", None, None, None, BASES)
+    assert err.value.type == "invalid_request"
+
+
+def test_auto_uses_a_matching_adaptor_else_assign_with_reason() -> None:
     hit = decide("auto", HALF, None, [manifest("good", HALF)], BASES)
     assert (hit.used, hit.adaptor_id) == ("adaptor", "good")
     miss = decide("auto", HALF, None, [], BASES)
-    assert miss.used == "none" and miss.adaptor_id is None
+    assert miss.used == "assign" and miss.adaptor_id is None
     assert "no stored adaptor" in miss.reason
     assert decide("auto", None, None, None, BASES).reason == "no fairness_target given"
 

@@ -80,6 +80,19 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
             code="missing_fairness_target",
         )
 
+    if body.enforce:
+        if target is None:
+            raise InvalidField("enforce: needs a fairness_target", param="enforce", code="enforce_needs_target")
+        if not body.audit or not info.attributes:
+            raise InvalidField(
+                "enforce: needs the audit (audit=true and a classifier for the base model)", param="enforce",
+                code="enforce_needs_audit",
+            )  # fmt: skip
+        if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
+            raise InvalidField(
+                "enforce: only applies to strategy 'assign' (or 'auto')", param="enforce", code="strategy_conflict"
+            )
+
     return GenerateJob(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -93,6 +106,7 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         strategy=strategy.value,
         adaptor_id=body.adaptor_id,
         audit=body.audit,
+        enforce=body.enforce,
     )
 
 
