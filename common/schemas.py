@@ -123,6 +123,8 @@ class GenerateJob:
     adaptor_id: str | None = None
     audit: bool = True
     enforce: bool = False
+    ledger: str | None = None
+    ledger_scope: str = "anon"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

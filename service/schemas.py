@@ -70,6 +70,14 @@ class GenerateRequest(BaseModel):
     strategy: Strategy = Field(Strategy.auto, description="How the target is met; 'auto' picks and the result names it.")
     adaptor_id: str | None = Field(None, description="Use this adaptor from the store (must match the base model).")
     audit: bool = Field(True, description="Classify every output and report the realised distribution.")
+    ledger: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="Count delivered classes across requests under this key (scoped to the API key) and assign "
+        "each request's images to the classes most behind the target, so single-image streams converge.",
+    )
     enforce: bool = Field(
         False,
         description="With `assign`: regenerate images that missed their assigned class (or show no person) "

@@ -14,6 +14,7 @@ from typing import Any
 
 from common.jobs import JobStore
 from common.schemas import GenerateJob, JobState, Strategy
+from workers import ledger
 from workers.lifecycle import claim
 from workers.runtime import Runtime, get_runtime, incr_stats
 from workers.strategy import Decision, StrategyError, decide
@@ -65,13 +66,15 @@ def save_png(pixels: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _generate_assigned(runtime: Runtime, spec, target: dict, on_step) -> tuple[list[dict[str, str]], Any]:
+def _generate_assigned(
+    runtime: Runtime, spec, target: dict, on_step, reserved: list[dict[str, str]] | None = None
+) -> tuple[list[dict[str, str]], Any]:
     """`assign`: exact per-class counts for this request (largest remainder over the joint classes,
     seeded), each image conditioned on its class inside one batched denoising pass."""
     from adaptors.assign import class_texts_for, generate_assigned, joint_assignment
 
     settings = runtime.settings
-    assignment = [dict(a) for a in joint_assignment(spec.num_images, target, spec.seed)]
+    assignment = [dict(a) for a in (reserved or joint_assignment(spec.num_images, target, spec.seed))]
     images = generate_assigned(
         runtime.pipe, spec, assignment, class_texts_for(settings.base_model), mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, on_step=on_step, max_batch=settings.max_batch,
@@ -170,19 +173,28 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
 
     jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
     assignment = None
+    lid: str | None = None
+    reserved: list[dict[str, str]] | None = None
     enforcement: dict[str, Any] | None = None
     if req.enforce and decision.used != Strategy.assign.value:
         enforcement = {"applied": False, "reason": f"enforcement needs strategy 'assign'; this job used {decision.used!r}"}
     t1 = time.perf_counter()
     try:
         if decision.used == Strategy.assign.value and req.fairness_target:
-            assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step)
+            if req.ledger:
+                lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
+                reserved = ledger.reserve(jobs.r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s)
+            assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, reserved)
             if req.enforce and runtime.classifier is not None:
                 images, enforcement = _enforce(runtime, spec, assignment, images, on_step)
         else:
             images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
                               encode_prompt=encoder)  # fmt: skip
-    except GenerationCancelled:
+    except BaseException as exc:
+        if lid and reserved:  # release the reservation: nothing was delivered
+            ledger.settle(jobs.r, lid, reserved, [], list(req.fairness_target or {}))
+        if not isinstance(exc, GenerationCancelled):
+            raise
         logger.info("generate %s: cancelled between steps", job_id)
         jobs.finish(job_id, JobState.cancelled)
         incr_stats(jobs.r, jobs_cancelled=1)
@@ -201,6 +213,15 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
 
         report = audit(runtime.classifier, images, req.fairness_target).to_dict()
     audit_s = time.perf_counter() - t2
+    ledger_state = None
+    if lid and reserved is not None:
+        attrs = list(req.fairness_target or {})
+        if report is not None:  # count what the audit saw, so conditioning misses are made up later
+            got = [{a: img["attributes"][a]["class"] for a in attrs} if img["person"] else None for img in report["images"]]
+        else:
+            got = list(reserved)
+        ledger.settle(jobs.r, lid, reserved, got, attrs)
+        ledger_state = {"key": req.ledger, "delivered": ledger.delivered(jobs.r, lid)}
 
     result: dict[str, Any] = {
         "images": [
@@ -222,6 +243,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         "audited": report is not None,
         "assigned_counts": _assigned_counts(assignment) if assignment else None,
         "enforcement": enforcement,
+        "ledger": ledger_state,
         "strategy": decision.to_dict(),
         "adaptor": decision.adaptor_id,
         "timings": {

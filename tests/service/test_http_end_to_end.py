@@ -177,3 +177,19 @@ def test_enforce_makes_the_delivered_counts_exact(stack):
     assert result["counts"]["gender"] == result["assigned_counts"]["gender"] == {"female": 4, "male": 4}
     bad = client.post("/v1/generate", json={"prompt": SENATOR, "enforce": True})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "enforce"
+
+
+def test_a_ledger_makes_single_image_requests_add_up(stack):
+    """Ten single-image requests at 30/70 for a ~96%-female occupation still deliver 3 +- 1 women."""
+    client = stack["client"]
+    body = {"prompt": "a photo of the face of a secretary, a person", "num_images": 1,
+            "fairness_target": {"gender": {"female": 0.3, "male": 0.7}}, "ledger": "e2e-stream"}  # fmt: skip
+    for seed in range(10):
+        result = client.post("/v1/generate", json={**body, "seed": seed}, headers={"Prefer": "wait=60"}).json()["result"]
+        assert result["strategy"]["used"] == "assign" and result["images"][0]["assigned"]["gender"] in ("female", "male")
+    delivered = result["ledger"]["delivered"]  # the audited classes, counted across all ten requests
+    assert result["ledger"]["key"] == "e2e-stream"
+    assert 9 <= sum(delivered.values()) <= 10
+    assert abs(delivered.get("gender=female", 0) - 3) <= 1, delivered
+    bad = client.post("/v1/generate", json={"prompt": "x", "ledger": "k"})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "ledger"

@@ -80,6 +80,13 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
             code="missing_fairness_target",
         )
 
+    if body.ledger is not None:
+        if target is None:
+            raise InvalidField("ledger: needs a fairness_target", param="ledger", code="ledger_needs_target")
+        if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
+            raise InvalidField(
+                "ledger: only applies to strategy 'assign' (or 'auto')", param="ledger", code="strategy_conflict"
+            )
     if body.enforce:
         if target is None:
             raise InvalidField("enforce: needs a fairness_target", param="enforce", code="enforce_needs_target")
@@ -107,6 +114,7 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         adaptor_id=body.adaptor_id,
         audit=body.audit,
         enforce=body.enforce,
+        ledger=body.ledger,
     )
 
 
@@ -191,6 +199,7 @@ async def generate(
 ) -> JSONResponse:
     info = await run_in_threadpool(require_model_info, store, settings.base_model)
     job = await run_in_threadpool(build_generate_job, body, settings, info)
+    job.ledger_scope = tenant
     idem = (tenant, idempotency_key) if idempotency_key else None
     job_id = await run_in_threadpool(enqueue, store, celery, job, idem)
     return await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
