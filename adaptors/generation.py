@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,6 @@ class GenerationSpec:
     width: int | None = None
     prompts: list[str] | None = None
     start_index: int = 0
-    extra: dict = field(default_factory=dict)
 
     def prompt_list(self) -> list[str]:
         if self.prompts is not None:
