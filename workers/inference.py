@@ -82,18 +82,18 @@ def _generate_assigned(
     return assignment, images
 
 
-def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step) -> tuple[Any, dict[str, Any]]:
+def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step) -> tuple[Any, list, dict[str, Any]]:
     """Regenerate misses (wrong class or no person) with fresh noise until the counts are exact."""
     from adaptors.assign import class_texts_for
     from adaptors.enforce import enforce
 
     settings = runtime.settings
-    images, _, report = enforce(
+    images, per_image, report = enforce(
         runtime.pipe, runtime.classifier, spec, assignment, class_texts_for(settings.base_model), images,
         max_rounds=settings.enforce_max_rounds, mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
     )  # fmt: skip
-    return images, {"applied": True, **report.to_dict()}
+    return images, per_image, {"applied": True, **report.to_dict()}
 
 
 def _assigned_counts(assignment: list[dict[str, str]]) -> dict[str, dict[str, int]]:
@@ -173,6 +173,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
 
     jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
     assignment = None
+    audited = None  # per-image classifications enforcement already made; the audit reuses them
     lid: str | None = None
     reserved: list[dict[str, str]] | None = None
     enforcement: dict[str, Any] | None = None
@@ -186,7 +187,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
                 reserved = ledger.reserve(jobs.r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s)
             assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, reserved)
             if req.enforce and runtime.classifier is not None:
-                images, enforcement = _enforce(runtime, spec, assignment, images, on_step)
+                images, audited, enforcement = _enforce(runtime, spec, assignment, images, on_step)
         else:
             images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
                               encode_prompt=encoder)  # fmt: skip
@@ -209,9 +210,12 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     t2 = time.perf_counter()
     report = None
     if req.audit and runtime.classifier is not None:
-        from adaptors.audit import audit
+        from adaptors.audit import audit, summarise
 
-        report = audit(runtime.classifier, images, req.fairness_target).to_dict()
+        if audited is not None:
+            report = summarise(audited, runtime.classifier.attributes, req.fairness_target).to_dict()
+        else:
+            report = audit(runtime.classifier, images, req.fairness_target).to_dict()
     audit_s = time.perf_counter() - t2
     ledger_state = None
     if lid and reserved is not None:

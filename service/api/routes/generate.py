@@ -80,25 +80,21 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
             code="missing_fairness_target",
         )
 
-    if body.ledger is not None:
+    # ledger and enforce both act on the per-request assignment, so both need `assign` (or `auto`)
+    for field, wanted in (("ledger", body.ledger is not None), ("enforce", body.enforce)):
+        if not wanted:
+            continue
         if target is None:
-            raise InvalidField("ledger: needs a fairness_target", param="ledger", code="ledger_needs_target")
+            raise InvalidField(f"{field}: needs a fairness_target", param=field, code=f"{field}_needs_target")
         if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
             raise InvalidField(
-                "ledger: only applies to strategy 'assign' (or 'auto')", param="ledger", code="strategy_conflict"
+                f"{field}: only applies to strategy 'assign' (or 'auto')", param=field, code="strategy_conflict"
             )
-    if body.enforce:
-        if target is None:
-            raise InvalidField("enforce: needs a fairness_target", param="enforce", code="enforce_needs_target")
-        if not body.audit or not info.attributes:
-            raise InvalidField(
-                "enforce: needs the audit (audit=true and a classifier for the base model)", param="enforce",
-                code="enforce_needs_audit",
-            )  # fmt: skip
-        if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
-            raise InvalidField(
-                "enforce: only applies to strategy 'assign' (or 'auto')", param="enforce", code="strategy_conflict"
-            )
+    if body.enforce and (not body.audit or not info.attributes):
+        raise InvalidField(
+            "enforce: needs the audit (audit=true and a classifier for the base model)", param="enforce",
+            code="enforce_needs_audit",
+        )  # fmt: skip
 
     return GenerateJob(
         prompt=body.prompt,
