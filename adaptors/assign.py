@@ -348,9 +348,17 @@ def generate_assigned(
     cfg_prompts = base_prompts
     if mode == "both":  # CFG towards the augmented prompt, group directions on top
         cfg_prompts = [augment_prompt(p, a, texts) for p, a in zip(base_prompts, assignment)]
-    return _guided(
-        pipe, spec, base_prompts, cfg_prompts, assignment, texts, group_classes, guidance_weight, warmup_steps, on_step, max_batch
-    )
+    directions: list[list[Direction]] = []
+    for prompt, classes in zip(base_prompts, assignment):
+        rows: list[Direction] = []
+        for attr, names in group_classes.items():
+            if attr not in classes:
+                continue
+            others = [c for c in names if c != classes[attr]]
+            rows.append((augment_prompt(prompt, {attr: classes[attr]}, texts), guidance_weight))
+            rows += [(augment_prompt(prompt, {attr: c}, texts), -guidance_weight / len(others)) for c in others]
+        directions.append(rows)
+    return generate_directed(pipe, replace(spec, prompts=cfg_prompts), directions, warmup_steps, on_step, max_batch)
 
 
 def _group_classes(
@@ -372,24 +380,32 @@ def _group_classes(
     return out
 
 
-def _guided(
+Direction = tuple[str, float]
+"""(text, coefficient): the image's noise prediction moves by coefficient * (eps(text) - eps(prompt))."""
+
+
+def generate_directed(
     pipe: StableDiffusionPipeline,
     spec: GenerationSpec,
-    base_prompts: list[str],
-    cfg_prompts: list[str],
-    assignment: Sequence[Mapping[str, str]],
-    texts: ClassTexts,
-    group_classes: Mapping[str, list[str]],
-    weight: float,
-    warmup_steps: int,
-    on_step: StepCallback | None,
-    max_batch: int,
+    directions: Sequence[Sequence[Direction]],
+    warmup_steps: int = 0,
+    on_step: StepCallback | None = None,
+    max_batch: int = 16,
 ) -> torch.Tensor:
-    """The denoising loop of StableDiffusionPipeline with per-image group directions added to CFG."""
+    """The denoising loop of StableDiffusionPipeline with per-image text directions added to CFG.
+
+    The one conditioning primitive of request-time fairness: `assign` moves each image towards
+    its assigned group and away from the others; IDA (the `guidance` strategy) moves every image
+    by calibrated per-group weights. All texts of a chunk share one UNet batch per step, and
+    the first `warmup_steps` steps run plain CFG (as semantic guidance's warm-up).
+    """
     import torch
 
     from adaptors.generation import default_size, initial_latents
 
+    if len(directions) != spec.num_images:
+        raise ValueError(f"directions has {len(directions)} entries for num_images={spec.num_images}")
+    prompts = spec.prompt_list()
     height = spec.height or default_size(pipe)
     width = spec.width or default_size(pipe)
     cfg = spec.guidance_scale > 1.0  # as the pipeline: no unconditional pass at scale <= 1
@@ -400,31 +416,21 @@ def _guided(
         n = len(chunk)
         conds = _Conditions()
         uncond = conds.add(spec.negative_prompt or "") if cfg else -1
-        prompt_rows = [conds.add(cfg_prompts[i]) for i in chunk]
-        # per image, per attribute: (row of the assigned group, rows of the other groups)
-        group_rows: list[list[tuple[int, list[int]]]] = []
-        for i in chunk:
-            per_attr = []
-            for attr, classes in group_classes.items():
-                if attr not in assignment[i]:
-                    continue
-                rows = {cls: conds.add(augment_prompt(base_prompts[i], {attr: cls}, texts)) for cls in classes}
-                own = assignment[i][attr]
-                per_attr.append((rows[own], [r for cls, r in rows.items() if cls != own]))
-            group_rows.append(per_attr)
+        prompt_rows = [conds.add(prompts[i]) for i in chunk]
+        image_dirs = [[(conds.add(text), coef) for text, coef in directions[i] if coef != 0.0] for i in chunk]
 
         with torch.inference_mode():
             embeds = pipe.encode_prompt(conds.texts, pipe.device, 1, False)[0]
             # rows of the UNet batch: (image, text row); warm-up steps need only the CFG rows
             base_pairs = [(j, uncond) for j in range(n)] if cfg else []
             base_pairs += [(j, prompt_rows[j]) for j in range(n)]
-            group_pairs = sorted({(j, r) for j in range(n) for own, others in group_rows[j] for r in [own, *others]})
+            dir_pairs = sorted({(j, r) for j in range(n) for r, _ in image_dirs[j]} - set(base_pairs))
             pipe.scheduler.set_timesteps(spec.steps, device=pipe.device)
             latents = initial_latents(pipe, spec.seed, [spec.start_index + i for i in chunk], height, width)
             latents = latents * pipe.scheduler.init_noise_sigma
             for s, t in enumerate(pipe.scheduler.timesteps):
-                guided = weight != 0.0 and s >= warmup_steps and group_pairs
-                pairs = base_pairs + (group_pairs if guided else [])
+                guided = s >= warmup_steps and any(image_dirs)
+                pairs = base_pairs + (dir_pairs if guided else [])
                 img_idx = torch.tensor([p[0] for p in pairs], device=pipe.device)
                 txt_idx = torch.tensor([p[1] for p in pairs], device=pipe.device)
                 model_in = pipe.scheduler.scale_model_input(latents[img_idx], t)
@@ -438,16 +444,13 @@ def _guided(
                     eps = eps_prompt.clone()
                 if guided:
                     for j in range(n):
-                        for own, others in group_rows[j]:
-                            eps[j] += weight * (eps_rows[row_of[(j, own)]] - eps_prompt[j])
-                            if others:
-                                away = sum(eps_rows[row_of[(j, r)]] - eps_prompt[j] for r in others)
-                                eps[j] -= (weight / len(others)) * away
+                        for r, coef in image_dirs[j]:
+                            eps[j] += coef * (eps_rows[row_of[(j, r)]] - eps_prompt[j])
                 latents = pipe.scheduler.step(eps, t, latents, return_dict=False)[0]
                 if on_step is not None:
                     on_step(c * spec.steps + s + 1, total)
             image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
             image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * n)
         outputs.append(image.float().cpu())
-    logger.debug("guided %d images in %d chunks (weight %.2f, warm-up %d)", spec.num_images, len(chunks), weight, warmup_steps)
+    logger.debug("directed %d images in %d chunks (warm-up %d)", spec.num_images, len(chunks), warmup_steps)
     return torch.cat(outputs)

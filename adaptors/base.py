@@ -107,6 +107,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _register_builtin_kinds() -> None:
+    import adaptors.ida  # noqa: F401
     import adaptors.lora  # noqa: F401
     import adaptors.prefix  # noqa: F401
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 from adaptors.base import Adaptor
 from adaptors.generation import PromptEncoder
+from adaptors.ida import GuidanceDirections, IdaAdaptor
 from adaptors.store import AdaptorStore
-from common.adaptor_manifest import AdaptorBaseMismatch
+from common.adaptor_manifest import AdaptorBaseMismatch, AdaptorNotCalibrated
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,16 @@ class AdaptorCache:
     def state(self, adaptor_id: str) -> EntryState | None:
         entry = self.entries.get(adaptor_id)
         return entry.state if entry else None
+
+    def directions(self, adaptor_id: str, prompt: str) -> GuidanceDirections | None:
+        """For an IDA adaptor (cached by `use`), its calibrated directions for `prompt`; None for other kinds."""
+        entry = self.entries.get(adaptor_id)
+        if entry is None or not isinstance(entry.adaptor, IdaAdaptor):
+            return None
+        rows = entry.adaptor.directions(prompt)
+        if rows is None:
+            raise AdaptorNotCalibrated(f"guidance weights {adaptor_id!r} were not calibrated for the prompt {prompt!r}")
+        return GuidanceDirections(rows, entry.adaptor.warmup_steps)
 
     def use(self, adaptor_id: str | None) -> PromptEncoder | None:
         """Make `adaptor_id` (None = base) the one in effect; returns its prompt encoder if it has one."""

@@ -92,20 +92,36 @@ class LoraAdaptor(Adaptor):
         _switch(pipe, None)
 
     def detach(self, pipe) -> None:
-        names = loaded_adapters(pipe)
-        if self.id not in set().union(*names.values()):
-            return
-        active = active_adapter(pipe)
-        pipe.delete_adapters([self.id])
-        remaining = set().union(*loaded_adapters(pipe).values())
-        if not remaining:
-            pipe.unload_lora_weights()  # no adapter left: remove the LoRA wrappers, restoring the base modules
-        else:
-            # PEFT promotes another adapter when the active one is deleted: put back what was in effect
-            _switch(pipe, active if active in remaining else None)
+        remove_adapter(pipe, self.id)
 
     def file_metadata(self) -> dict[str, str]:
         return {"format": "pt", "fairdiff_adaptor": json.dumps({"id": self.id, "kind": self.kind})}
+
+
+def remove_adapter(pipe, name: str) -> None:
+    """Delete adapter `name` from the pipeline, leaving whatever else was in effect as it was."""
+    if name not in set().union(*loaded_adapters(pipe).values()):
+        return
+    active = active_adapter(pipe)
+    pipe.delete_adapters([name])
+    remaining = set().union(*loaded_adapters(pipe).values())
+    if not remaining:
+        pipe.unload_lora_weights()  # no adapter left: remove the LoRA wrappers, restoring the base modules
+    else:
+        # PEFT promotes another adapter when the active one is deleted: put back what was in effect
+        _switch(pipe, active if active in remaining else None)
+
+
+def to_file_layout(component: str, peft_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One component's PEFT keys (`<module>.lora_A.weight`, scale 1) as our weights file stores them.
+
+    The one place that decides the file's key layout, shared by trainers and importers, so every
+    LoRA in the store has the layout `pipe.load_lora_weights` reads (what diffusers' own training
+    scripts write).
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return {f"{component}.{k}": v.contiguous() for k, v in convert_state_dict_to_diffusers(peft_sd).items()}
 
 
 def lora_state_dict(pipe, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -113,8 +129,6 @@ def lora_state_dict(pipe, adapter_name: str = "default") -> dict[str, torch.Tens
 
     The layer's scaling is folded into lora_B so that the result loads at scale 1.0 anywhere.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     out: dict[str, torch.Tensor] = {}
     for component in COMPONENTS:
         model = getattr(pipe, component, None)
@@ -127,8 +141,7 @@ def lora_state_dict(pipe, adapter_name: str = "default") -> dict[str, torch.Tens
                 key = f"{name}.lora_B.weight"
                 if key in peft_sd:
                     peft_sd[key] = peft_sd[key] * float(module.scaling[adapter_name])
-        for k, v in convert_state_dict_to_diffusers(peft_sd).items():
-            out[f"{component}.{k}"] = v.contiguous()
+        out.update(to_file_layout(component, peft_sd))
     if not out:
         raise ValueError(f"the pipeline has no LoRA adapter named {adapter_name!r}")
     return out

@@ -43,6 +43,10 @@ class AdaptorBaseMismatch(AdaptorError):
     """An adaptor was made for another base model than the one loaded."""
 
 
+class AdaptorNotCalibrated(AdaptorError):
+    """Guidance weights exist, but not for this prompt."""
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
@@ -64,6 +68,9 @@ class AdaptorManifest:
     prompt_set: str | None = None
     sampler: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    # where an imported adaptor came from (e.g. {"imported_from": "shen2024", "source_files": {name: sha256}});
+    # empty for adaptors trained here
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

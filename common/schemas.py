@@ -147,6 +147,7 @@ class FinetuneJob:
     prompt_set: str | None = None
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    eval_prompts: list[str] | None = None  # held-out prompts the before/after metrics are measured on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

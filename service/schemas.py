@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.schemas import JobState, Strategy
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
-FINETUNE_METHODS: frozenset[str] = frozenset({"prefix"})
+FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
 
 # Named prompt sets a finetune may ask for instead of listing prompts (see routes/admin.py).
 PROMPT_SETS: tuple[str, ...] = ("testbed-train", "testbed-test")
@@ -139,6 +139,7 @@ class AdaptorPublic(BaseModel):
     hyperparameters: dict[str, Any] | None = None
     prompt_set: str | None = None
     sampler: Any = None
+    provenance: dict[str, Any] | None = Field(None, description="Source of an imported adaptor (files and their sha256).")
 
 
 class AdaptorList(BaseModel):
@@ -161,6 +162,10 @@ class FinetuneRequest(BaseModel):
     prompt_set: str | None = Field(None, description=f"Instead of prompts: one of {list(PROMPT_SETS)}.")
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(None, max_length=200)
+    eval_prompts: list[str] | None = Field(
+        None, min_length=1, max_length=1_000, description="Held-out prompts for the before/after metrics."
+    )
+    eval_prompt_set: str | None = Field(None, description="Instead of eval_prompts; testbed-train defaults to testbed-test.")
 
 
 class FinetunePublic(JobPublic):

@@ -164,3 +164,14 @@ def vocabulary_words() -> list[str]:
         for phrase in classes.values():
             words.update(phrase.split())
     return sorted(words)
+
+
+# Named prompt sets for finetunes; a training set names the held-out set its metrics are measured on.
+PROMPT_SETS: dict[str, tuple[str, ...]] = {"testbed-train": TRAIN_OCCUPATIONS, "testbed-test": TEST_OCCUPATIONS}
+HELD_OUT_SET: dict[str, str] = {"testbed-train": "testbed-test"}
+
+
+def prompt_set(name: str) -> list[str] | None:
+    """The prompts of a named set, None for an unknown name."""
+    occupations = PROMPT_SETS.get(name)
+    return None if occupations is None else [prompt_for(o) for o in occupations]

@@ -167,6 +167,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run(host=args.host, port=args.port, ready_timeout=args.ready_timeout, log_level=args.loglevel)
 
 
+def cmd_adaptors_import_shen(args: argparse.Namespace) -> int:
+    """Convert a Shen et al. (ICLR 2024) export folder into store adaptors; user errors exit 2 with one line."""
+    from adaptors.shen_import import import_checkpoint_folder, load_layout
+    from adaptors.store import AdaptorStore
+
+    settings = get_settings()
+    base_model = args.base_model or settings.base_model
+    try:
+        target = json.loads(args.target) if args.target is not None else None
+        layout = load_layout(base_model, settings.offline)
+        store = AdaptorStore(args.store or settings.adaptor_dir)
+        manifests = import_checkpoint_folder(
+            args.dir, store, layout, base_model, id_prefix=args.id, target=target, name=args.name
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:  # JSONDecodeError is a ValueError
+        sys.stderr.write(f"fairdiff adaptors import-shen: error: {exc}\n")
+        return 2
+    for m in manifests:
+        sources = ", ".join(m.provenance["source_files"])
+        _out(f"imported {m.id} ({m.kind}, {m.size_bytes} bytes) from {sources} into {store.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fairdiff", description="Text-to-image diffusion with fairness as a parameter.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -210,6 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     hc.add_argument("--queue", choices=["inference", "training"], required=True)
     hc.add_argument("--name", help="worker name as given to `fairdiff worker --name`")
     hc.set_defaults(func=cmd_healthcheck)
+
+    from workers import finetune_cli
+
+    finetune_cli.add_parser(sub)
+
+    adp = sub.add_parser("adaptors", help="manage the adaptor store")
+    adp_sub = adp.add_subparsers(dest="adaptors_command", required=True)
+    shen = adp_sub.add_parser(
+        "import-shen",
+        help="import a Shen et al. (ICLR 2024) checkpoint folder (LoRA and/or prefix) as adaptors",
+        description="DIR is one of their `.../checkpoint-K_exported/` folders holding text_encoder_lora_EMA.pth, "
+        "unet_lora_EMA.pth and/or prefix_embedding_EMA.pth. Publishes `<id>-lora` (text encoder and UNet "
+        "together) and/or `<id>-prefix`. The pickles are read with torch.load(weights_only=True) only.",
+    )
+    shen.add_argument("dir", help="the checkpoint-K_exported folder")
+    shen.add_argument("--base-model", help="base model the checkpoint is for (default: FAIRDIFF_BASE_MODEL)")
+    shen.add_argument("--id", help="adaptor id prefix (default: shen-<run>-ckpt<K> from the folder names)")
+    shen.add_argument(
+        "--target",
+        help='JSON fairness target the checkpoint was trained for (default: {"gender": {"female": 0.5, "male": 0.5}})',
+    )
+    shen.add_argument("--store", help="adaptor store folder (default: FAIRDIFF_DATA_DIR/adaptors)")
+    shen.add_argument("--name", help="human-readable name for the manifests")
+    shen.set_defaults(func=cmd_adaptors_import_shen)
 
     gw = sub.add_parser("gateway", help="run the HTTP gateway (uvicorn)")
     gw.add_argument("--host", default="127.0.0.1")

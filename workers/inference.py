@@ -25,9 +25,16 @@ logger = logging.getLogger(__name__)
 def _adaptor_error_type(exc: Exception) -> str | None:
     """Map the adaptor library's errors to job error types (the library may be absent)."""
     try:
-        from common.adaptor_manifest import AdaptorBaseMismatch, AdaptorIntegrityError, AdaptorNotFound
+        from common.adaptor_manifest import (
+            AdaptorBaseMismatch,
+            AdaptorIntegrityError,
+            AdaptorNotCalibrated,
+            AdaptorNotFound,
+        )
     except ImportError:
         return None
+    if isinstance(exc, AdaptorNotCalibrated):
+        return "no_calibration"
     if isinstance(exc, AdaptorNotFound):
         return "adaptor_not_found"
     if isinstance(exc, AdaptorBaseMismatch):
@@ -129,6 +136,9 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             req.adaptor_id,
             list_manifests(runtime.store) if req.fairness_target and not req.adaptor_id else None,
             runtime.base_model_names(),
+            req.prompt,
+            req.steps,
+            req.guidance_scale,
         )
     except StrategyError as exc:
         logger.info("generate %s: %s", job_id, exc.message)
@@ -136,6 +146,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         return JobState.failed.value
 
     encoder = None
+    directions = None  # set when the adaptor is an IDA calibration: the guidance strategy
     cache = runtime.cache
     before = _cache_counters(cache)
     if decision.adaptor_id is not None:
@@ -145,6 +156,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             return JobState.failed.value
         try:
             encoder = cache.use(decision.adaptor_id)
+            directions = cache.directions(decision.adaptor_id, req.prompt)
         except Exception as exc:
             kind = _adaptor_error_type(exc)
             if kind is None:
@@ -188,6 +200,11 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, reserved)
             if req.enforce and runtime.classifier is not None:
                 images, audited, enforcement = _enforce(runtime, spec, assignment, images, on_step)
+        elif directions is not None:
+            from adaptors.assign import generate_directed
+
+            images = generate_directed(runtime.pipe, spec, [directions.rows] * spec.num_images, directions.warmup_steps,
+                                       on_step, runtime.settings.max_batch)  # fmt: skip
         else:
             images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
                               encode_prompt=encoder)  # fmt: skip

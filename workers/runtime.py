@@ -35,12 +35,9 @@ class Runtime:
 
     def base_model_names(self) -> set[str]:
         """Names a manifest may carry for this base model (the setting, and the testbed's id)."""
-        names = {self.settings.base_model}
-        if self.settings.base_model == "testbed":
-            from testbed import BASE_MODEL_ID
+        from workers.strategy import base_model_names
 
-            names.add(BASE_MODEL_ID)
-        return names
+        return base_model_names(self.settings.base_model)
 
     def model_info(self) -> ModelInfo:
         from adaptors.generation import default_size

@@ -12,7 +12,7 @@ from typing import Any
 
 from common.schemas import TARGET_TOLERANCE, Strategy
 
-NOT_IMPLEMENTED = frozenset({Strategy.guidance.value})
+GUIDANCE_KIND = "ida"  # calibrated guidance weights: applied by the `guidance` strategy, not as an `adaptor`
 
 
 class StrategyError(Exception):
@@ -82,7 +82,7 @@ def find_matching_adaptor(
     """
     matches = []
     for manifest in manifests:
-        if _field(manifest, "base_model") not in base_models:
+        if _field(manifest, "base_model") not in base_models or _field(manifest, "kind") == GUIDANCE_KIND:
             continue
         trained = manifest_target(manifest)
         if not trained or not targets_match(trained, target, tol):
@@ -93,22 +93,63 @@ def find_matching_adaptor(
     return max(matches, key=lambda m: (str(_field(m, "created") or ""), str(_field(m, "id") or "")))
 
 
+def find_calibration(
+    manifests: Iterable[Any],
+    target: Mapping[str, Mapping[str, float]],
+    base_models: Collection[str],
+    prompt: str,
+    steps: int | None,
+    guidance_scale: float | None,
+    tol: float = TARGET_TOLERANCE,
+) -> Any | None:
+    """The newest IDA calibration for this target, base model, prompt and sampler setting, or None.
+
+    Guidance weights hold only for the steps and CFG scale they were calibrated at, and only for
+    the prompts they were calibrated on, so every one of those must match.
+    """
+    matches = []
+    for manifest in manifests:
+        if _field(manifest, "kind") != GUIDANCE_KIND or _field(manifest, "base_model") not in base_models:
+            continue
+        trained = manifest_target(manifest)
+        sampler = _field(manifest, "sampler") or {}
+        hp = _field(manifest, "hyperparameters") or {}
+        if not trained or not targets_match(trained, target, tol) or prompt not in hp.get("prompts", []):
+            continue
+        if steps is not None and sampler.get("steps") != steps:
+            continue
+        if guidance_scale is not None and abs(float(sampler.get("guidance_scale", -1.0)) - guidance_scale) > 1e-6:
+            continue
+        matches.append(manifest)
+    if not matches:
+        return None
+    return max(matches, key=lambda m: (str(_field(m, "created") or ""), str(_field(m, "id") or "")))
+
+
+def base_model_names(base_model: str) -> set[str]:
+    """Names a manifest may carry for this base model (the setting, and for the testbed its id)."""
+    names = {base_model}
+    if base_model == "testbed":
+        from testbed import BASE_MODEL_ID
+
+        names.add(BASE_MODEL_ID)
+    return names
+
+
 def decide(
     strategy: str,
     target: Mapping[str, Mapping[str, float]] | None,
     adaptor_id: str | None,
     manifests: Iterable[Any] | None,
     base_models: Collection[str],
+    prompt: str = "",
+    steps: int | None = None,
+    guidance_scale: float | None = None,
 ) -> Decision:
     """Pick the strategy actually run. Raises StrategyError for requests this build cannot serve.
 
     `manifests` is only iterated when a search is needed (it may be a lazy store listing).
     """
-    if strategy in NOT_IMPLEMENTED:
-        raise StrategyError(
-            "not_implemented",
-            f"strategy {strategy!r} is not implemented yet; use 'assign', 'adaptor', 'auto' or 'none'",
-        )
     if adaptor_id:
         return Decision(strategy, Strategy.adaptor.value, "explicit adaptor_id", adaptor_id)
     if strategy == Strategy.none.value:
@@ -118,22 +159,35 @@ def decide(
             raise StrategyError("invalid_request", "strategy 'assign' needs a fairness_target")
         return Decision(strategy, Strategy.assign.value, "exact per-request counts, each image conditioned on its class")
     if not target:
-        if strategy == Strategy.adaptor.value:
-            raise StrategyError("invalid_request", "strategy 'adaptor' needs a fairness_target or an adaptor_id")
+        if strategy in (Strategy.adaptor.value, Strategy.guidance.value):
+            raise StrategyError("invalid_request", f"strategy {strategy!r} needs a fairness_target or an adaptor_id")
         return Decision(strategy, Strategy.none.value, "no fairness_target given")
-    match = find_matching_adaptor(manifests or [], target, base_models)
-    if match is not None:
-        found = str(_field(match, "id"))
-        return Decision(strategy, Strategy.adaptor.value, f"adaptor {found} was trained for this target", found)
-    if strategy == Strategy.adaptor.value:
+    listed = list(manifests or [])
+    if strategy != Strategy.guidance.value:
+        match = find_matching_adaptor(listed, target, base_models)
+        if match is not None:
+            found = str(_field(match, "id"))
+            return Decision(strategy, Strategy.adaptor.value, f"adaptor {found} was trained for this target", found)
+        if strategy == Strategy.adaptor.value:
+            raise StrategyError(
+                "no_matching_adaptor",
+                "no stored adaptor was trained for this fairness_target on this base model; "
+                "train one (POST /v1/admin/finetunes) or name one with adaptor_id",
+            )
+    calibration = find_calibration(listed, target, base_models, prompt, steps, guidance_scale)
+    if calibration is not None:
+        found = str(_field(calibration, "id"))
+        return Decision(strategy, Strategy.guidance.value,
+                        f"guidance weights {found} were calibrated for this target, prompt and sampler", found)  # fmt: skip
+    if strategy == Strategy.guidance.value:
         raise StrategyError(
-            "no_matching_adaptor",
-            "no stored adaptor was trained for this fairness_target on this base model; "
-            "train one (POST /v1/admin/finetunes) or name one with adaptor_id",
+            "no_calibration",
+            "no guidance calibration exists for this fairness_target, prompt, steps and guidance_scale; "
+            "calibrate one (POST /v1/admin/finetunes with method 'ida') or use strategy 'assign' or 'auto'",
         )
     return Decision(
         strategy,
         Strategy.assign.value,
-        "no stored adaptor matches this fairness_target and no guidance calibration exists yet: "
+        "no stored adaptor matches this fairness_target and no guidance calibration applies: "
         "exact per-request counts with per-image conditioning",
     )

@@ -44,6 +44,15 @@ def register_trainer(name: str) -> Callable[[TrainerFn], TrainerFn]:
     return decorate
 
 
+def require_known_attributes(job: FinetuneJob, classifier: AttributeClassifier) -> None:
+    """Every targeted attribute must be one the classifier reads, or nothing can be measured."""
+    if not job.prompts:
+        raise ValueError(f"prompts: method {job.method!r} needs at least one prompt")
+    for attr in job.fairness_target:
+        if attr not in classifier.attributes:
+            raise ValueError(f"fairness_target.{attr}: the classifier does not know this attribute")
+
+
 def get_trainer(method: str) -> TrainerFn:
     try:
         return TRAINERS[method]
@@ -51,4 +60,5 @@ def get_trainer(method: str) -> TrainerFn:
         raise KeyError(f"unknown finetune method {method!r}; known: {sorted(TRAINERS)}") from None
 
 
-from adaptors.trainers import prefix as _prefix  # noqa: E402,F401  (registers 'prefix')
+from adaptors.trainers import dft as _dft  # noqa: E402,F401  (registers 'dft' and 'prefix')
+from adaptors.trainers import ida as _ida  # noqa: E402,F401  (registers "ida")

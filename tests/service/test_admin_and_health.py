@@ -50,6 +50,8 @@ def test_finetune_job_on_the_training_queue(client: TestClient, admin: dict[str,
     assert request["prompts"] == [world.prompt_for(o) for o in world.TRAIN_OCCUPATIONS]
     assert request["base_model"] == "testbed" and request["method"] == "prefix"
     assert request["hyperparameters"] == {"steps": 50} and request["name"] == "balanced"
+    # metrics are measured on the training set's held-out partner
+    assert request["eval_prompts"] == [world.prompt_for(o) for o in world.TEST_OCCUPATIONS]
 
     store.mark_running(job_id, "t1")
     store.set_progress(job_id, 5, 50)
@@ -74,6 +76,27 @@ def test_finetune_with_explicit_prompts_and_cancel(client: TestClient, admin: di
     assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
     generate_id = gen(client).json()["id"]
     assert client.get(f"/v1/admin/finetunes/{generate_id}", headers=admin).status_code == 404
+
+
+def test_finetune_dft_with_held_out_prompts(client: TestClient, admin: dict[str, str], store: JobStore) -> None:
+    nurse = "a photo of the face of a nurse, a person"
+    resp = finetune(client, admin, method="dft", prompts=[nurse], eval_prompt_set="testbed-test")
+    assert resp.status_code == 202, resp.text
+    request = store.get(resp.json()["id"])["request"]
+    assert request["method"] == "dft" and request["prompts"] == [nurse]
+    assert request["eval_prompts"] == [world.prompt_for(o) for o in world.TEST_OCCUPATIONS]
+    explicit = finetune(client, admin, method="dft", prompts=[nurse], eval_prompts=[nurse])
+    assert store.get(explicit.json()["id"])["request"]["eval_prompts"] == [nurse]
+    assert store.get(finetune(client, admin, prompts=[nurse]).json()["id"])["request"]["eval_prompts"] is None
+
+
+def test_finetune_bad_held_out_prompts(client: TestClient, admin: dict[str, str]) -> None:
+    nurse = "a photo of the face of a nurse, a person"
+    assert_error(finetune(client, admin, prompts=[nurse], eval_prompt_set="nope"), 422, "eval_prompt_set",
+                 "unknown_prompt_set")  # fmt: skip
+    assert_error(finetune(client, admin, prompts=[nurse], eval_prompts=[nurse], eval_prompt_set="testbed-test"), 422,
+                 "eval_prompts", "prompts_or_prompt_set")  # fmt: skip
+    assert_error(finetune(client, admin, prompts=[nurse], eval_prompts=[" "]), 422, "eval_prompts.0", "empty_prompt")
 
 
 def test_finetune_unknown_method(client: TestClient, admin: dict[str, str]) -> None:

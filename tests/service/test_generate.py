@@ -307,3 +307,33 @@ def test_body_that_is_not_an_object(client: TestClient) -> None:
     resp = client.post("/v1/generate", json=["a nurse"])
     assert resp.status_code == 422
     assert "error" in resp.json()
+
+
+def test_adaptor_strategy_without_a_matching_adaptor_is_409(client: TestClient, settings: Settings, store: JobStore,
+                                                            raw_redis: redis.Redis) -> None:  # fmt: skip
+    skewed = {"gender": {"female": 0.3, "male": 0.7}}
+    err = assert_error(gen(client, strategy="adaptor", fairness_target=skewed), 409, "strategy", "no_matching_adaptor")
+    assert "fairness_target" in err["message"] and "assign" in err["message"]  # says what would work instead
+    write_manifest(settings.adaptor_dir, "fair-gender")  # trained for 50/50: still no match for 30/70
+    write_manifest(settings.adaptor_dir, "sd15-skewed", base_model="runwayml/stable-diffusion-v1-5", target=skewed)
+    assert_error(gen(client, strategy="adaptor", fairness_target=skewed), 409, "strategy", "no_matching_adaptor")
+    assert raw_redis.llen("inference") == 0  # nothing was enqueued for a job that could only fail
+
+    matched = gen(client, strategy="adaptor", fairness_target={"gender": {"female": 0.5, "male": 0.5}})
+    assert matched.status_code == 202, matched.text
+    assert store.get(matched.json()["id"])["request"]["strategy"] == "adaptor"
+
+
+def test_guidance_strategy_needs_a_calibration_for_prompt_and_sampler(client: TestClient, settings: Settings,
+                                                                      store: JobStore) -> None:  # fmt: skip
+    half = {"gender": {"female": 0.5, "male": 0.5}}
+    prompt = "a photo of the face of a senator, a person"
+    body = {"prompt": prompt, "strategy": "guidance", "fairness_target": half}
+    assert_error(gen(client, **body), 409, "strategy", "no_calibration")
+    write_manifest(settings.adaptor_dir, "ida-senator", kind="ida", hyperparameters={"prompts": [prompt]},
+                   sampler={"steps": 20, "guidance_scale": 5.0})  # fmt: skip
+    assert_error(gen(client, **body, steps=10), 409, "strategy", "no_calibration")  # calibrated at 20 steps only
+    assert_error(gen(client, **{**body, "prompt": "a photo of the face of a nurse, a person"}), 409, "strategy")
+    accepted = gen(client, **body, steps=20, guidance_scale=5.0)
+    assert accepted.status_code == 202, accepted.text
+    assert store.get(accepted.json()["id"])["request"]["strategy"] == "guidance"

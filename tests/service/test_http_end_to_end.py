@@ -5,6 +5,7 @@ Everything goes over HTTP exactly as a product backend or an operator would send
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from common.jobs import JobStore
+from testbed.world import prompt_for
 from tests.support.processes import (
     ManagedProcess,
     dump_logs,
@@ -23,12 +26,15 @@ from tests.support.processes import (
     wait_until,
     wait_worker_alive,
 )
+from workers import ledger
 
 pytestmark = pytest.mark.integration
 
 ADMIN = {"Authorization": "Bearer e2e-admin-secret"}
 SENATOR = "a photo of the face of a senator, a person"
 BALANCED = {"gender": {"female": 0.5, "male": 0.5}}
+THIRTY_SEVENTY = {"gender": {"female": 0.3, "male": 0.7}}
+SKIN_TONES = {"skin_tone": {"I": 0.4, "II": 0.3, "III": 0.2, "IV": 0.1}}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         gateway = start_gateway(env, logs)
         procs.append(gateway)
         with httpx.Client(base_url=gateway.info["url"], timeout=60) as client:
-            yield {"client": client, "procs": procs, "data": Path(env["FAIRDIFF_DATA_DIR"])}
+            yield {"client": client, "procs": procs, "data": Path(env["FAIRDIFF_DATA_DIR"]), "env": env, "logs": logs,
+                   "redis_url": redis_proc.info["url"], "url": gateway.info["url"]}  # fmt: skip
     except Exception:
         dump_logs(procs)
         raise
@@ -131,7 +138,7 @@ def test_finetune_publishes_an_adaptor_that_shifts_the_delivered_distribution(st
         headers=ADMIN,
         json={"method": "prefix", "fairness_target": BALANCED, "name": "senator-balance",
               "prompts": [SENATOR, "a photo of the face of a pilot, a person"],
-              "hyperparameters": {"iterations": 40}},
+              "hyperparameters": {"iterations": 40, "images_per_prompt": 16, "prompts_per_iteration": 1}},
     )  # fmt: skip
     assert resp.status_code == 202, resp.text
     job = wait_job(client, f"/v1/admin/finetunes/{resp.json()['id']}", timeout=600, headers=ADMIN)
@@ -149,6 +156,13 @@ def test_finetune_publishes_an_adaptor_that_shifts_the_delivered_distribution(st
     assert tuned["result"]["adaptor"] == adaptor_id
     assert female_share(tuned["result"]) >= female_share(base["result"]) + 0.15, (base["result"]["realised"],
                                                                                 tuned["result"]["realised"])
+    # Without adaptor_id, strategy 'adaptor' and 'auto' find it by the target it was trained for.
+    small = {"prompt": SENATOR, "num_images": 2, "steps": 5, "seed": 11, "fairness_target": BALANCED}
+    for strategy in ("adaptor", "auto"):
+        found = client.post("/v1/generate", json={**small, "strategy": strategy}, headers={"Prefer": "wait=60"}).json()
+        assert found["state"] == "succeeded", found
+        assert found["result"]["strategy"]["requested"] == strategy
+        assert (found["result"]["strategy"]["used"], found["result"]["adaptor"]) == ("adaptor", adaptor_id), found["result"]
     assert time.monotonic() - started < 600
 
 
@@ -193,3 +207,151 @@ def test_a_ledger_makes_single_image_requests_add_up(stack):
     assert abs(delivered.get("gender=female", 0) - 3) <= 1, delivered
     bad = client.post("/v1/generate", json={"prompt": "x", "ledger": "k"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "ledger"
+
+
+# -- request-time fairness through the real API: the cases issue 5 lists ------------------------------
+# Seeds and occupations measured on the committed testbed (assign mode 'both', weight 30, 20 steps, gs 5).
+# Gender 30/70: nurse (88% female in the base model) at seed 5 gets every image's assigned class.
+# Skin tone is much harder for the testbed (about 70% of images get their assigned tone, so only ~40% of
+# 10-image requests land within 1 per class); artist at seed 10 gets all ten, with 1 and 2 torch threads.
+
+
+def assign_result(client: httpx.Client, prompt: str, target: dict, seed: int) -> dict:
+    body = {"prompt": prompt, "num_images": 10, "seed": seed, "fairness_target": target, "strategy": "assign"}
+    resp = client.post("/v1/generate", json=body, headers={"Prefer": "wait=60"})
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    assert job["state"] == "succeeded", job
+    return job["result"]
+
+
+def assert_assigned_and_delivered(result: dict, attribute: str, expected: dict[str, int]) -> None:
+    """Exact assigned counts, each image carrying its class, and audited counts within 1 per class."""
+    assert result["strategy"]["used"] == "assign" and result["audited"] is True
+    assert result["assigned_counts"] == {attribute: expected}
+    per_image = [img["assigned"][attribute] for img in result["images"]]
+    assert {c: per_image.count(c) for c in expected} == expected
+    counts = result["counts"][attribute]
+    seen = [img["attributes"][attribute]["class"] for img in result["images"] if img["person"]]
+    assert counts == {c: seen.count(c) for c in expected}  # the counts are the per-image audit, tallied
+    assert all(abs(counts[c] - n) <= 1 for c, n in expected.items()), (counts, expected)
+    total = sum(counts.values())
+    assert all(abs(result["realised"][attribute][c] - counts[c] / total) < 1e-5 for c in expected)
+
+
+def test_assign_meets_a_30_70_gender_target(stack):
+    result = assign_result(stack["client"], prompt_for("nurse"), THIRTY_SEVENTY, seed=5)
+    assert_assigned_and_delivered(result, "gender", {"female": 3, "male": 7})
+
+
+def test_assign_meets_a_four_class_skin_tone_target(stack):
+    result = assign_result(stack["client"], prompt_for("artist"), SKIN_TONES, seed=10)
+    assert_assigned_and_delivered(result, "skin_tone", {"I": 4, "II": 3, "III": 2, "IV": 1})
+
+
+def test_none_and_auto_without_a_target_run_the_base_model_and_say_so(stack):
+    client = stack["client"]
+    small = {"prompt": prompt_for("nurse"), "num_images": 2, "steps": 5, "seed": 4}
+    none = client.post("/v1/generate", json={**small, "strategy": "none", "fairness_target": THIRTY_SEVENTY},
+                       headers={"Prefer": "wait=60"}).json()["result"]  # fmt: skip
+    assert none["strategy"] == {"requested": "none", "used": "none", "reason": "strategy 'none' requested"}
+    assert none["assigned_counts"] is None and all(img["assigned"] is None for img in none["images"])
+    assert set(none["target_distance"]["gender"]) == {"total_variation", "kl"}  # the audit still reports
+    auto = client.post("/v1/generate", json=small, headers={"Prefer": "wait=60"}).json()["result"]
+    assert auto["strategy"] == {"requested": "auto", "used": "none", "reason": "no fairness_target given"}
+
+
+def test_guidance_strategy_without_a_calibration_is_a_409(stack):
+    """No IDA weights for this prompt and sampler: the client hears it at once, with what to do instead."""
+    client = stack["client"]
+    body = {"prompt": SENATOR, "num_images": 2, "steps": 2, "fairness_target": BALANCED, "strategy": "guidance"}
+    resp = client.post("/v1/generate", json=body, headers={"Prefer": "wait=30"})
+    assert resp.status_code == 409, resp.text
+    err = resp.json()["error"]
+    assert (err["param"], err["code"]) == ("strategy", "no_calibration")
+    assert "ida" in err["message"] and "'assign'" in err["message"]
+
+
+def test_adaptor_strategy_without_a_matching_adaptor_is_a_409(stack):
+    client = stack["client"]
+    body = {"prompt": SENATOR, "num_images": 2, "fairness_target": SKIN_TONES, "strategy": "adaptor"}
+    resp = client.post("/v1/generate", json=body, headers={"Prefer": "wait=30"})
+    assert resp.status_code == 409, resp.text
+    err = resp.json()["error"]
+    assert (err["param"], err["code"], err["type"]) == ("strategy", "no_matching_adaptor", "conflict_error")
+    assert "fairness_target" in err["message"] and "assign" in err["message"]
+
+
+def test_two_clients_streaming_into_one_ledger_lose_no_update(stack):
+    """Two clients send single-image requests on one ledger at once, served by two inference workers."""
+    url, redis_url = stack["url"], stack["redis_url"]
+    second = start_worker("inference", stack["env"], stack["logs"], name="inference-second")
+    stack["procs"].append(second)
+    prompt = "a photo of the face of a secretary, a person"
+    body = {"prompt": prompt, "num_images": 1, "fairness_target": THIRTY_SEVENTY, "ledger": "e2e-two-clients"}
+    jobs: list[dict] = []
+    failures: list[BaseException] = []
+
+    def stream(seeds: range) -> None:
+        try:
+            with httpx.Client(base_url=url, timeout=60) as own:
+                for seed in seeds:
+                    resp = own.post("/v1/generate", json={**body, "seed": seed}, headers={"Prefer": "wait=60"})
+                    assert resp.status_code == 200, resp.text
+                    jobs.append(resp.json())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread below
+            failures.append(exc)
+
+    try:
+        wait_worker_alive(second, redis_url, timeout=120)
+        clients = [threading.Thread(target=stream, args=(range(k * 100, k * 100 + 10),)) for k in (1, 2)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(timeout=180)
+    finally:
+        second.stop(timeout=15)
+    assert not failures, failures
+    assert len(jobs) == 20 and all(j["state"] == "succeeded" for j in jobs), [j["state"] for j in jobs]
+
+    store = JobStore.from_url(redis_url)
+    try:
+        workers = {store.get(j["id"])["worker"] for j in jobs}
+        key = ledger.ledger_id("anon", "e2e-two-clients", prompt, THIRTY_SEVENTY)
+        raw = store.r.hgetall(key)
+    finally:
+        store.r.close()
+    assert len(workers) == 2, workers  # both workers ran jobs: reservations and settlements interleaved
+    fields = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+    delivered = {k: v for k, v in fields.items() if not k.startswith("pending:")}
+    assert all(v == 0 for k, v in fields.items() if k.startswith("pending:")), fields  # every reservation settled
+    persons = sum(1 for j in jobs if j["result"]["images"][0]["person"])
+    assert sum(delivered.values()) == persons, (delivered, persons)  # each audited image counted exactly once
+    assert abs(delivered.get("gender=female", 0) - 0.3 * persons) <= 2, delivered
+
+
+def test_ida_calibration_serves_the_guidance_strategy(stack):
+    """An `ida` job calibrates weights for one prompt and sampler; guidance (and auto) then use them."""
+    client = stack["client"]
+    secretary = "a photo of the face of a secretary, a person"
+    target = {"gender": {"female": 0.4, "male": 0.6}}  # a target no other test trains for
+    resp = client.post("/v1/admin/finetunes", headers=ADMIN, json={
+        "method": "ida", "fairness_target": target, "prompts": [secretary], "name": "secretary-ida",
+        "hyperparameters": {"steps": 4, "images_per_iteration": 16, "max_iterations": 2, "eval_images": 8}})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, f"/v1/admin/finetunes/{resp.json()['id']}", timeout=180, headers=ADMIN)
+    assert job["state"] == "succeeded", job
+    assert [p["iteration"] for p in job["curve"]] == [1, 2] and "kl" in job["curve"][0]
+    adaptor_id = job["result"]["adaptor_id"]
+    manifest = client.get(f"/v1/adaptors/{adaptor_id}").json()
+    assert manifest["kind"] == "ida" and manifest["sampler"]["steps"] == 4
+
+    body = {"prompt": secretary, "num_images": 4, "steps": 4, "fairness_target": target}
+    for strategy in ("guidance", "auto"):
+        done = client.post("/v1/generate", json={**body, "strategy": strategy}, headers={"Prefer": "wait=60"}).json()
+        assert done["state"] == "succeeded", done
+        assert done["result"]["strategy"]["used"] == "guidance" and done["result"]["adaptor"] == adaptor_id
+    # calibrated at 4 steps only: at 6 steps guidance does not apply and auto falls back to assign
+    assert client.post("/v1/generate", json={**body, "steps": 6, "strategy": "guidance"}).status_code == 409
+    other = client.post("/v1/generate", json={**body, "steps": 6}, headers={"Prefer": "wait=60"}).json()
+    assert other["result"]["strategy"]["used"] == "assign"

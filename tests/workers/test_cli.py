@@ -39,3 +39,24 @@ def test_generate_writes_images_sheet_and_report(tmp_path):
     if persons:
         assert abs(sum(shares.values()) - 1.0) < 1e-6
     assert "gender" in proc.stdout
+
+
+def test_finetune_publishes_an_adaptor_with_a_progress_bar(tmp_path):
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "FAIRDIFF_TORCH_THREADS": "1"}
+    hp = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "eval_images": 2, "eval_steps": 2, "rank": 2}
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"gender": {"female": 0.5, "male": 0.5}}',
+         "--prompts", "a photo of the face of a doctor, a person", "--hparams", json.dumps(hp), "--id", "cli-dft",
+         "--store", str(tmp_path / "store")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "published adaptor cli-dft (lora)" in proc.stdout
+    assert "2/2" in proc.stderr  # the progress bar reached the last iteration
+    manifest = json.loads((tmp_path / "store" / "cli-dft" / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["method"] == "dft" and manifest["target"]["gender"]["female"] == 0.5
+
+    bad = subprocess.run([sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"hat": {"a": 1}}',
+                          "--prompts", "x", "--store", str(tmp_path / "store")],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert bad.returncode == 2 and "--target" in bad.stdout

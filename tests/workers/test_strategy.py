@@ -53,11 +53,39 @@ def test_find_matching_adaptor_prefers_newest_and_reads_objects() -> None:
     assert find_matching_adaptor(ms, HALF, BASES).id == "new"
 
 
-def test_unimplemented_guidance_fails_clearly() -> None:
+def calibration(id_: str, prompt: str = "p", steps: int = 20, gs: float = 5.0, target: dict = HALF, **kw) -> dict:
+    return {**manifest(id_, target, **kw), "kind": "ida", "hyperparameters": {"prompts": [prompt]},
+            "sampler": {"steps": steps, "guidance_scale": gs}}  # fmt: skip
+
+
+def test_guidance_without_a_calibration_fails_clearly() -> None:
     with pytest.raises(StrategyError) as err:
-        decide("guidance", HALF, None, [], BASES)
-    assert err.value.type == "not_implemented"
-    assert "guidance" in err.value.message
+        decide("guidance", HALF, None, [manifest("lora", HALF)], BASES, "p", 20, 5.0)
+    assert err.value.type == "no_calibration"
+    assert "calibrate" in err.value.message and "assign" in err.value.message
+    with pytest.raises(StrategyError) as err:
+        decide("guidance", None, None, None, BASES, "p", 20, 5.0)
+    assert err.value.type == "invalid_request"
+
+
+def test_guidance_needs_the_same_prompt_target_and_sampler() -> None:
+    ms = [calibration("steps10", steps=10), calibration("gs7", gs=7.0), calibration("other-prompt", prompt="q"),
+          calibration("skewed", target={"gender": {"female": 0.3, "male": 0.7}}), calibration("ok")]  # fmt: skip
+    decision = decide("guidance", HALF, None, ms, BASES, "p", 20, 5.0)
+    assert (decision.used, decision.adaptor_id) == ("guidance", "ok")
+    assert decide("guidance", HALF, None, ms, BASES, "p", 10, 5.0).adaptor_id == "steps10"
+    with pytest.raises(StrategyError):
+        decide("guidance", HALF, None, ms, BASES, "p", 30, 5.0)
+
+
+def test_auto_prefers_an_adaptor_then_guidance_then_assign() -> None:
+    cal = calibration("cal")
+    assert decide("auto", HALF, None, [cal, manifest("lora", HALF)], BASES, "p", 20, 5.0).adaptor_id == "lora"
+    assert decide("auto", HALF, None, [cal], BASES, "p", 20, 5.0).used == "guidance"
+    assert decide("auto", HALF, None, [cal], BASES, "other", 20, 5.0).used == "assign"
+    # a calibration is never taken for a weight adaptor
+    with pytest.raises(StrategyError):
+        decide("adaptor", HALF, None, [cal], BASES, "p", 20, 5.0)
 
 
 def test_assign_needs_a_target_and_runs_assign() -> None:

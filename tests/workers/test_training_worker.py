@@ -22,7 +22,7 @@ from tests.support.processes import ManagedProcess, wait_until
 pytestmark = pytest.mark.integration
 
 TARGET = {"gender": {"female": 0.5, "male": 0.5}}
-TINY = {"iterations": 2, "steps": 2, "batch_size": 2, "prompts_per_iteration": 1, "eval_images": 2, "checkpoint_every": 1}
+TINY = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "eval_images": 2, "eval_steps": 2, "checkpoint_every": 1, "rank": 2}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def celery_client(workers_redis: str) -> Celery:
 
 def finetune(jobs: JobStore, client: Celery, env: dict, **hp: int) -> str:
     request = FinetuneJob(
-        method="prefix",
+        method="dft",
         base_model=env["FAIRDIFF_BASE_MODEL"],
         fairness_target=TARGET,
         prompts=["a photo of the face of a doctor, a person"],

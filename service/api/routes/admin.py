@@ -33,18 +33,39 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 403))
 
 
-def prompt_set(name: str) -> list[str]:
+def prompt_set(name: str, field: str = "prompt_set") -> list[str]:
     """The prompts of a named set. testbed.world is numpy-only, so the gateway may import it."""
     from testbed import world
 
-    occupations = {"testbed-train": world.TRAIN_OCCUPATIONS, "testbed-test": world.TEST_OCCUPATIONS}.get(name)
-    if occupations is None:
+    prompts = world.prompt_set(name)
+    if prompts is None:
         raise InvalidField(
-            f"prompt_set: unknown prompt set {name!r}; known: {list(PROMPT_SETS)}",
-            param="prompt_set",
-            code="unknown_prompt_set",
+            f"{field}: unknown prompt set {name!r}; known: {list(PROMPT_SETS)}", param=field, code="unknown_prompt_set"
         )
-    return [world.prompt_for(o) for o in occupations]
+    return prompts
+
+
+def _prompt_list(info, prompts: list[str], field: str) -> list[str]:
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise InvalidField(f"{field}.{i}: must not be empty", param=f"{field}.{i}", code="empty_prompt")
+        check_prompt(info, p, f"{field}.{i}")
+    return list(prompts)
+
+
+def _eval_prompts(body: FinetuneRequest, info) -> list[str] | None:
+    """Held-out prompts for the before/after metrics: given, named, or the training set's held-out partner."""
+    from testbed import world
+
+    if body.eval_prompts is not None and body.eval_prompt_set is not None:
+        raise InvalidField("eval_prompts: give eval_prompts or eval_prompt_set, not both", param="eval_prompts",
+                           code="prompts_or_prompt_set")  # fmt: skip
+    if body.eval_prompts is not None:
+        return _prompt_list(info, body.eval_prompts, "eval_prompts")
+    if body.eval_prompt_set is not None:
+        return prompt_set(body.eval_prompt_set, "eval_prompt_set")
+    held_out = world.HELD_OUT_SET.get(body.prompt_set or "")
+    return prompt_set(held_out) if held_out else None
 
 
 def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStore) -> FinetuneJob:
@@ -72,11 +93,7 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
     if body.prompt_set is not None:
         prompts = prompt_set(body.prompt_set)
     else:
-        prompts = list(body.prompts or [])
-        for i, p in enumerate(prompts):
-            if not p.strip():
-                raise InvalidField(f"prompts.{i}: must not be empty", param=f"prompts.{i}", code="empty_prompt")
-            check_prompt(info, p, f"prompts.{i}")
+        prompts = _prompt_list(info, body.prompts or [], "prompts")
     return FinetuneJob(
         method=body.method,
         base_model=base_model,
@@ -85,6 +102,7 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
         prompt_set=body.prompt_set,
         hyperparameters=dict(body.hyperparameters),
         name=body.name,
+        eval_prompts=_eval_prompts(body, info),
     )
 
 

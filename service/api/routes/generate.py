@@ -12,6 +12,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from common.adaptor_manifest import list_manifests
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
 from common.jobs import IDEMPOTENCY_KEY, JobStore, new_job_id
 from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
@@ -21,6 +22,7 @@ from service.api.jobview import job_url, parse_prefer_wait, public_job, wait_for
 from service.errors import Conflict, InvalidField, ServiceUnavailable, error_responses
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
 from service.validation import check_prompt, load_manifest, require_model_info
+from workers.strategy import base_model_names, find_calibration, find_matching_adaptor
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generate"])
@@ -41,6 +43,38 @@ def check_adaptor(settings: Settings, adaptor_id: str) -> dict[str, Any]:
             code="adaptor_base_model_mismatch",
         )
     return manifest.to_dict()
+
+
+def require_matching_adaptor(settings: Settings, target: dict[str, dict[str, float]]) -> None:
+    """strategy 'adaptor' without an adaptor_id: 409 unless the store holds one trained for exactly this target.
+
+    The worker makes the same choice again when the job runs (the store may change in between);
+    checking here answers the client at once instead of with a job that can only fail.
+    """
+    manifests = list_manifests(settings.adaptor_dir)
+    if find_matching_adaptor(manifests, target, base_model_names(settings.base_model)) is None:
+        raise Conflict(
+            f"strategy: 'adaptor' needs a stored adaptor trained for this fairness_target on base model "
+            f"{settings.base_model!r}, and there is none; train one (POST /v1/admin/finetunes), name one with "
+            "adaptor_id, or use strategy 'assign' or 'auto'",
+            param="strategy",
+            code="no_matching_adaptor",
+        )
+
+
+def require_calibration(settings: Settings, target: dict[str, dict[str, float]], prompt: str, steps: int,
+                        guidance_scale: float) -> None:  # fmt: skip
+    """strategy 'guidance': 409 unless IDA weights were calibrated for this target, prompt and sampler."""
+    manifests = list_manifests(settings.adaptor_dir)
+    names = base_model_names(settings.base_model)
+    if find_calibration(manifests, target, names, prompt, steps, guidance_scale) is None:
+        raise Conflict(
+            f"strategy: 'guidance' needs IDA weights calibrated for this fairness_target, this prompt, steps={steps} "
+            f"and guidance_scale={guidance_scale}, and there are none; calibrate (POST /v1/admin/finetunes with "
+            "method 'ida') or use strategy 'assign' or 'auto'",
+            param="strategy",
+            code="no_calibration",
+        )
 
 
 def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInfo) -> GenerateJob:
@@ -79,6 +113,12 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
             param="fairness_target",
             code="missing_fairness_target",
         )
+    elif strategy is Strategy.adaptor:
+        require_matching_adaptor(settings, target)
+    elif strategy is Strategy.guidance:
+        steps = body.steps if body.steps is not None else info.default_steps
+        scale = body.guidance_scale if body.guidance_scale is not None else info.default_guidance_scale
+        require_calibration(settings, target, body.prompt, steps, scale)
 
     # ledger and enforce both act on the per-request assignment, so both need `assign` (or `auto`)
     for field, wanted in (("ledger", body.ledger is not None), ("enforce", body.enforce)):

@@ -1,0 +1,377 @@
+"""Trainer `dft`: Shen et al.'s distributional alignment loss with (adjusted) direct finetuning.
+
+Each iteration samples a batch per prompt through a differentiable chain (adaptors.trainers.
+sampling), classifies the images, gives each image a target class by optimal transport against
+the target distribution (adaptors.trainers.alignment) and minimises cross-entropy to it. Images
+with no person take no target; borderline ones whose target is uncertain neither.
+
+Semantics preservation keeps each image close to what the frozen model made from the same
+noise (the classifier trunk's features and the pixels). It is switched off (`flip_weight`, 0 by
+default) on images whose target differs from the frozen image's class: on a toy model a 0.2
+weight there already stalled debiasing, while full weight everywhere else kept the occupation.
+
+What is trained (`train`): LoRA on the text encoder (default), on the UNet, on both, or soft
+prefix tokens. An EMA of the weights is what gets published. `prefix` is also registered as its
+own method (the same trainer with `train="prefix"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+
+from adaptors.audit import audit
+from adaptors.classifiers import AttributeClassifier
+from adaptors.generation import GenerationCancelled, GenerationSpec, default_size, generate, initial_latents
+from adaptors.trainers import ProgressFn, StopFn, register_trainer, require_known_attributes
+from adaptors.trainers.alignment import alignment_targets
+from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
+from adaptors.trainers.hparams import parse_hyperparameters, require_positive, require_unit_interval
+from adaptors.trainers.sampling import sample
+from adaptors.trainers.trainable import TEXT_ENCODER_MODULES, TRAIN_CHOICES, Trainable, make_trainable
+from common import bias as metrics
+from common.adaptor_manifest import STAGING_PREFIX, AdaptorManifest, valid_adaptor_id
+from common.schemas import FinetuneJob
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DFTConfig:
+    """Hyperparameters (a job's `hyperparameters` override any of them); defaults suit the testbed on a CPU."""
+
+    train: str = "text_encoder"
+    text_encoder_modules: str = "attention_mlp"  # Shen et al. also adapt the MLPs; "attention" only
+    rank: int = 8
+    num_tokens: int = 5
+    iterations: int = 100
+    steps: int = 10
+    steps_jitter: int = 0
+    guidance_scale: float = 5.0
+    images_per_prompt: int = 8
+    prompts_per_iteration: int = 3
+    lr: float = 0.0  # 0: 1.5e-3 for LoRA, 2e-2 for prefix tokens
+    weight_decay: float = 0.0
+    adjusted: bool = True
+    confidence: float = 0.8
+    target_draws: int = 100
+    preserve_pixel_weight: float = 30.0
+    preserve_feature_weight: float = 1.0
+    flip_weight: float = 0.0
+    region_share: float = 0.3  # 0: no region-aware preservation
+    person_weight: float = 0.1
+    distribution_weight: float = 0.0
+    ema_decay: float = 0.9
+    max_grad_norm: float = 0.0
+    checkpoint_every: int = 10
+    seed: int = 0
+    eval_images: int = 16
+    eval_steps: int = 20
+    eval_seed: int = 10_000
+    init_scale: float = 0.1
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
+        choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES)}
+        cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
+        require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
+        require_positive(cfg, "checkpoint_every")
+        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
+        if cfg.steps_jitter >= cfg.steps:
+            raise ValueError("hyperparameters.steps_jitter: must be smaller than steps")
+        if cfg.lr <= 0:
+            cfg.lr = 2e-2 if cfg.train == "prefix" else 1.5e-3
+        return cfg
+
+
+def adaptor_id_for(staging_dir: Path, job: FinetuneJob) -> str:
+    """The id the caller chose (`.staging-<id>`), else one derived from the job's name."""
+    name = Path(staging_dir).name
+    if name.startswith(STAGING_PREFIX) and valid_adaptor_id(name[len(STAGING_PREFIX) :]):
+        return name[len(STAGING_PREFIX) :]
+    if valid_adaptor_id(name):
+        return name
+    slug = re.sub(r"[^a-z0-9_-]+", "-", (job.name or job.method).lower()).strip("-_")[:40] or job.method
+    return f"{slug}-{uuid.uuid4().hex[:8]}"
+
+
+def _shares(job: FinetuneJob, classifier: AttributeClassifier) -> dict[str, np.ndarray]:
+    require_known_attributes(job, classifier)
+    return {
+        a: np.array([job.fairness_target[a].get(c, 0.0) for c in classifier.attributes[a]], dtype=np.float64)
+        for a in job.fairness_target
+    }
+
+
+def _features(classifier: AttributeClassifier, images: torch.Tensor) -> torch.Tensor | None:
+    """Image features for the semantics term, when the classifier offers them."""
+    fn = getattr(classifier, "features", None)
+    return fn(images).flatten(1) if fn is not None else None
+
+
+def attribute_region(classifier: AttributeClassifier, images: torch.Tensor, attrs: list[str], share: float) -> torch.Tensor:
+    """Where the attributes live in each image (N x 1 x H x W, 1 inside): the most salient `share` of pixels.
+
+    Saliency is the classifier's own input gradient of its predicted classes, smoothed, so this
+    works for any differentiable classifier without a detector; it is the region-aware form of
+    preservation: outside this region a flipped image must stay as it was (the occupation lives
+    there), inside it may change.
+    """
+    x = images.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = classifier.logits(x)
+        score = sum(logits[a].float().max(-1).values.sum() for a in attrs)
+        (grad,) = torch.autograd.grad(score, x)
+    saliency = F.avg_pool2d(grad.abs().sum(1, keepdim=True), 5, stride=1, padding=2)
+    flat = saliency.flatten(1)
+    cut = torch.quantile(flat, 1.0 - share, dim=1, keepdim=True)
+    return (flat >= cut).float().view_as(saliency)
+
+
+def evaluate(pipe, classifier, prompts: list[str], target: dict, cfg: DFTConfig, trainable: Trainable, base: bool):
+    """Images and audit of `eval_images` per prompt on fixed evaluation seeds (base or trained model)."""
+    images = []
+    for j, prompt in enumerate(prompts):
+        spec = GenerationSpec(prompt=prompt, num_images=cfg.eval_images, seed=cfg.eval_seed + j,
+                              steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)  # fmt: skip
+        if base:
+            with trainable.frozen():
+                images.append(generate(pipe, spec, max_batch=64))
+        else:
+            images.append(generate(pipe, spec, max_batch=64, encode_prompt=trainable.prompt_encoder()))
+    images_t = torch.cat(images)
+    report = audit(classifier, images_t, target)
+    per_prompt = []
+    for j, prompt in enumerate(prompts):
+        rows = images_t[j * cfg.eval_images : (j + 1) * cfg.eval_images]
+        per_prompt.append({"prompt": prompt, "bias": audit(classifier, rows, target).bias})
+    summary = {
+        "realised": {a: report.realised[a] for a in target},
+        "bias": {a: report.bias[a] for a in target},
+        "mean_prompt_bias": {a: round(float(np.mean([p["bias"][a] for p in per_prompt])), 4) for a in target},
+        "max_prompt_bias": {a: round(float(np.max([p["bias"][a] for p in per_prompt])), 4) for a in target},
+        "target_distance": report.target_distance,
+        "no_person": report.no_person,
+        "images": len(images_t),
+    }
+    return images_t, summary
+
+
+def semantics(classifier, before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """How close the finetuned images stay to the base model's from the same seeds."""
+    out = {"pixel_mse": round(F.mse_loss(after, before).item(), 5)}
+    with torch.no_grad():
+        fa, fb = _features(classifier, after), _features(classifier, before)
+    if fa is not None:
+        out["feature_cosine"] = round(F.cosine_similarity(fa, fb).mean().item(), 4)
+    return out
+
+
+class _Step:
+    """One iteration's losses and diagnostics."""
+
+    def __init__(self, cfg: DFTConfig, shares: dict[str, np.ndarray], classifier: AttributeClassifier) -> None:
+        self.cfg, self.shares, self.classifier = cfg, shares, classifier
+
+    def losses(self, images, frozen, groups: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, classifier = self.cfg, self.classifier
+        n = images.shape[0]
+        per = n // groups
+        logits = classifier.logits(images)
+        probs = {a: torch.softmax(logits[a].float(), -1) for a in self.shares}
+        person = (torch.sigmoid(logits["person"].detach()) > 0.5).cpu().numpy()
+        frozen_pred = classifier.predict(frozen)
+        frozen_person = (frozen_pred.person > 0.5).cpu().numpy()
+        labels = {a: np.full(n, -1, dtype=np.int64) for a in self.shares}
+        dropped = 0
+        distribution = images.new_zeros(())
+        for g in range(groups):
+            rows = np.arange(g * per, (g + 1) * per)
+            rows = rows[person[rows]]
+            if len(rows) == 0:
+                continue
+            targets = alignment_targets({a: probs[a][rows].detach().cpu().numpy() for a in self.shares}, self.shares,
+                                        draws=cfg.target_draws, confidence=cfg.confidence, rng=rng)  # fmt: skip
+            dropped += targets.dropped()
+            for a in self.shares:
+                labels[a][rows] = targets.labels[a]
+                if cfg.distribution_weight > 0:
+                    mean = probs[a][rows].mean(0)
+                    distribution = distribution + ((mean - torch.as_tensor(self.shares[a], dtype=mean.dtype)) ** 2).sum()
+        align = images.new_zeros(())
+        flips = np.zeros(n, dtype=bool)
+        for a in self.shares:
+            lab = torch.from_numpy(labels[a]).to(images.device)
+            valid = lab >= 0
+            if valid.any():
+                align = align + F.cross_entropy(logits[a].float()[valid], lab[valid])
+            base_class = frozen_pred.probs[a].argmax(-1).cpu().numpy()
+            current = probs[a].detach().argmax(-1).cpu().numpy()
+            # an image changes class if its target says so, or (no target) if it already has: preserving
+            # the frozen image there would pull the model back to the bias it is trained away from
+            flips |= np.where(labels[a] >= 0, labels[a] != base_class, current != base_class)
+        flip_t = torch.from_numpy(flips).to(images.device)
+        weight = torch.where(flip_t, cfg.flip_weight, 1.0).to(images)
+        sq = (images - frozen) ** 2
+        preserve = cfg.preserve_pixel_weight * sq.flatten(1).mean(1)
+        feats = _features(classifier, images) if cfg.preserve_feature_weight > 0 else None
+        if feats is not None:
+            with torch.no_grad():
+                ref = _features(classifier, frozen)
+            preserve = preserve + cfg.preserve_feature_weight * (1 - F.cosine_similarity(feats, ref))
+        preserve = weight * preserve
+        if cfg.region_share > 0 and flips.any():
+            outside = 1 - attribute_region(classifier, frozen[flip_t], list(self.shares), cfg.region_share)
+            region = cfg.preserve_pixel_weight * (outside * sq[flip_t]).flatten(1).mean(1)
+            preserve = preserve.index_add(0, torch.nonzero(flip_t).flatten(), region)
+        preserve = preserve.mean()
+        keep_person = torch.from_numpy(frozen_person).to(images.device)
+        person_loss = images.new_zeros(())
+        if keep_person.any():
+            person_logit = logits["person"].float()[keep_person]
+            person_loss = F.binary_cross_entropy_with_logits(person_logit, torch.ones_like(person_logit))
+        loss = align + preserve + cfg.person_weight * person_loss + cfg.distribution_weight * distribution
+        batch_bias, batch_share = {}, {}
+        for a in self.shares:
+            names = classifier.attributes[a]
+            predicted = [names[i] for i in probs[a].detach().argmax(-1).cpu()[torch.from_numpy(person)].tolist()]
+            freqs = metrics.frequencies(predicted, names) if predicted else {}
+            batch_bias[a] = round(metrics.bias(freqs), 4) if predicted else None
+            batch_share[a] = {c: round(v, 3) for c, v in freqs.items()}
+        info = {
+            "loss": round(loss.item(), 5),
+            "align": round(align.item(), 5),
+            "preserve": round(preserve.item(), 5),
+            "person": round(person_loss.item(), 5),
+            "distribution": round(float(distribution), 5),
+            "no_person": int((~person).sum()),
+            "no_target": dropped,
+            "flips": int(flips.sum()),
+            "batch_bias": batch_bias,
+            "batch_share": batch_share,
+        }
+        return loss, info
+
+
+def train_dft(
+    job: FinetuneJob,
+    pipe,
+    classifier: AttributeClassifier,
+    staging_dir: Path,
+    checkpoint_dir: Path,
+    progress: ProgressFn,
+    should_stop: StopFn,
+    defaults: dict[str, Any] | None = None,
+) -> AdaptorManifest:
+    cfg = DFTConfig.from_hyperparameters(dict(job.hyperparameters), job.method, **(defaults or {}))
+    shares = _shares(job, classifier)
+    target = {a: dict(d) for a, d in job.fairness_target.items()}
+    eval_prompts = list(job.eval_prompts or job.prompts)
+    staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
+    trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale, cfg.text_encoder_modules)
+    try:
+        return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
+                      staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip
+    finally:
+        trainable.remove()
+
+
+def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, staging_dir, checkpoint_dir,
+           progress, should_stop) -> AdaptorManifest:  # fmt: skip
+    t0 = time.time()
+    params = trainable.params
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    config_key = {**asdict(cfg), "prompts": list(job.prompts), "target": target}
+    state = load_checkpoint(checkpoint_dir, params, ema, opt, config_key) or {"iteration": 0, "history": []}
+    size = default_size(pipe)
+    step = _Step(cfg, shares, classifier)
+    k = min(cfg.prompts_per_iteration, len(job.prompts))
+
+    for it in range(state["iteration"], cfg.iterations):
+        if should_stop():
+            save_checkpoint(checkpoint_dir, params, ema, opt, {**state, "config": config_key})
+            raise GenerationCancelled(f"training stopped at iteration {it}/{cfg.iterations}")
+        rng = np.random.default_rng([cfg.seed, it])
+        start = (it * k) % len(job.prompts)
+        prompts = [job.prompts[(start + j) % len(job.prompts)] for j in range(k)]
+        batch = [p for p in prompts for _ in range(cfg.images_per_prompt)]
+        n = len(batch)
+        steps = cfg.steps + int(rng.integers(-cfg.steps_jitter, cfg.steps_jitter + 1))
+        latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
+        empty = [""] * n
+        with torch.no_grad(), trainable.frozen():
+            frozen = sample(pipe, trainable.encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
+        images = sample(pipe, trainable.encode(batch), trainable.encode_negative(empty), latents, steps,
+                        cfg.guidance_scale, adjusted=cfg.adjusted)  # fmt: skip
+        loss, info = step.losses(images, frozen, k, rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        skipped = not np.isfinite(grad_norm)
+        if not skipped:
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            ema.step(params)
+        record = {"iteration": it + 1, "step": it + 1, "total": cfg.iterations, **info,
+                  "grad_norm": round(grad_norm, 6) if not skipped else None, "skipped": skipped,
+                  "sampling_steps": steps}  # fmt: skip
+        state["iteration"] = it + 1
+        state["history"].append(record)
+        progress(dict(record))
+        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+            save_checkpoint(checkpoint_dir, params, ema, opt, {**state, "config": config_key})
+
+    ema.copy_to(params)  # what is published and evaluated is the EMA
+    train_seconds = round(time.time() - t0, 2)
+    with torch.no_grad():
+        before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=True)
+        after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=False)
+    manifest = AdaptorManifest(
+        id=adaptor_id_for(staging_dir, job),
+        kind="pending",
+        base_model=job.base_model,
+        attributes=list(target),
+        target=target,
+        metrics={
+            "eval_prompts": eval_prompts,
+            "before": before,
+            "after": after,
+            "semantics": semantics(classifier, before_images, after_images),
+            "train_seconds": train_seconds,
+            "iterations": cfg.iterations,
+            "history": state["history"][-5:],
+        },
+        hyperparameters={**asdict(cfg), "method": job.method},
+        prompt_set=job.prompt_set,
+        sampler={"steps": cfg.eval_steps, "guidance_scale": cfg.guidance_scale, "scheduler": type(pipe.scheduler).__name__},
+        name=job.name,
+    )
+    trainable.export(manifest).save(staging_dir)
+    logger.info("%s adaptor %s: bias %s -> %s", job.method, manifest.id, before["bias"], after["bias"])
+    return manifest
+
+
+@register_trainer("dft")
+def dft(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop) -> AdaptorManifest:
+    return train_dft(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop)
+
+
+@register_trainer("prefix")
+def prefix(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop) -> AdaptorManifest:
+    """Soft prefix tokens only: `dft` with train='prefix' fixed."""
+    if job.hyperparameters.get("train", "prefix") != "prefix":
+        raise ValueError("hyperparameters.train: method 'prefix' trains prefix tokens only; use method 'dft'")
+    return train_dft(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop, {"train": "prefix"})

@@ -1,0 +1,201 @@
+"""DFT on the testbed: does a finetune debias held-out occupations without losing them? One JSON object.
+
+Each run trains one adaptor (in its own process, so its wall time and peak memory are its own)
+on the 12 training occupations, then the published adaptor is attached to a fresh pipeline and
+the held-out occupations are generated on the same seeds before and after (`--images` per
+occupation, over several seeds) and read by the independent oracle: bias per attribute, the
+share of images whose occupation is unchanged, similarity to the base image from the same noise.
+Runs not asked for keep their previous figures in benchmarks/results/fairness_dft.json.
+
+    python benchmarks/fairness_dft.py [--runs gender_te_lora gender_prefix ...] [--images 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results_io import RESULTS, environment, publish  # noqa: E402
+
+GENDER = {"gender": {"female": 0.5, "male": 0.5}}
+SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
+AGE = {"age": {"young": 0.75, "old": 0.25}}
+BASE_HP = {"eval_images": 8}  # the trainer's defaults otherwise; its own (classifier) evaluation is not the one reported
+RUNS: dict[str, tuple[dict, dict]] = {
+    "gender_te_lora": (GENDER, {}),
+    "gender_prefix": (GENDER, {"train": "prefix"}),
+    "gender_x_skin_tone": ({**GENDER, **SKIN}, {}),
+    "gender_age_75_25": ({**GENDER, **AGE}, {}),
+    "gender_plain_dft": (GENDER, {"adjusted": False}),
+}
+SEEDS = (20_000, 20_001, 20_002, 20_003)
+
+
+def train(name: str, store: Path, extra_hp: dict) -> dict:
+    """Train run `name` in this process; returns timing, memory and the training curve."""
+    from adaptors.classifiers import TestbedAttributeClassifier
+    from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.trainers import get_trainer
+    from common.schemas import FinetuneJob
+    from testbed.world import prompt_set
+
+    configure_threads(1)
+    target, hp = RUNS[name]
+    hp = {**hp, **extra_hp}
+    pipe = load_pipeline("testbed", device="cpu")
+    job = FinetuneJob(method="dft", base_model="testbed", fairness_target=target, prompts=prompt_set("testbed-train"),
+                      prompt_set="testbed-train", eval_prompts=prompt_set("testbed-test"),
+                      hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
+    curve: list[dict] = []
+    t0 = time.time()
+    get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / name, store / f"{name}.ckpt", curve.append, lambda: False)
+    seconds = time.time() - t0
+    every = max(1, len(curve) // 30)
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "hyperparameters": {**BASE_HP, **hp},
+        "loss_curve": [{k: p[k] for k in ("iteration", "loss", "align", "preserve", "grad_norm")} for p in curve[::every]],
+        "grad_norm_median": _median([p["grad_norm"] for p in curve if p["grad_norm"] is not None]),
+        "skipped_steps": sum(1 for p in curve if p["skipped"]),
+    }
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(values)
+    return round(values[len(values) // 2], 4) if values else None
+
+
+def held_out_images(pipe, adaptor, per_seed: int):
+    """Held-out occupation -> images (N x 3 x H x W in [0, 1]) on the fixed seeds, with or without `adaptor`."""
+    import torch
+
+    from adaptors.generation import GenerationSpec, generate
+    from common.settings import Settings
+    from testbed.world import TEST_OCCUPATIONS, prompt_for
+
+    settings = Settings()
+    encoder = adaptor.prompt_encoder(pipe) if adaptor is not None else None
+    out = {}
+    for occ in TEST_OCCUPATIONS:
+        batches = []
+        for seed in SEEDS:
+            spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=settings.default_steps,
+                                  guidance_scale=settings.default_guidance_scale)  # fmt: skip
+            batches.append(generate(pipe, spec, max_batch=64, encode_prompt=encoder))
+        out[occ] = torch.cat(batches)
+    return out
+
+
+def oracle_summary(images: dict, attrs: list[str]) -> dict:
+    from common.bias import bias, frequencies, intersectional_bias
+    from testbed.oracle import read_batch
+    from testbed.world import ATTRIBUTES
+
+    per_occ = {}
+    for occ, imgs in images.items():
+        readings = read_batch(imgs.numpy() * 2 - 1)
+        people = [r for r in readings if r.person]
+        labels = {a: [getattr(r, a) for r in people] for a in attrs}
+        row = {
+            "bias": {a: round(bias(frequencies(labels[a], ATTRIBUTES[a])), 4) for a in attrs},
+            "shares": {a: {c: round(v, 4) for c, v in frequencies(labels[a], ATTRIBUTES[a]).items()} for a in attrs},
+            "occupation_kept": round(sum(r.occupation == occ for r in readings) / len(readings), 4),
+            "no_person": len(readings) - len(people),
+        }
+        if len(attrs) > 1:
+            row["intersectional_bias"] = round(intersectional_bias(labels, {a: ATTRIBUTES[a] for a in attrs}), 4)
+        per_occ[occ] = row
+    return per_occ
+
+
+def _mean(rows: dict, key: str, attr: str | None = None) -> float:
+    values = [r[key][attr] if attr else r[key] for r in rows.values()]
+    return round(sum(values) / len(values), 4)
+
+
+def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
+    import torch
+
+    from adaptors.base import load_adaptor
+    from adaptors.classifiers import TestbedAttributeClassifier
+    from adaptors.generation import configure_threads, load_pipeline
+
+    configure_threads(1)
+    target, _ = RUNS[name]
+    attrs = list(target)
+    adaptor = load_adaptor(store / name)
+    pipe = load_pipeline("testbed", device="cpu")
+    if "images" not in before_cache:
+        before_cache["images"] = held_out_images(pipe, None, per_seed)
+    adaptor.attach(pipe)
+    adaptor.activate(pipe)
+    after_images = held_out_images(pipe, adaptor, per_seed)
+    before, after = oracle_summary(before_cache["images"], attrs), oracle_summary(after_images, attrs)
+    classifier = TestbedAttributeClassifier()
+    with torch.no_grad():
+        fb = torch.cat([classifier.features(x).flatten(1) for x in before_cache["images"].values()])
+        fa = torch.cat([classifier.features(x).flatten(1) for x in after_images.values()])
+    pixel = torch.cat([(after_images[o] - before_cache["images"][o]).pow(2).flatten(1).mean(1) for o in after_images])
+    result = {
+        "target": target,
+        "bias_before": {a: _mean(before, "bias", a) for a in attrs},
+        "bias_after": {a: _mean(after, "bias", a) for a in attrs},
+        "max_occupation_bias_after": {a: max(r["bias"][a] for r in after.values()) for a in attrs},
+        "occupation_kept": min(r["occupation_kept"] for r in after.values()),
+        "occupation_kept_before": min(r["occupation_kept"] for r in before.values()),
+        "similarity_to_base": {
+            "classifier_feature_cosine": round(torch.nn.functional.cosine_similarity(fa, fb).mean().item(), 4),
+            "pixel_mse": round(pixel.mean().item(), 5),
+        },
+        "images_per_occupation": per_seed * len(SEEDS),
+        "per_occupation": {o: {"before": before[o], "after": after[o]} for o in after},
+    }
+    if len(attrs) > 1:
+        result["intersectional_bias_before"] = _mean(before, "intersectional_bias")
+        result["intersectional_bias_after"] = _mean(after, "intersectional_bias")
+    if "age" in attrs:
+        result["old_share_before"] = _mean({o: r["shares"]["age"] for o, r in before.items()}, "old")
+        result["old_share"] = _mean({o: r["shares"]["age"] for o, r in after.items()}, "old")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
+    parser.add_argument("--hp", default="{}", help="JSON hyperparameters applied to every run asked for (recorded)")
+    parser.add_argument("--train-only", metavar="NAME", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.train_only:  # the child process of one run
+        print(json.dumps(train(args.train_only, Path(args.store), json.loads(args.hp))))
+        return
+    previous = RESULTS / "fairness_dft.json"
+    result: dict = {"benchmark": "fairness_dft", **environment(1)}
+    before_cache: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs:
+            child = subprocess.run([sys.executable, __file__, "--train-only", name, "--store", tmp, "--hp", args.hp],
+                                   check=True, capture_output=True, text=True)  # fmt: skip
+            trained = json.loads(child.stdout.strip().splitlines()[-1])
+            run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
+            result[name] = run
+            print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
+                  f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
+    if previous.is_file():  # another invocation may have finished runs meanwhile: keep them
+        result = {**json.loads(previous.read_text()), **result}
+    publish("fairness_dft", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""The `dft` trainer (and `prefix`, the same trainer on prefix tokens): targets, gradients, resume, output.
+
+Tiny settings pin the plumbing in seconds; `test_a_short_finetune_moves_the_distribution` is a
+real (small) finetune whose effect is measured by the classifier on fixed seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adaptors.base import load_adaptor
+from adaptors.generation import GenerationCancelled, GenerationSpec, generate, initial_latents
+from adaptors.lora import LoraAdaptor, loaded_adapters
+from adaptors.prefix import PrefixAdaptor
+from adaptors.store import AdaptorStore
+from adaptors.trainers import TRAINERS, get_trainer
+from adaptors.trainers.alignment import alignment_targets
+from adaptors.trainers.dft import DFTConfig
+from adaptors.trainers.sampling import sample, step_scales
+from adaptors.trainers.trainable import make_trainable
+from common.schemas import FinetuneJob
+
+DOCTOR = "a photo of the face of a doctor, a person"
+NURSE = "a photo of the face of a nurse, a person"
+TARGET = {"gender": {"female": 0.5, "male": 0.5}}
+TINY = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "prompts_per_iteration": 1, "eval_images": 2, "eval_steps": 2,
+        "checkpoint_every": 1, "rank": 2}  # fmt: skip
+
+
+def _job(method: str = "dft", target: dict | None = None, prompts: list[str] | None = None, **hp) -> FinetuneJob:
+    return FinetuneJob(method=method, base_model="testbed", fairness_target=target or TARGET,
+                       prompts=prompts or [DOCTOR, NURSE], hyperparameters={**TINY, **hp}, name="Fair doctors")  # fmt: skip
+
+
+def _run(job, pipe, classifier, tmp_path: Path, name: str = "out", stop=lambda: False, seen=None):
+    return get_trainer(job.method)(job, pipe, classifier, tmp_path / name, tmp_path / f"{name}.ckpt",
+                                   (seen if seen is not None else []).append, stop)  # fmt: skip
+
+
+def test_registered():
+    assert {"dft", "prefix"} <= set(TRAINERS)
+    with pytest.raises(KeyError, match="nope"):
+        get_trainer("nope")
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [({"learning_rate": 1}, "hyperparameters: unknown"), ({"iterations": "3"}, "iterations"), ({"iterations": 0}, "iterations"),
+     ({"rank": 2.5}, "rank"), ({"train": "vae"}, "train"), ({"adjusted": 1}, "adjusted"), ({"confidence": 1.5}, "confidence"),
+     ({"steps": 4, "steps_jitter": 4}, "steps_jitter")],
+)  # fmt: skip
+def test_hyperparameters_are_checked(bad, field):
+    with pytest.raises(ValueError, match=field):
+        DFTConfig.from_hyperparameters(bad)
+
+
+def test_learning_rate_default_depends_on_what_is_trained():
+    assert DFTConfig.from_hyperparameters({}).lr == pytest.approx(1.5e-3)
+    assert DFTConfig.from_hyperparameters({"train": "prefix"}).lr == pytest.approx(2e-2)
+    assert DFTConfig.from_hyperparameters({"lr": 1e-4, "adjusted": False}).lr == pytest.approx(1e-4)
+
+
+SHARES = {"gender": np.array([0.5, 0.5])}
+
+
+def test_alignment_relabels_the_least_confident_images():
+    probs = {"gender": np.array([[0.95, 0.05], [0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])}
+    targets = alignment_targets(probs, SHARES, draws=0)
+    assert targets.labels["gender"].tolist() == [0, 0, 1, 1]  # the two least female become male
+
+
+def test_alignment_drops_an_uncertain_target():
+    """With drawn counts the middle image of three flips between classes: it gets no target."""
+    probs = {"gender": np.array([[0.99, 0.01], [0.5, 0.5], [0.01, 0.99]])}
+    targets = alignment_targets(probs, SHARES, draws=200, confidence=0.8, rng=np.random.default_rng(0))
+    assert targets.labels["gender"].tolist() == [0, -1, 1]
+    assert targets.dropped() == 1 and targets.certainty["gender"][0] > 0.8
+
+
+def test_alignment_is_joint_and_follows_non_uniform_targets():
+    rng = np.random.default_rng(1)
+    n = 16
+    gender = rng.dirichlet([1, 1], n)
+    age = rng.dirichlet([1, 1], n)
+    shares = {"gender": np.array([0.5, 0.5]), "age": np.array([0.75, 0.25])}
+    targets = alignment_targets({"gender": gender, "age": age}, shares, draws=0)
+    assert np.bincount(targets.labels["gender"], minlength=2).tolist() == [8, 8]
+    assert np.bincount(targets.labels["age"], minlength=2).tolist() == [12, 4]
+    # jointly: old images split evenly between the genders (product of the marginals)
+    old = targets.labels["age"] == 1
+    assert np.bincount(targets.labels["gender"][old], minlength=2).tolist() == [2, 2]
+
+
+def test_step_scales_are_standardised(pipe):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(10)
+    scales = step_scales(scheduler, scheduler.timesteps)
+    assert scales.log().mean().exp().item() == pytest.approx(1.0, abs=1e-5)
+    t = int(scheduler.timesteps[3])
+    abar, beta = scheduler.alphas_cumprod[t].double(), scheduler.betas[t].double()
+    raw = step_scales(scheduler, scheduler.timesteps[3:4])  # one step: standardised to exactly 1
+    assert raw.item() == pytest.approx(1.0)
+    c = abar.sqrt() * (1 - abar).sqrt() / beta
+    cs = [float(scheduler.alphas_cumprod[int(s)].sqrt() * (1 - scheduler.alphas_cumprod[int(s)]).sqrt() / scheduler.betas[int(s)])
+          for s in scheduler.timesteps]  # fmt: skip
+    assert scales[3].item() == pytest.approx(float(c) / float(np.exp(np.mean(np.log(cs)))), rel=1e-4)
+
+
+def test_gradients_reach_the_lora_and_the_adjustment_changes_only_them(pipe):
+    trainable = make_trainable(pipe, "text_encoder", rank=2, num_tokens=5, seed=0, init_scale=0.1)
+    with torch.no_grad():  # B starts at 0: give it a value so the gradient wrt A is not trivially 0
+        for p in trainable.params:
+            p.add_(torch.randn_like(p) * 0.01)
+    latents = initial_latents(pipe, 0, range(2), 32, 32)
+    grads, images = {}, {}
+    for adjusted in (True, False):
+        for p in trainable.params:
+            p.grad = None
+        out = sample(pipe, trainable.encode([DOCTOR] * 2), trainable.encode_negative([""] * 2), latents, 3, 5.0, adjusted)
+        out.mean().backward()
+        grads[adjusted] = torch.cat([p.grad.flatten() for p in trainable.params])
+        images[adjusted] = out.detach()
+    assert torch.equal(images[True], images[False])
+    assert torch.isfinite(grads[True]).all() and grads[True].abs().sum() > 0
+    assert not torch.allclose(grads[True], grads[False])
+    trainable.remove()
+    assert not any(loaded_adapters(pipe).values())
+
+
+def test_stop_then_resume_equals_an_uninterrupted_run(pipe, classifier, tmp_path: Path):
+    store = AdaptorStore(tmp_path / "store")
+    staging = store.staging_dir("fair-doc")
+    seen: list[dict] = []
+    with pytest.raises(GenerationCancelled):
+        get_trainer("dft")(_job(), pipe, classifier, staging, tmp_path / "ckpt", seen.append, lambda: len(seen) >= 1)
+    assert [p["iteration"] for p in seen] == [1] and seen[0]["total"] == 2
+    assert {"loss", "align", "preserve", "batch_bias", "no_person", "no_target", "grad_norm"} <= set(seen[0])
+    assert json.loads((tmp_path / "ckpt" / "trainer_checkpoint.json").read_text())["iteration"] == 1
+    assert not (staging / "manifest.json").exists() and store.list() == []
+    assert not any(loaded_adapters(pipe).values()), "a stopped job leaves the pipeline as it was"
+
+    resumed: list[dict] = []
+    manifest = get_trainer("dft")(_job(), pipe, classifier, staging, tmp_path / "ckpt", resumed.append, lambda: False)
+    assert [p["iteration"] for p in resumed] == [2]
+    assert manifest.id == "fair-doc" and manifest.kind == "lora" and manifest.target == TARGET
+    assert set(manifest.metrics) >= {"before", "after", "semantics", "eval_prompts"}
+    published = store.publish(staging)
+    adaptor = store.load(published.id)
+    assert isinstance(adaptor, LoraAdaptor) and adaptor.components() == ["text_encoder"]
+
+    whole: list[dict] = []
+    _run(_job(), pipe, classifier, tmp_path, "straight", seen=whole)
+    assert [p["iteration"] for p in whole] == [1, 2]
+    assert whole[1]["loss"] == pytest.approx(resumed[0]["loss"], abs=1e-4)
+    straight = load_adaptor(tmp_path / "straight").tensors
+    assert all(torch.allclose(straight[k], adaptor.tensors[k], atol=1e-5) for k in straight)
+
+
+def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lora(pipe, classifier, tmp_path: Path):
+    spec = GenerationSpec(DOCTOR, num_images=2, seed=3, steps=3)
+    before = generate(pipe, spec)
+    _run(_job(train="both", iterations=1, lr=0.05), pipe, classifier, tmp_path)
+    assert not any(loaded_adapters(pipe).values())
+    assert torch.allclose(generate(pipe, spec), before, atol=1e-6)
+
+    adaptor = load_adaptor(tmp_path / "out")
+    assert adaptor.components() == ["text_encoder", "unet"]
+    pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="plain")  # stock diffusers, no fairdiff code
+    assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
+
+
+def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
+    manifest = _run(_job("prefix", num_tokens=3, iterations=1, lr=0.5), pipe, classifier, tmp_path)
+    adaptor = load_adaptor(tmp_path / "out")
+    assert isinstance(adaptor, PrefixAdaptor) and adaptor.num_tokens == 3 and manifest.kind == "prefix_tokens"
+    with pytest.raises(ValueError, match="hyperparameters.train"):
+        _run(_job("prefix", train="text_encoder"), pipe, classifier, tmp_path, "other")
+
+
+def test_an_unknown_attribute_is_refused(pipe, classifier, tmp_path: Path):
+    with pytest.raises(ValueError, match="fairness_target.hat"):
+        _run(_job(target={"hat": {"yes": 0.5, "no": 0.5}}), pipe, classifier, tmp_path)
+
+
+def test_a_short_finetune_moves_the_distribution(pipe, classifier, tmp_path: Path):
+    """secretary is ~95% female in the base model; 16 iterations of 50/50 DFT must bring it closer to 50/50.
+
+    Measured by the classifier on 48 fixed evaluation seeds the training never sampled.
+    """
+    secretary = "a photo of the face of a secretary, a person"
+    job = _job(prompts=[secretary], iterations=16, steps=6, images_per_prompt=12, prompts_per_iteration=1,
+               eval_images=48, eval_steps=10, lr=0.003, rank=8, ema_decay=0.0, checkpoint_every=100)  # fmt: skip
+    seen: list[dict] = []
+    manifest = _run(job, pipe, classifier, tmp_path, seen=seen)
+    before = manifest.metrics["before"]["realised"]["gender"]["female"]
+    after = manifest.metrics["after"]["realised"]["gender"]["female"]
+    assert before > 0.85
+    assert abs(after - 0.5) <= abs(before - 0.5) - 0.1, (before, after, [p["batch_share"] for p in seen])
+    assert min(p["batch_share"]["gender"]["female"] for p in seen) < 0.6  # the training batches crossed towards male
+    assert manifest.metrics["semantics"]["feature_cosine"] > 0.5
