@@ -35,7 +35,7 @@ class Runtime:
 
     def base_model_names(self) -> set[str]:
         """Names a manifest may carry for this base model (the setting, and the testbed's id)."""
-        from workers.strategy import base_model_names
+        from common.adaptor_matching import base_model_names
 
         return base_model_names(self.settings.base_model)
 

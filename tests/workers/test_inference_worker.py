@@ -109,7 +109,7 @@ def test_cancel_running_job_stops_between_steps(jobs: JobStore, celery_client: C
     assert "result" not in job
 
 
-def test_unimplemented_strategy_fails_the_job_clearly(
+def test_guidance_without_a_calibration_fails_the_job_clearly(
     jobs: JobStore, celery_client: Celery, inference_worker: ManagedProcess
 ) -> None:
     job_id = submit(
@@ -122,7 +122,7 @@ def test_unimplemented_strategy_fails_the_job_clearly(
     )
     job = wait_finished(jobs, job_id, inference_worker)
     assert job["state"] == "failed"
-    assert job["error"]["type"] == "not_implemented" and "guidance" in job["error"]["message"]
+    assert job["error"]["type"] == "no_calibration" and "calibrat" in job["error"]["message"]
 
 
 def test_redelivered_task_of_finished_job_changes_nothing(

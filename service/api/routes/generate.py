@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from common.adaptor_manifest import list_manifests
+from common.adaptor_matching import base_model_names, find_calibration, find_matching_adaptor
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
 from common.jobs import IDEMPOTENCY_KEY, JobStore, new_job_id
 from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
@@ -22,7 +23,6 @@ from service.api.jobview import job_url, parse_prefer_wait, public_job, wait_for
 from service.errors import Conflict, InvalidField, ServiceUnavailable, error_responses
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
 from service.validation import check_prompt, load_manifest, require_model_info
-from workers.strategy import base_model_names, find_calibration, find_matching_adaptor
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generate"])
