@@ -52,7 +52,8 @@ def test_registered():
     "bad, field",
     [({"learning_rate": 1}, "hyperparameters: unknown"), ({"iterations": "3"}, "iterations"), ({"iterations": 0}, "iterations"),
      ({"rank": 2.5}, "rank"), ({"train": "vae"}, "train"), ({"adjusted": 1}, "adjusted"), ({"confidence": 1.5}, "confidence"),
-     ({"steps": 4, "steps_jitter": 4}, "steps_jitter")],
+     ({"steps": 4, "steps_jitter": 4}, "steps_jitter"), ({"ce_temperature": 0}, "ce_temperature"),
+     ({"text_encoder_modules": "mlp"}, "text_encoder_modules")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -60,7 +61,7 @@ def test_hyperparameters_are_checked(bad, field):
 
 
 def test_learning_rate_default_depends_on_what_is_trained():
-    assert DFTConfig.from_hyperparameters({}).lr == pytest.approx(1.5e-3)
+    assert DFTConfig.from_hyperparameters({}).lr == pytest.approx(1e-2)
     assert DFTConfig.from_hyperparameters({"train": "prefix"}).lr == pytest.approx(2e-2)
     assert DFTConfig.from_hyperparameters({"lr": 1e-4, "adjusted": False}).lr == pytest.approx(1e-4)
 
@@ -196,7 +197,8 @@ def test_a_short_finetune_moves_the_distribution(pipe, classifier, tmp_path: Pat
     """
     secretary = "a photo of the face of a secretary, a person"
     job = _job(prompts=[secretary], iterations=16, steps=6, images_per_prompt=12, prompts_per_iteration=1,
-               eval_images=48, eval_steps=10, lr=0.003, rank=8, ema_decay=0.0, checkpoint_every=100)  # fmt: skip
+               eval_images=48, eval_steps=10, lr=0.003, rank=8, ema_decay=0.0, checkpoint_every=100,
+               ce_temperature=1.0)  # fmt: skip
     seen: list[dict] = []
     manifest = _run(job, pipe, classifier, tmp_path, seen=seen)
     before = manifest.metrics["before"]["realised"]["gender"]["female"]
