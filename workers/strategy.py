@@ -10,13 +10,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.adaptor_matching import (  # noqa: F401  (re-exported: the worker's rules are these)
-    base_model_names,
-    find_calibration,
-    find_matching_adaptor,
-    manifest_field,
-    targets_match,
-)
+from common.adaptor_matching import find_calibration, find_matching_adaptor, manifest_field
 from common.schemas import Strategy
 
 

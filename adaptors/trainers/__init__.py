@@ -8,12 +8,14 @@ the adaptor (weights + manifest.json) into `staging_dir`, keeps resumable state 
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from adaptors.classifiers import AttributeClassifier
-from common.adaptor_manifest import AdaptorManifest
+from common.adaptor_manifest import STAGING_PREFIX, AdaptorManifest, valid_adaptor_id
 from common.schemas import FinetuneJob
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -51,6 +53,17 @@ def require_known_attributes(job: FinetuneJob, classifier: AttributeClassifier) 
     for attr in job.fairness_target:
         if attr not in classifier.attributes:
             raise ValueError(f"fairness_target.{attr}: the classifier does not know this attribute")
+
+
+def adaptor_id_for(staging_dir: Path, job: FinetuneJob) -> str:
+    """The id the caller chose (`.staging-<id>`), else one derived from the job's name."""
+    name = Path(staging_dir).name
+    if name.startswith(STAGING_PREFIX) and valid_adaptor_id(name[len(STAGING_PREFIX) :]):
+        return name[len(STAGING_PREFIX) :]
+    if valid_adaptor_id(name):
+        return name
+    slug = re.sub(r"[^a-z0-9_-]+", "-", (job.name or job.method).lower()).strip("-_")[:40] or job.method
+    return f"{slug}-{uuid.uuid4().hex[:8]}"
 
 
 def get_trainer(method: str) -> TrainerFn:

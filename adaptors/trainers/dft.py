@@ -18,9 +18,7 @@ own method (the same trainer with `train="prefix"`).
 from __future__ import annotations
 
 import logging
-import re
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,17 +28,17 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 
-from adaptors.audit import audit
+from adaptors.audit import classify, summarise
 from adaptors.classifiers import AttributeClassifier
 from adaptors.generation import GenerationCancelled, GenerationSpec, default_size, generate, initial_latents
-from adaptors.trainers import ProgressFn, StopFn, register_trainer, require_known_attributes
+from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
 from adaptors.trainers.hparams import parse_hyperparameters, require_positive, require_unit_interval
 from adaptors.trainers.sampling import sample
 from adaptors.trainers.trainable import TEXT_ENCODER_MODULES, TRAIN_CHOICES, Trainable, make_trainable
 from common import bias as metrics
-from common.adaptor_manifest import STAGING_PREFIX, AdaptorManifest, valid_adaptor_id
+from common.adaptor_manifest import AdaptorManifest
 from common.schemas import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -100,17 +98,6 @@ class DFTConfig:
         return cfg
 
 
-def adaptor_id_for(staging_dir: Path, job: FinetuneJob) -> str:
-    """The id the caller chose (`.staging-<id>`), else one derived from the job's name."""
-    name = Path(staging_dir).name
-    if name.startswith(STAGING_PREFIX) and valid_adaptor_id(name[len(STAGING_PREFIX) :]):
-        return name[len(STAGING_PREFIX) :]
-    if valid_adaptor_id(name):
-        return name
-    slug = re.sub(r"[^a-z0-9_-]+", "-", (job.name or job.method).lower()).strip("-_")[:40] or job.method
-    return f"{slug}-{uuid.uuid4().hex[:8]}"
-
-
 def _shares(job: FinetuneJob, classifier: AttributeClassifier) -> dict[str, np.ndarray]:
     require_known_attributes(job, classifier)
     return {
@@ -156,11 +143,12 @@ def evaluate(pipe, classifier, prompts: list[str], target: dict, cfg: DFTConfig,
         else:
             images.append(generate(pipe, spec, max_batch=64, encode_prompt=trainable.prompt_encoder()))
     images_t = torch.cat(images)
-    report = audit(classifier, images_t, target)
+    labels = classify(classifier, images_t)  # once: the pooled and the per-prompt summaries share it
+    report = summarise(labels, classifier.attributes, target)
     per_prompt = []
     for j, prompt in enumerate(prompts):
-        rows = images_t[j * cfg.eval_images : (j + 1) * cfg.eval_images]
-        per_prompt.append({"prompt": prompt, "bias": audit(classifier, rows, target).bias})
+        rows = labels[j * cfg.eval_images : (j + 1) * cfg.eval_images]
+        per_prompt.append({"prompt": prompt, "bias": summarise(rows, classifier.attributes, target).bias})
     summary = {
         "realised": {a: report.realised[a] for a in target},
         "bias": {a: report.bias[a] for a in target},

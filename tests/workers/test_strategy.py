@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.strategy import StrategyError, decide, find_matching_adaptor, targets_match
+from common.adaptor_matching import find_matching_adaptor, targets_match
+from workers.strategy import StrategyError, decide
 
 HALF = {"gender": {"female": 0.5, "male": 0.5}}
 BASES = {"testbed", "fairdiff-testbed"}
