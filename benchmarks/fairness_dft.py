@@ -36,6 +36,7 @@ RUNS: dict[str, tuple[dict, dict]] = {
     "gender_x_skin_tone": ({**GENDER, **SKIN}, {}),
     "gender_age_75_25": ({**GENDER, **AGE}, {}),
     "gender_plain_dft": (GENDER, {"adjusted": False}),
+    "gender_te_unet_lora": (GENDER, {"train": "both"}),
 }
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 

@@ -5,7 +5,9 @@ served three ways -- `none`, `assign`, `assign` + `enforce` -- with the same set
 inference worker uses, and every image is read by the independent oracle (not the classifier
 that `enforce` checks with). Reports the realised distribution, the share of requests whose
 per-class counts are within 1 image of the assigned counts, the time per image relative to
-`none`, and the semantics check (occupation kept). Writes benchmarks/results/request_fairness.json.
+`none`, the semantics check (occupation kept), how often the audit classifier (what `enforce`
+trusts) reads what the oracle reads, and how many requests `enforce` believed exact.
+Writes benchmarks/results/request_fairness.json.
 
     python benchmarks/request_fairness.py [--requests 8] [--images 8]
 """
@@ -21,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptors.assign import class_texts_for_testbed, generate_assigned, joint_assignment  # noqa: E402
+from adaptors.audit import classify  # noqa: E402
 from adaptors.classifiers import TestbedAttributeClassifier  # noqa: E402
 from adaptors.enforce import enforce  # noqa: E402
 from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline  # noqa: E402
@@ -57,7 +60,8 @@ def main() -> None:
     pipe = load_pipeline("testbed", device="cpu")
     classifier = TestbedAttributeClassifier()
     texts = class_texts_for_testbed()
-    kw = {"mode": settings.assign_mode, "guidance_weight": settings.assign_guidance_weight}
+    kw = {"mode": settings.assign_mode, "guidance_weight": settings.assign_guidance_weight,
+          "classifier_scale": settings.assign_classifier_scale}  # fmt: skip
 
     cells: dict[str, dict] = {}
     seconds = {"none": 0.0, "assign": 0.0, "assign_enforce": 0.0}
@@ -67,6 +71,8 @@ def main() -> None:
         for tname, target in TARGETS.items():
             attrs = list(target)
             readings_by = {k: [] for k in seconds}
+            agree: dict[str, list[bool]] = {k: [] for k in seconds}  # the audit classifier reads what the oracle reads
+            satisfied = 0
             within = {k: 0 for k in seconds}
             for r in range(args.requests):
                 seed = 10_000 + r
@@ -77,15 +83,19 @@ def main() -> None:
                 plain = generate(pipe, spec)
                 seconds["none"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                assigned = generate_assigned(pipe, spec, assignment, texts, **kw)
+                assigned = generate_assigned(pipe, spec, assignment, texts, classifier=classifier, **kw)
                 assign_s = time.perf_counter() - t0
                 seconds["assign"] += assign_s
                 t0 = time.perf_counter()
-                enforced, _, _ = enforce(pipe, classifier, spec, assignment, texts, assigned,
-                                         max_rounds=settings.enforce_max_rounds, **kw)  # fmt: skip
+                enforced, _, report = enforce(pipe, classifier, spec, assignment, texts, assigned,
+                                              max_rounds=settings.enforce_max_rounds, **kw)  # fmt: skip
                 seconds["assign_enforce"] += assign_s + time.perf_counter() - t0
+                satisfied += report.satisfied
                 for key, imgs in (("none", plain), ("assign", assigned), ("assign_enforce", enforced)):
                     readings = read_batch(imgs.numpy() * 2 - 1)
+                    labels = classify(classifier, imgs)
+                    agree[key] += [all(lab.label(a) == getattr(x, a) for a in attrs)
+                                   for x, lab in zip(readings, labels) if x.person and lab.person]  # fmt: skip
                     readings_by[key] += readings
                     within[key] += _within_one(readings, assignment, attrs)
                     images_done[key] += len(imgs)
@@ -98,9 +108,11 @@ def main() -> None:
                     "within_one_of_assigned": round(within[key] / args.requests, 4),
                     "occupation_kept": round(kept, 4),
                     "no_person": sum(1 for x in readings if not x.person),
+                    "classifier_agrees_with_oracle": round(sum(agree[key]) / max(1, len(agree[key])), 4),
                 }
                 summary[key]["within_one"].append(within[key] / args.requests)
                 summary[key]["occupation_kept"].append(kept)
+            cell["assign_enforce"]["satisfied_per_classifier"] = round(satisfied / args.requests, 4)
             cells[f"{occ}/{tname}"] = cell
             print(f"{occ:10s} {tname:22s} within1: none {cell['none']['within_one_of_assigned']:.2f} "
                   f"assign {cell['assign']['within_one_of_assigned']:.2f} "
@@ -113,6 +125,7 @@ def main() -> None:
         "images_per_request": args.images,
         "assign_mode": settings.assign_mode,
         "assign_guidance_weight": settings.assign_guidance_weight,
+        "assign_classifier_scale": settings.assign_classifier_scale,
         "enforce_max_rounds": settings.enforce_max_rounds,
         "within_one_of_assigned": {k: round(sum(v["within_one"]) / len(v["within_one"]), 4) for k, v in summary.items()},
         "occupation_kept": {k: round(min(v["occupation_kept"]), 4) for k, v in summary.items()},

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     assign_guidance_weight: float = Field(
         30.0, ge=0.0, description="Group-direction guidance weight for `assign` (30 measured best on the testbed)."
     )
+    assign_classifier_scale: float = Field(
+        0.3,
+        ge=0.0,
+        description="Classifier guidance (the audit classifier) for attributes of more than two classes in "
+        "`assign`/`enforce` (0: off; 0.3 measured best on the testbed, 0.5 starts to lose the occupation).",
+    )
     enforce_max_rounds: int = Field(3, ge=0, le=20, description="Regeneration rounds `enforce` may spend per request.")
     max_batch: int = Field(16, ge=1, description="Images denoised together; larger requests run in chunks.")
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")

@@ -85,6 +85,7 @@ def _generate_assigned(
     images = generate_assigned(
         runtime.pipe, spec, assignment, class_texts_for(settings.base_model), mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, on_step=on_step, max_batch=settings.max_batch,
+        classifier=runtime.classifier, classifier_scale=settings.assign_classifier_scale,
     )  # fmt: skip
     return assignment, images
 
@@ -99,6 +100,7 @@ def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, o
         runtime.pipe, runtime.classifier, spec, assignment, class_texts_for(settings.base_model), images,
         max_rounds=settings.enforce_max_rounds, mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
+        classifier_scale=settings.assign_classifier_scale,
     )  # fmt: skip
     return images, per_image, {"applied": True, **report.to_dict()}
 
