@@ -37,6 +37,8 @@ RUNS: dict[str, tuple[dict, dict]] = {
     "gender_age_75_25": ({**GENDER, **AGE}, {}),
     "gender_plain_dft": (GENDER, {"adjusted": False}),
     "gender_te_unet_lora": (GENDER, {"train": "both"}),
+    "gender_te_unet_lora_200": (GENDER, {"train": "both", "iterations": 200}),
+    "gender_age_75_25_te_unet": ({**GENDER, **AGE}, {"train": "both"}),
 }
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         "auto",
         description="Attribute classifier: 'auto' (the testbed classifier for the testbed), 'none', or a folder.",
     )
+    preserve_features: str = Field(
+        "classifier",
+        min_length=1,
+        description="Feature space of DFT's semantics-preservation term: 'classifier' (its trunk), or comma-separated "
+        "local CLIP / DINOv2 folders (real Stable Diffusion), optionally with 'classifier'.",
+    )
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda[:N]'.")
     offline: bool = Field(True, description="Never reach a model hub: hub ids must already be in the local cache.")
     default_steps: int = Field(20, ge=1, le=200)

@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from adaptors.image_features import with_preservation_features
     from adaptors.store import AdaptorStore
     from adaptors.trainers import get_trainer
     from common.schemas import FieldError, FinetuneJob, validate_target
@@ -78,7 +79,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        trainer(job, pipe, classifier, staging, ckpt, progress, lambda: False)
+        trainer(job, pipe, with_preservation_features(classifier, settings.preserve_features, pipe.device), staging, ckpt,
+                progress, lambda: False)  # fmt: skip
     except ValueError as exc:
         bar.close()
         _out(f"finetune failed: {exc}")

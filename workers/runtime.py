@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -32,6 +32,20 @@ class Runtime:
     store: Any | None  # adaptors.store.AdaptorStore when that module is available
     cache: Any | None  # adaptors.cache.AdaptorCache
     load_s: float
+    _training_classifier: Any | None = field(default=None, repr=False)
+
+    def training_classifier(self) -> Any | None:
+        """The classifier trainers get: with CLIP / DINOv2 preservation features when configured (loaded once, lazily,
+        so inference workers never hold them)."""
+        if self.classifier is None:
+            return None
+        if self._training_classifier is None:
+            from adaptors.image_features import with_preservation_features
+
+            self._training_classifier = with_preservation_features(
+                self.classifier, self.settings.preserve_features, device=self.pipe.device
+            )
+        return self._training_classifier
 
     def base_model_names(self) -> set[str]:
         """Names a manifest may carry for this base model (the setting, and the testbed's id)."""

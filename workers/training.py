@@ -95,7 +95,7 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
 
     try:
         try:
-            trainer(req, runtime.pipe, runtime.classifier, staging, ckpt, progress, should_stop)
+            trainer(req, runtime.pipe, runtime.training_classifier(), staging, ckpt, progress, should_stop)
             cancelled = jobs.cancel_requested(job_id)
         except GenerationCancelled:
             cancelled = True
