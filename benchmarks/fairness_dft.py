@@ -7,7 +7,7 @@ occupation, over several seeds) and read by the independent oracle: bias per att
 share of images whose occupation is unchanged, similarity to the base image from the same noise.
 Runs not asked for keep their previous figures in benchmarks/results/fairness_dft.json.
 
-    python benchmarks/fairness_dft.py [--runs gender_te_lora gender_prefix ...] [--images 256]
+    python benchmarks/fairness_dft.py [--runs gender_te_lora gender_prefix ...] [--images 256] [--hp JSON --suffix _NAME]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ RUNS: dict[str, tuple[dict, dict]] = {
     "gender_te_unet_lora": (GENDER, {"train": "both"}),
     "gender_te_unet_lora_200": (GENDER, {"train": "both", "iterations": 200}),
     "gender_age_75_25_te_unet": ({**GENDER, **AGE}, {"train": "both"}),
+    "gender_x_skin_tone_te_unet": ({**GENDER, **SKIN}, {"train": "both"}),
 }
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
     parser.add_argument("--hp", default="{}", help="JSON hyperparameters applied to every run asked for (recorded)")
+    parser.add_argument("--suffix", default="", help="store each run as NAME + SUFFIX (a variant beside the main figures)")
     parser.add_argument("--train-only", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,7 +194,7 @@ def main() -> None:
                                    check=True, capture_output=True, text=True)  # fmt: skip
             trained = json.loads(child.stdout.strip().splitlines()[-1])
             run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
-            result[name] = run
+            result[name + args.suffix] = run
             print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
                   f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
     if previous.is_file():  # another invocation may have finished runs meanwhile: keep them
