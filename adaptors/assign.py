@@ -423,7 +423,6 @@ class ClassifierGuidance:
     classifier: AttributeClassifier
     classes: Sequence[Mapping[str, str]]
     scale: float
-    person_weight: float = 1.0
 
 
 def generate_directed(
@@ -465,8 +464,9 @@ def generate_directed(
         prompt_rows = [conds.add(prompts[i]) for i in chunk]
         image_dirs = [[(conds.add(text), coef) for text, coef in directions[i] if coef != 0.0] for i in chunk]
 
-        # no_grad, not inference_mode: classifier guidance takes a gradient inside the loop
-        with torch.no_grad():
+        # classifier guidance takes a gradient inside the loop, which inference_mode would forbid
+        steering = classifier_guidance is not None and classifier_guidance.scale > 0
+        with torch.no_grad() if steering else torch.inference_mode():
             embeds = pipe.encode_prompt(conds.texts, pipe.device, 1, False)[0]
             # rows of the UNet batch: (image, text row); warm-up steps need only the CFG rows
             base_pairs = [(j, uncond) for j in range(n)] if cfg else []
@@ -493,7 +493,7 @@ def generate_directed(
                     for j in range(n):
                         for r, coef in image_dirs[j]:
                             eps[j] += coef * (eps_rows[row_of[(j, r)]] - eps_prompt[j])
-                if classifier_guidance is not None and classifier_guidance.scale and s >= warmup_steps:
+                if steering and s >= warmup_steps:
                     eps = eps - _classifier_push(pipe, classifier_guidance, [chunk[j] for j in range(n)], latents, eps, t)
                 latents = pipe.scheduler.step(eps, t, latents, return_dict=False)[0]
                 if on_step is not None:
@@ -518,7 +518,7 @@ def _classifier_push(pipe, guidance: ClassifierGuidance, indices: Sequence[int],
         x0 = ((latents - (1 - abar).sqrt() * eps) / abar.sqrt()).detach().requires_grad_(True)
         decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor, return_dict=False)[0]
         logits = guidance.classifier.logits((decoded / 2 + 0.5).clamp(0, 1))
-        log_prob = guidance.person_weight * torch.nn.functional.logsigmoid(logits["person"].float())
+        log_prob = torch.nn.functional.logsigmoid(logits["person"].float())
         for attr, names in guidance.classifier.attributes.items():
             rows = [r for r, i in enumerate(indices) if attr in guidance.classes[i]]
             if rows:

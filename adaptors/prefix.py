@@ -44,6 +44,11 @@ def encode_with_prefix(text_encoder, input_ids: torch.Tensor, prefix: torch.Tens
     if prefix is not None and prefix.shape[0] > 0:
         soft = prefix.to(embeds.device, embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
         embeds = torch.cat([embeds[:, :1], soft, embeds[:, 1:]], dim=1)
+    return encode_embeddings(text_encoder, embeds)
+
+
+def encode_embeddings(text_encoder, embeds: torch.Tensor) -> torch.Tensor:
+    """The last hidden state from token embeddings (B x L x dim) instead of ids: position embeddings added here."""
     hidden = text_encoder.embeddings(inputs_embeds=embeds)
     mask = create_causal_mask(config=text_encoder.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
     out = text_encoder.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)

@@ -42,6 +42,7 @@ RUNS: dict[str, tuple[dict, dict]] = {
     "gender_x_skin_tone_te_unet": ({**GENDER, **SKIN}, {"train": "both"}),
 }
 SEEDS = (20_000, 20_001, 20_002, 20_003)
+TRAIN_IMAGES, TRAIN_SEED = 64, 20_100  # per training occupation, seeds the finetune never sampled
 
 
 def train(name: str, store: Path, extra_hp: dict) -> dict:
@@ -79,8 +80,8 @@ def _median(values: list[float]) -> float | None:
     return round(values[len(values) // 2], 4) if values else None
 
 
-def held_out_images(pipe, adaptor, per_seed: int):
-    """Held-out occupation -> images (N x 3 x H x W in [0, 1]) on the fixed seeds, with or without `adaptor`."""
+def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] | None = None, seeds: tuple[int, ...] = SEEDS):
+    """Occupation (held-out by default) -> images (N x 3 x H x W in [0, 1]) on fixed seeds, with or without `adaptor`."""
     import torch
 
     from adaptors.generation import GenerationSpec, generate
@@ -90,9 +91,9 @@ def held_out_images(pipe, adaptor, per_seed: int):
     settings = Settings()
     encoder = adaptor.prompt_encoder(pipe) if adaptor is not None else None
     out = {}
-    for occ in TEST_OCCUPATIONS:
+    for occ in occupations or TEST_OCCUPATIONS:
         batches = []
-        for seed in SEEDS:
+        for seed in seeds:
             spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=settings.default_steps,
                                   guidance_scale=settings.default_guidance_scale)  # fmt: skip
             batches.append(generate(pipe, spec, max_batch=64, encode_prompt=encoder))
@@ -133,6 +134,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     from adaptors.base import load_adaptor
     from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline
+    from testbed.world import TRAIN_OCCUPATIONS
 
     configure_threads(1)
     target, _ = RUNS[name]
@@ -141,6 +143,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     pipe = load_pipeline("testbed", device="cpu")
     if "images" not in before_cache:
         before_cache["images"] = held_out_images(pipe, None, per_seed)
+        before_cache["train_images"] = held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,))
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     after_images = held_out_images(pipe, adaptor, per_seed)
@@ -163,6 +166,16 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
         },
         "images_per_occupation": per_seed * len(SEEDS),
         "per_occupation": {o: {"before": before[o], "after": after[o]} for o in after},
+    }
+    # the training occupations too (fewer images): a finetune that fits them but not the held-out ones
+    # has learned a change per prompt rather than a rule; the gap says so
+    train_after = oracle_summary(held_out_images(pipe, adaptor, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
+    train_before = oracle_summary(before_cache["train_images"], attrs)
+    result["training_occupations"] = {
+        "images_per_occupation": TRAIN_IMAGES,
+        "bias_before": {a: _mean(train_before, "bias", a) for a in attrs},
+        "bias_after": {a: _mean(train_after, "bias", a) for a in attrs},
+        "occupation_kept": min(r["occupation_kept"] for r in train_after.values()),
     }
     if len(attrs) > 1:
         result["intersectional_bias_before"] = _mean(before, "intersectional_bias")

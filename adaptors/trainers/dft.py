@@ -17,6 +17,7 @@ own method (the same trainer with `train="prefix"`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -35,8 +36,9 @@ from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_train
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
 from adaptors.trainers.hparams import parse_hyperparameters, require_positive, require_unit_interval
+from adaptors.trainers.mixing import draw_partners, encode_mixed, token_lengths
 from adaptors.trainers.sampling import sample
-from adaptors.trainers.trainable import TEXT_ENCODER_MODULES, TRAIN_CHOICES, Trainable, make_trainable
+from adaptors.trainers.trainable import TEXT_ENCODER_MODULES, TRAIN_CHOICES, UNET_MODULES, Trainable, make_trainable
 from common import bias as metrics
 from common.adaptor_manifest import AdaptorManifest
 from common.schemas import FinetuneJob
@@ -50,6 +52,7 @@ class DFTConfig:
 
     train: str = "text_encoder"
     text_encoder_modules: str = "attention_mlp"  # Shen et al. also adapt the MLPs; "attention" only
+    unet_modules: str = "attention"  # every attention projection (Shen et al.); "cross_attention_kv" only
     rank: int = 8
     num_tokens: int = 5
     iterations: int = 100
@@ -69,6 +72,7 @@ class DFTConfig:
     region_share: float = 0.3  # 0: no region-aware preservation
     person_weight: float = 0.1
     distribution_weight: float = 0.0
+    prompt_mixing: float = 0.0  # share of prompts replaced by a mixture with another training prompt (LoRA only)
     # > 1 softens the cross-entropy of a saturated classifier (Shen et al.: 1). On the testbed, whose
     # classifier puts ~0.999 on its class, T=1 made each flipped image cost 5-8 nats and training
     # oscillated; T=8 with a larger step kept every held-out occupation (fairness_dft benchmark).
@@ -84,13 +88,17 @@ class DFTConfig:
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
-        choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES)}
+        choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
+                   "unet_modules": tuple(UNET_MODULES)}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
         require_positive(cfg, "checkpoint_every")
         require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
         if cfg.steps_jitter >= cfg.steps:
             raise ValueError("hyperparameters.steps_jitter: must be smaller than steps")
+        require_unit_interval(cfg, "prompt_mixing")
+        if cfg.prompt_mixing > 0 and cfg.train == "prefix":
+            raise ValueError("hyperparameters.prompt_mixing: mixes prompts inside the text encoder; not for prefix tokens")
         if cfg.ce_temperature <= 0:
             raise ValueError("hyperparameters.ce_temperature: must be > 0")
         if cfg.lr <= 0:
@@ -154,6 +162,7 @@ def evaluate(pipe, classifier, prompts: list[str], target: dict, cfg: DFTConfig,
         "bias": {a: report.bias[a] for a in target},
         "mean_prompt_bias": {a: round(float(np.mean([p["bias"][a] for p in per_prompt])), 4) for a in target},
         "max_prompt_bias": {a: round(float(np.max([p["bias"][a] for p in per_prompt])), 4) for a in target},
+        "prompt_bias": {p["prompt"]: p["bias"] for p in per_prompt},
         "target_distance": report.target_distance,
         "no_person": report.no_person,
         "images": len(images_t),
@@ -235,13 +244,22 @@ class _Step:
             person_logit = logits["person"].float()[keep_person]
             person_loss = F.binary_cross_entropy_with_logits(person_logit, torch.ones_like(person_logit))
         loss = align + preserve + cfg.person_weight * person_loss + cfg.distribution_weight * distribution
-        batch_bias, batch_share = {}, {}
+        # bias is per prompt, then averaged: pooled over prompts that lean opposite ways it looks fair when none is
+        batch_bias, batch_share, prompt_bias = {}, {}, {}
         for a in self.shares:
             names = classifier.attributes[a]
-            predicted = [names[i] for i in probs[a].detach().argmax(-1).cpu()[torch.from_numpy(person)].tolist()]
+            classes = probs[a].detach().argmax(-1).cpu().numpy()
+            predicted = [names[i] for i in classes[person]]
             freqs = metrics.frequencies(predicted, names) if predicted else {}
-            batch_bias[a] = round(metrics.bias(freqs), 4) if predicted else None
             batch_share[a] = {c: round(v, 3) for c, v in freqs.items()}
+            per_prompt = []
+            for g in range(groups):
+                rows = slice(g * per, (g + 1) * per)
+                found = [names[i] for i in classes[rows][person[rows]]]
+                per_prompt.append(round(metrics.bias(metrics.frequencies(found, names)), 4) if found else None)
+            prompt_bias[a] = per_prompt
+            known = [b for b in per_prompt if b is not None]
+            batch_bias[a] = round(float(np.mean(known)), 4) if known else None
         info = {
             "loss": round(loss.item(), 5),
             "align": round(align.item(), 5),
@@ -253,6 +271,7 @@ class _Step:
             "flips": int(flips.sum()),
             "batch_bias": batch_bias,
             "batch_share": batch_share,
+            "prompt_bias": prompt_bias,
         }
         return loss, info
 
@@ -272,7 +291,8 @@ def train_dft(
     target = {a: dict(d) for a, d in job.fairness_target.items()}
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
-    trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale, cfg.text_encoder_modules)
+    trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
+                               cfg.text_encoder_modules, cfg.unet_modules)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip
@@ -291,6 +311,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     size = default_size(pipe)
     step = _Step(cfg, shares, classifier)
     k = min(cfg.prompts_per_iteration, len(job.prompts))
+    lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True)) if cfg.prompt_mixing > 0 else {}
 
     for it in range(state["iteration"], cfg.iterations):
         if should_stop():
@@ -304,9 +325,15 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         steps = cfg.steps + int(rng.integers(-cfg.steps_jitter, cfg.steps_jitter + 1))
         latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
         empty = [""] * n
+        encode = trainable.encode
+        if cfg.prompt_mixing > 0:
+            mixes = draw_partners(prompts, list(job.prompts), lengths, cfg.prompt_mixing, rng)
+            partners = [q for q, _ in mixes for _ in range(cfg.images_per_prompt)]
+            weights = [w for _, w in mixes for _ in range(cfg.images_per_prompt)]
+            encode = functools.partial(encode_mixed, pipe, partners=partners, weights=weights)
         with torch.no_grad(), trainable.frozen():
-            frozen = sample(pipe, trainable.encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
-        images = sample(pipe, trainable.encode(batch), trainable.encode_negative(empty), latents, steps,
+            frozen = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
+        images = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps,
                         cfg.guidance_scale, adjusted=cfg.adjusted)  # fmt: skip
         loss, info = step.losses(images, frozen, k, rng)
         opt.zero_grad(set_to_none=True)

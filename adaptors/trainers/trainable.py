@@ -23,7 +23,11 @@ from common.adaptor_manifest import AdaptorManifest
 TRAIN_ADAPTER = "fairdiff-training"
 TEXT_ENCODER_MODULES = {"attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
                         "attention": ["q_proj", "k_proj", "v_proj", "out_proj"]}  # fmt: skip
-UNET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# "cross_attention_kv": only the projections that read the text (a PEFT regex, matched in full); a low-rank
+# edit there can remove a direction of the text embedding for every prompt at once, as closed-form concept
+# editing does, instead of learning a change per training prompt
+UNET_MODULES: dict[str, list[str] | str] = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
+                                            "cross_attention_kv": r".*attn2\.(to_k|to_v)"}  # fmt: skip
 TRAIN_CHOICES = ("text_encoder", "unet", "both", "prefix")
 
 
@@ -61,13 +65,15 @@ def _encode(pipe, prompts: list[str]) -> torch.Tensor:
 class LoraTrainable(Trainable):
     """PEFT LoRA on the chosen components; Shen et al.'s init (A ~ N(0, 1/r), B = 0) and scale 1."""
 
-    def __init__(self, pipe, where: str, rank: int, seed: int, text_modules: str = "attention_mlp") -> None:
+    def __init__(
+        self, pipe, where: str, rank: int, seed: int, text_modules: str = "attention_mlp", unet_modules: str = "attention"
+    ) -> None:
         self.pipe = pipe
         self.components = {"text_encoder": ["text_encoder"], "unet": ["unet"], "both": ["text_encoder", "unet"]}[where]
         with torch.random.fork_rng(devices=[]):  # a seeded init, so a job is reproducible
             torch.manual_seed(seed)
             for component in self.components:
-                modules = TEXT_ENCODER_MODULES[text_modules] if component == "text_encoder" else UNET_MODULES
+                modules = TEXT_ENCODER_MODULES[text_modules] if component == "text_encoder" else UNET_MODULES[unet_modules]
                 config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules)
                 getattr(pipe, component).add_adapter(config, adapter_name=TRAIN_ADAPTER)
         self.params = [
@@ -139,10 +145,17 @@ class PrefixTrainable(Trainable):
 
 
 def make_trainable(
-    pipe, train: str, rank: int, num_tokens: int, seed: int, init_scale: float, text_modules: str = "attention_mlp"
+    pipe,
+    train: str,
+    rank: int,
+    num_tokens: int,
+    seed: int,
+    init_scale: float,
+    text_modules: str = "attention_mlp",
+    unet_modules: str = "attention",
 ) -> Trainable:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
     if train == "prefix":
         return PrefixTrainable(pipe, num_tokens, seed, init_scale)
-    return LoraTrainable(pipe, train, rank, seed, text_modules)
+    return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

@@ -21,6 +21,7 @@ from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.dft import DFTConfig
+from adaptors.trainers.mixing import draw_partners, encode_mixed
 from adaptors.trainers.sampling import sample, step_scales
 from adaptors.trainers.trainable import make_trainable
 from common.schemas import FinetuneJob
@@ -53,7 +54,7 @@ def test_registered():
     [({"learning_rate": 1}, "hyperparameters: unknown"), ({"iterations": "3"}, "iterations"), ({"iterations": 0}, "iterations"),
      ({"rank": 2.5}, "rank"), ({"train": "vae"}, "train"), ({"adjusted": 1}, "adjusted"), ({"confidence": 1.5}, "confidence"),
      ({"steps": 4, "steps_jitter": 4}, "steps_jitter"), ({"ce_temperature": 0}, "ce_temperature"),
-     ({"text_encoder_modules": "mlp"}, "text_encoder_modules")],
+     ({"text_encoder_modules": "mlp"}, "text_encoder_modules"), ({"unet_modules": "all"}, "unet_modules")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -95,6 +96,23 @@ def test_alignment_is_joint_and_follows_non_uniform_targets():
     # jointly: old images split evenly between the genders (product of the marginals)
     old = targets.labels["age"] == 1
     assert np.bincount(targets.labels["gender"][old], minlength=2).tolist() == [2, 2]
+
+
+def test_prompt_mixing_interpolates_token_embeddings(pipe):
+    """Weight 0 is the prompt as the pipeline encodes it, weight 1 the partner, 0.5 something between."""
+    with torch.no_grad():
+        plain = pipe.encode_prompt([DOCTOR, NURSE], pipe.device, 1, False)[0]
+        ends = encode_mixed(pipe, [DOCTOR, DOCTOR], [NURSE, NURSE], [0.0, 1.0])
+        half = encode_mixed(pipe, [DOCTOR], [NURSE], [0.5])
+    assert torch.allclose(ends, plain, atol=1e-5)
+    assert (half - plain[0]).abs().max() > 1e-3 and (half - plain[1]).abs().max() > 1e-3
+    rng = np.random.default_rng(0)
+    lengths = {DOCTOR: 13, NURSE: 13, "short": 5}
+    assert draw_partners([DOCTOR, NURSE], list(lengths), lengths, 0.0, rng) == [(DOCTOR, 0.0), (NURSE, 0.0)]
+    drawn = draw_partners([DOCTOR] * 20 + ["short"], list(lengths), lengths, 1.0, rng)
+    assert {q for q, _ in drawn[:20]} == {NURSE} and drawn[20] == ("short", 0.0)  # same token length only
+    with pytest.raises(ValueError, match="prompt_mixing"):
+        DFTConfig.from_hyperparameters({"train": "prefix", "prompt_mixing": 0.5})
 
 
 def test_step_scales_are_standardised(pipe):
@@ -175,6 +193,14 @@ def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lo
     assert adaptor.components() == ["text_encoder", "unet"]
     pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="plain")  # stock diffusers, no fairdiff code
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
+
+
+def test_cross_attention_kv_trains_only_the_projections_that_read_the_text(pipe, classifier, tmp_path: Path):
+    _run(_job(train="unet", unet_modules="cross_attention_kv", iterations=1, lr=0.05), pipe, classifier, tmp_path)
+    keys = list(load_adaptor(tmp_path / "out").tensors)
+    assert keys and all(k.startswith("unet.") and ".attn2.to_" in k for k in keys)
+    assert {k.split(".attn2.")[1].split(".")[0] for k in keys} == {"to_k", "to_v"}
+    assert not any(loaded_adapters(pipe).values())
 
 
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):

@@ -1,0 +1,49 @@
+"""Prompt mixing: train on points between the training prompts, not only on the prompts themselves.
+
+With few training prompts (the testbed has 12 occupations) a LoRA can meet the target by learning
+a separate change for each prompt, and then leaves prompts it never saw as biased as before
+(measured: training occupations' gender bias .80 -> .34 while the held-out ones stayed at .9).
+Mixing the token embeddings of two training prompts of the same length, with a random weight,
+gives every iteration prompts the model has never been trained on; the frozen reference is
+encoded from the same mixture, so preservation still compares like with like.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from adaptors.prefix import encode_embeddings
+
+
+def _ids(pipe, prompts: list[str]) -> torch.Tensor:
+    tokenizer = pipe.tokenizer
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids  # fmt: skip
+
+
+def token_lengths(pipe, prompts: list[str]) -> list[int]:
+    return [len(pipe.tokenizer(p, truncation=True).input_ids) for p in prompts]
+
+
+def draw_partners(
+    prompts: list[str], pool: list[str], lengths: dict[str, int], share: float, rng: np.random.Generator
+) -> list[tuple[str, float]]:
+    """Per prompt: (partner, weight); a share `share` of them get a random partner of the same token length."""
+    out = []
+    for prompt in prompts:
+        same = [q for q in pool if q != prompt and lengths[q] == lengths[prompt]]
+        if same and rng.random() < share:
+            out.append((same[int(rng.integers(len(same)))], float(rng.uniform(0.0, 1.0))))
+        else:
+            out.append((prompt, 0.0))
+    return out
+
+
+def encode_mixed(pipe, prompts: list[str], partners: list[str], weights: list[float]) -> torch.Tensor:
+    """Hidden states of (1 - w) * embed(prompt) + w * embed(partner), token by token, through the text encoder."""
+    table = pipe.text_encoder.embeddings.token_embedding
+    device = pipe.text_encoder.device
+    a, b = table(_ids(pipe, prompts).to(device)), table(_ids(pipe, partners).to(device))
+    w = torch.tensor(weights, device=device, dtype=a.dtype).view(-1, 1, 1)
+    return encode_embeddings(pipe.text_encoder, (1 - w) * a + w * b)
