@@ -36,7 +36,7 @@ from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_train
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
 from adaptors.trainers.hparams import parse_hyperparameters, require_positive, require_unit_interval
-from adaptors.trainers.mixing import draw_partners, encode_mixed, token_lengths
+from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, token_lengths, varying_positions
 from adaptors.trainers.sampling import sample
 from adaptors.trainers.trainable import TEXT_ENCODER_MODULES, TRAIN_CHOICES, UNET_MODULES, Trainable, make_trainable
 from common import bias as metrics
@@ -73,6 +73,7 @@ class DFTConfig:
     person_weight: float = 0.1
     distribution_weight: float = 0.0
     prompt_mixing: float = 0.0  # share of prompts replaced by a mixture with another training prompt (LoRA only)
+    prompt_noise: float = 0.0  # Gaussian noise on the varying tokens, in units of the embedding table's std
     # > 1 softens the cross-entropy of a saturated classifier (Shen et al.: 1). On the testbed, whose
     # classifier puts ~0.999 on its class, T=1 made each flipped image cost 5-8 nats and training
     # oscillated; T=8 with a larger step kept every held-out occupation (fairness_dft benchmark).
@@ -97,8 +98,11 @@ class DFTConfig:
         if cfg.steps_jitter >= cfg.steps:
             raise ValueError("hyperparameters.steps_jitter: must be smaller than steps")
         require_unit_interval(cfg, "prompt_mixing")
-        if cfg.prompt_mixing > 0 and cfg.train == "prefix":
-            raise ValueError("hyperparameters.prompt_mixing: mixes prompts inside the text encoder; not for prefix tokens")
+        if cfg.prompt_noise < 0:
+            raise ValueError("hyperparameters.prompt_noise: must be >= 0")
+        for key in ("prompt_mixing", "prompt_noise"):
+            if getattr(cfg, key) > 0 and cfg.train == "prefix":
+                raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.ce_temperature <= 0:
             raise ValueError("hyperparameters.ce_temperature: must be > 0")
         if cfg.lr <= 0:
@@ -311,7 +315,8 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     size = default_size(pipe)
     step = _Step(cfg, shares, classifier)
     k = min(cfg.prompts_per_iteration, len(job.prompts))
-    lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True)) if cfg.prompt_mixing > 0 else {}
+    lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True))
+    varying = varying_positions(pipe, list(job.prompts))
 
     for it in range(state["iteration"], cfg.iterations):
         if should_stop():
@@ -326,11 +331,12 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
         empty = [""] * n
         encode = trainable.encode
-        if cfg.prompt_mixing > 0:
+        if cfg.prompt_mixing > 0 or cfg.prompt_noise > 0:
             mixes = draw_partners(prompts, list(job.prompts), lengths, cfg.prompt_mixing, rng)
             partners = [q for q, _ in mixes for _ in range(cfg.images_per_prompt)]
             weights = [w for _, w in mixes for _ in range(cfg.images_per_prompt)]
-            encode = functools.partial(encode_mixed, pipe, partners=partners, weights=weights)
+            noise = draw_noise(pipe, k, varying, cfg.prompt_noise, rng).repeat(cfg.images_per_prompt, axis=0)
+            encode = functools.partial(encode_mixed, pipe, partners=partners, weights=weights, noise=noise)
         with torch.no_grad(), trainable.frozen():
             frozen = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
         images = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps,

@@ -5,7 +5,9 @@ a separate change for each prompt, and then leaves prompts it never saw as biase
 (measured: training occupations' gender bias .80 -> .34 while the held-out ones stayed at .9).
 Mixing the token embeddings of two training prompts of the same length, with a random weight,
 gives every iteration prompts the model has never been trained on; the frozen reference is
-encoded from the same mixture, so preservation still compares like with like.
+encoded from the same mixture, so preservation still compares like with like. Mixtures only
+reach the span of the training prompts; `prompt_noise` also moves the tokens that vary across the
+prompt set (the occupation, on the testbed) by Gaussian noise in every embedding direction.
 """
 
 from __future__ import annotations
@@ -40,10 +42,31 @@ def draw_partners(
     return out
 
 
-def encode_mixed(pipe, prompts: list[str], partners: list[str], weights: list[float]) -> torch.Tensor:
-    """Hidden states of (1 - w) * embed(prompt) + w * embed(partner), token by token, through the text encoder."""
+def varying_positions(pipe, pool: list[str]) -> np.ndarray:
+    """Token positions whose id differs between prompts of the set (what distinguishes one prompt from another)."""
+    ids = _ids(pipe, pool).numpy()
+    return np.flatnonzero((ids != ids[:1]).any(axis=0))
+
+
+def draw_noise(pipe, groups: int, positions: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Per group, Gaussian noise on `positions` (groups x length x dim), `scale` times the embedding table's std."""
+    table = pipe.text_encoder.embeddings.token_embedding.weight
+    noise = np.zeros((groups, pipe.tokenizer.model_max_length, table.shape[1]), dtype=np.float32)
+    if scale > 0 and len(positions):
+        std = float(table.detach().float().std())
+        noise[:, positions] = rng.standard_normal((groups, len(positions), table.shape[1])) * scale * std
+    return noise
+
+
+def encode_mixed(
+    pipe, prompts: list[str], partners: list[str], weights: list[float], noise: np.ndarray | None = None
+) -> torch.Tensor:
+    """Hidden states of (1 - w) * embed(prompt) + w * embed(partner) (+ noise), token by token, through the text encoder."""
     table = pipe.text_encoder.embeddings.token_embedding
     device = pipe.text_encoder.device
     a, b = table(_ids(pipe, prompts).to(device)), table(_ids(pipe, partners).to(device))
     w = torch.tensor(weights, device=device, dtype=a.dtype).view(-1, 1, 1)
-    return encode_embeddings(pipe.text_encoder, (1 - w) * a + w * b)
+    mixed = (1 - w) * a + w * b
+    if noise is not None:
+        mixed = mixed + torch.as_tensor(noise, device=device, dtype=a.dtype)
+    return encode_embeddings(pipe.text_encoder, mixed)

@@ -21,7 +21,7 @@ from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.dft import DFTConfig
-from adaptors.trainers.mixing import draw_partners, encode_mixed
+from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
 from adaptors.trainers.trainable import make_trainable
 from common.schemas import FinetuneJob
@@ -113,6 +113,21 @@ def test_prompt_mixing_interpolates_token_embeddings(pipe):
     assert {q for q, _ in drawn[:20]} == {NURSE} and drawn[20] == ("short", 0.0)  # same token length only
     with pytest.raises(ValueError, match="prompt_mixing"):
         DFTConfig.from_hyperparameters({"train": "prefix", "prompt_mixing": 0.5})
+
+
+def test_prompt_noise_moves_only_the_tokens_that_vary_across_the_prompt_set(pipe):
+    varying = varying_positions(pipe, [DOCTOR, NURSE])
+    assert len(varying) == 1  # the occupation word
+    noise = draw_noise(pipe, 3, varying, 0.5, np.random.default_rng(0))
+    assert noise.shape[0] == 3 and np.abs(noise[:, varying]).min() > 0
+    assert not np.delete(noise, varying, axis=1).any()
+    with torch.no_grad():
+        plain = encode_mixed(pipe, [DOCTOR], [DOCTOR], [0.0])
+        moved = encode_mixed(pipe, [DOCTOR], [DOCTOR], [0.0], noise[:1])
+    assert torch.allclose(moved[:, : int(varying[0])], plain[:, : int(varying[0])], atol=1e-6)  # causal: before it, unchanged
+    assert (moved - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="prompt_noise"):
+        DFTConfig.from_hyperparameters({"prompt_noise": -1})
 
 
 def test_step_scales_are_standardised(pipe):
