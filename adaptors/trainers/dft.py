@@ -315,8 +315,9 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     size = default_size(pipe)
     step = _Step(cfg, shares, classifier)
     k = min(cfg.prompts_per_iteration, len(job.prompts))
-    lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True))
-    varying = varying_positions(pipe, list(job.prompts))
+    augment = cfg.prompt_mixing > 0 or cfg.prompt_noise > 0
+    lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True)) if augment else {}
+    varying = varying_positions(pipe, list(job.prompts)) if augment else None
 
     for it in range(state["iteration"], cfg.iterations):
         if should_stop():
@@ -331,7 +332,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
         empty = [""] * n
         encode = trainable.encode
-        if cfg.prompt_mixing > 0 or cfg.prompt_noise > 0:
+        if augment:
             mixes = draw_partners(prompts, list(job.prompts), lengths, cfg.prompt_mixing, rng)
             partners = [q for q, _ in mixes for _ in range(cfg.images_per_prompt)]
             weights = [w for _, w in mixes for _ in range(cfg.images_per_prompt)]

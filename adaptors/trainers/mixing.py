@@ -15,13 +15,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adaptors.prefix import encode_embeddings
+from adaptors.prefix import encode_embeddings, tokenize_for_prefix
 
 
 def _ids(pipe, prompts: list[str]) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids  # fmt: skip
+    return tokenize_for_prefix(pipe, prompts, 0)  # no prefix: the pipeline's own padded ids
 
 
 def token_lengths(pipe, prompts: list[str]) -> list[int]:
