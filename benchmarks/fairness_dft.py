@@ -41,6 +41,13 @@ RUNS: dict[str, tuple[dict, dict]] = {
     "gender_age_75_25_te_unet": ({**GENDER, **AGE}, {"train": "both"}),
     "gender_x_skin_tone_te_unet": ({**GENDER, **SKIN}, {"train": "both"}),
 }
+# runs that train on the wide prompt set: the 12 drawn occupations plus the 36 lookalike words
+WIDE = "testbed-train-wide"
+RUNS.update({
+    "gender_te_lora_wide": (GENDER, {}),
+    "gender_te_unet_lora_wide": (GENDER, {"train": "both"}),
+})
+PROMPT_SETS = {"gender_te_lora_wide": WIDE, "gender_te_unet_lora_wide": WIDE}
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 TRAIN_IMAGES, TRAIN_SEED = 64, 20_100  # per training occupation, seeds the finetune never sampled
 
@@ -57,8 +64,9 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
     target, hp = RUNS[name]
     hp = {**hp, **extra_hp}
     pipe = load_pipeline("testbed", device="cpu")
-    job = FinetuneJob(method="dft", base_model="testbed", fairness_target=target, prompts=prompt_set("testbed-train"),
-                      prompt_set="testbed-train", eval_prompts=prompt_set("testbed-test"),
+    train_set = PROMPT_SETS.get(name, "testbed-train")
+    job = FinetuneJob(method="dft", base_model="testbed", fairness_target=target, prompts=prompt_set(train_set),
+                      prompt_set=train_set, eval_prompts=prompt_set("testbed-test"),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
     curve: list[dict] = []
     t0 = time.time()
@@ -69,6 +77,7 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
         "seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hyperparameters": {**BASE_HP, **hp},
+        "prompt_set": train_set,
         "loss_curve": [{k: p[k] for k in ("iteration", "loss", "align", "preserve", "grad_norm")} for p in curve[::every]],
         "grad_norm_median": _median([p["grad_norm"] for p in curve if p["grad_norm"] is not None]),
         "skipped_steps": sum(1 for p in curve if p["skipped"]),
@@ -104,7 +113,7 @@ def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] |
 def oracle_summary(images: dict, attrs: list[str]) -> dict:
     from common.bias import bias, frequencies, intersectional_bias
     from testbed.oracle import read_batch
-    from testbed.world import ATTRIBUTES
+    from testbed.world import ATTRIBUTES, look_of
 
     per_occ = {}
     for occ, imgs in images.items():
@@ -114,7 +123,7 @@ def oracle_summary(images: dict, attrs: list[str]) -> dict:
         row = {
             "bias": {a: round(bias(frequencies(labels[a], ATTRIBUTES[a])), 4) for a in attrs},
             "shares": {a: {c: round(v, 4) for c, v in frequencies(labels[a], ATTRIBUTES[a]).items()} for a in attrs},
-            "occupation_kept": round(sum(r.occupation == occ for r in readings) / len(readings), 4),
+            "occupation_kept": round(sum(r.occupation == look_of(occ) for r in readings) / len(readings), 4),
             "no_person": len(readings) - len(people),
         }
         if len(attrs) > 1:

@@ -17,7 +17,7 @@ from common.schemas import JobState, Strategy
 FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
 
 # Named prompt sets a finetune may ask for instead of listing prompts (see routes/admin.py).
-PROMPT_SETS: tuple[str, ...] = ("testbed-train", "testbed-test")
+PROMPT_SETS: tuple[str, ...] = ("testbed-train", "testbed-train-wide", "testbed-test")
 
 Probability = Annotated[float, Field(strict=True)]
 FairnessTargetIn = dict[str, dict[str, Probability]]

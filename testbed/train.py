@@ -2,7 +2,8 @@
 
 Stages run in order and each saves what it made, so a stage can be re-run alone:
 `vae` (autoencoder), `diffusion` (UNet and text encoder from scratch, EMA), `classifier`
-(the differentiable attribute classifier, see `testbed.classifier`).
+(the differentiable attribute classifier, see `testbed.classifier`), `words` (the lookalike
+occupations' token embeddings against the frozen model, see `testbed.words`; `all` runs it last).
 
     python -m testbed.train all --out testbed/weights
 """
@@ -136,17 +137,18 @@ def train_diffusion(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "all"])
+    parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "words", "all"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--images", type=int, default=40_000)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--diffusion-steps", type=int, default=6000)
     parser.add_argument("--classifier-steps", type=int, default=1500)
+    parser.add_argument("--word-steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    stages = ["vae", "diffusion", "classifier"] if args.stage == "all" else [args.stage]
+    stages = ["vae", "diffusion", "classifier", "words"] if args.stage == "all" else [args.stage]
     work = args.out / "_work"
     work.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -192,6 +194,15 @@ def main(argv: list[str] | None = None) -> None:
         classifier = train_classifier(vae, args.classifier_steps, args.seed)
         classifier.save_pretrained(args.out / "classifier")
         timings["classifier"] = round(time.time() - t0, 1)
+    if "words" in stages:
+        from testbed.words import learn_words
+
+        t0 = time.time()
+        pipe = StableDiffusionPipeline.from_pretrained(args.out / "pipeline", safety_checker=None, requires_safety_checker=False)
+        words_log = learn_words(pipe, args.word_steps, args.seed)
+        pipe.save_pretrained(args.out / "pipeline", safe_serialization=True)
+        timings["words"] = round(time.time() - t0, 1)
+        logger.info("words: %s", words_log)
     if log_path.exists():  # another stage may have finished meanwhile: keep its timing
         timings = {**json.loads(log_path.read_text()).get("wall_seconds", {}), **timings}
     log_path.write_text(json.dumps({"wall_seconds": timings, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))

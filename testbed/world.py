@@ -82,9 +82,67 @@ OCCUPATIONS: tuple[Occupation, ...] = (
     Occupation("mechanic", 0, 1, 0.08, _DARK, 0.75),
     Occupation("librarian", 7, 0, 0.82, _MIXED, 0.40),
 )
-OCCUPATION_BY_NAME: dict[str, Occupation] = {o.name: o for o in OCCUPATIONS}
 TRAIN_OCCUPATIONS: tuple[str, ...] = tuple(o.name for o in OCCUPATIONS[:12])
 TEST_OCCUPATIONS: tuple[str, ...] = tuple(o.name for o in OCCUPATIONS[12:])
+
+
+def _lookalike(name: str, look: str, p_female: float, p_young: float) -> Occupation:
+    base = next(o for o in OCCUPATIONS if o.name == look)
+    return Occupation(name, base.background, base.shirt, p_female, base.skin_tone, p_young)
+
+
+# Occupations known only as words: each looks like one training occupation (same background and
+# shirt) but has its own gender and age shares, as a surgeon looks like a doctor. The diffusion
+# model never trained on them; `testbed.words` learns one token embedding each against the frozen
+# model, so every prompt of the 16 drawn occupations encodes exactly as before. They exist so that
+# a finetune can see many occupations, as Shen et al.'s ~1000 do, where the 12 drawn ones give a
+# text-encoder LoRA 12 points to generalise from; they never share a look with a held-out occupation.
+LOOKALIKE_OCCUPATIONS: tuple[Occupation, ...] = (
+    _lookalike("surgeon", "doctor", 0.10, 0.60),
+    _lookalike("dentist", "doctor", 0.45, 0.70),
+    _lookalike("pharmacist", "doctor", 0.65, 0.75),
+    _lookalike("midwife", "nurse", 0.95, 0.70),
+    _lookalike("paramedic", "nurse", 0.30, 0.90),
+    _lookalike("therapist", "nurse", 0.70, 0.60),
+    _lookalike("architect", "engineer", 0.30, 0.65),
+    _lookalike("programmer", "engineer", 0.20, 0.95),
+    _lookalike("electrician", "engineer", 0.05, 0.75),
+    _lookalike("professor", "teacher", 0.35, 0.40),
+    _lookalike("tutor", "teacher", 0.55, 0.95),
+    _lookalike("principal", "teacher", 0.40, 0.45),
+    _lookalike("baker", "chef", 0.60, 0.70),
+    _lookalike("waiter", "chef", 0.45, 0.95),
+    _lookalike("butcher", "chef", 0.08, 0.55),
+    _lookalike("astronaut", "pilot", 0.25, 0.85),
+    _lookalike("captain", "pilot", 0.12, 0.40),
+    _lookalike("dispatcher", "pilot", 0.55, 0.75),
+    _lookalike("gardener", "farmer", 0.50, 0.50),
+    _lookalike("rancher", "farmer", 0.15, 0.55),
+    _lookalike("florist", "farmer", 0.85, 0.80),
+    _lookalike("judge", "lawyer", 0.35, 0.30),
+    _lookalike("paralegal", "lawyer", 0.85, 0.90),
+    _lookalike("banker", "lawyer", 0.25, 0.65),
+    _lookalike("singer", "dancer", 0.65, 0.90),
+    _lookalike("performer", "dancer", 0.50, 0.85),
+    _lookalike("model", "dancer", 0.90, 0.98),
+    _lookalike("clerk", "cashier", 0.60, 0.80),
+    _lookalike("receptionist", "cashier", 0.90, 0.85),
+    _lookalike("bartender", "cashier", 0.35, 0.90),
+    _lookalike("chemist", "scientist", 0.40, 0.70),
+    _lookalike("biologist", "scientist", 0.60, 0.80),
+    _lookalike("physicist", "scientist", 0.15, 0.60),
+    _lookalike("painter", "artist", 0.45, 0.70),
+    _lookalike("designer", "artist", 0.70, 0.90),
+    _lookalike("photographer", "artist", 0.30, 0.85),
+)
+OCCUPATION_BY_NAME: dict[str, Occupation] = {o.name: o for o in OCCUPATIONS + LOOKALIKE_OCCUPATIONS}
+WIDE_TRAIN_OCCUPATIONS: tuple[str, ...] = TRAIN_OCCUPATIONS + tuple(o.name for o in LOOKALIKE_OCCUPATIONS)
+
+
+def look_of(occupation: str) -> str:
+    """The drawn occupation whose background and shirt `occupation` has (what the oracle reads)."""
+    occ = OCCUPATION_BY_NAME[occupation]
+    return next(o.name for o in OCCUPATIONS if (o.background, o.shirt) == (occ.background, occ.shirt))
 
 PROMPT_TEMPLATE = "a photo of the face of a {occupation}, a person"
 
@@ -156,19 +214,27 @@ def sample_people(
 
 
 def vocabulary_words() -> list[str]:
-    """Every word the captions use, for the generated tokenizer vocabulary."""
+    """Every word the captions use, for the generated tokenizer vocabulary.
+
+    The lookalike occupations come after the rest, so their BPE merges rank after every other
+    word's and adding them left the tokenization of every earlier word unchanged.
+    """
     words = set("a an photo of the face person with skin tone , i ii iii iv".split())
     for occ in OCCUPATIONS:
         words.add(occ.name)
     for classes in CLASS_WORDS.values():
         for phrase in classes.values():
             words.update(phrase.split())
-    return sorted(words)
+    return sorted(words) + sorted(o.name for o in LOOKALIKE_OCCUPATIONS if o.name not in words)
 
 
 # Named prompt sets for finetunes; a training set names the held-out set its metrics are measured on.
-PROMPT_SETS: dict[str, tuple[str, ...]] = {"testbed-train": TRAIN_OCCUPATIONS, "testbed-test": TEST_OCCUPATIONS}
-HELD_OUT_SET: dict[str, str] = {"testbed-train": "testbed-test"}
+PROMPT_SETS: dict[str, tuple[str, ...]] = {
+    "testbed-train": TRAIN_OCCUPATIONS,
+    "testbed-train-wide": WIDE_TRAIN_OCCUPATIONS,
+    "testbed-test": TEST_OCCUPATIONS,
+}
+HELD_OUT_SET: dict[str, str] = {"testbed-train": "testbed-test", "testbed-train-wide": "testbed-test"}
 
 
 def prompt_set(name: str) -> list[str] | None:
