@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,24 +31,28 @@ GENDER = {"gender": {"female": 0.5, "male": 0.5}}
 SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
 AGE = {"age": {"young": 0.75, "old": 0.25}}
 BASE_HP = {"eval_images": 8}  # the trainer's defaults otherwise; its own (classifier) evaluation is not the one reported
-RUNS: dict[str, tuple[dict, dict]] = {
-    "gender_te_lora": (GENDER, {}),
-    "gender_prefix": (GENDER, {"train": "prefix"}),
-    "gender_x_skin_tone": ({**GENDER, **SKIN}, {}),
-    "gender_age_75_25": ({**GENDER, **AGE}, {}),
-    "gender_plain_dft": (GENDER, {"adjusted": False}),
-    "gender_te_unet_lora": (GENDER, {"train": "both"}),
-    "gender_te_unet_lora_200": (GENDER, {"train": "both", "iterations": 200}),
-    "gender_age_75_25_te_unet": ({**GENDER, **AGE}, {"train": "both"}),
-    "gender_x_skin_tone_te_unet": ({**GENDER, **SKIN}, {"train": "both"}),
+WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike words
+
+
+class Run(NamedTuple):
+    target: dict
+    hp: dict
+    prompt_set: str = "testbed-train"
+
+
+RUNS: dict[str, Run] = {
+    "gender_te_lora": Run(GENDER, {}),
+    "gender_prefix": Run(GENDER, {"train": "prefix"}),
+    "gender_x_skin_tone": Run({**GENDER, **SKIN}, {}),
+    "gender_age_75_25": Run({**GENDER, **AGE}, {}),
+    "gender_plain_dft": Run(GENDER, {"adjusted": False}),
+    "gender_te_unet_lora": Run(GENDER, {"train": "both"}),
+    "gender_te_unet_lora_200": Run(GENDER, {"train": "both", "iterations": 200}),
+    "gender_age_75_25_te_unet": Run({**GENDER, **AGE}, {"train": "both"}),
+    "gender_x_skin_tone_te_unet": Run({**GENDER, **SKIN}, {"train": "both"}),
+    "gender_te_lora_wide": Run(GENDER, {}, WIDE),
+    "gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE),
 }
-# runs that train on the wide prompt set: the 12 drawn occupations plus the 36 lookalike words
-WIDE = "testbed-train-wide"
-RUNS.update({
-    "gender_te_lora_wide": (GENDER, {}),
-    "gender_te_unet_lora_wide": (GENDER, {"train": "both"}),
-})
-PROMPT_SETS = {"gender_te_lora_wide": WIDE, "gender_te_unet_lora_wide": WIDE}
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 TRAIN_IMAGES, TRAIN_SEED = 64, 20_100  # per training occupation, seeds the finetune never sampled
 
@@ -61,10 +66,9 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
     from testbed.world import prompt_set
 
     configure_threads(1)
-    target, hp = RUNS[name]
+    target, hp, train_set = RUNS[name]
     hp = {**hp, **extra_hp}
     pipe = load_pipeline("testbed", device="cpu")
-    train_set = PROMPT_SETS.get(name, "testbed-train")
     job = FinetuneJob(method="dft", base_model="testbed", fairness_target=target, prompts=prompt_set(train_set),
                       prompt_set=train_set, eval_prompts=prompt_set("testbed-test"),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
@@ -146,7 +150,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     from testbed.world import TRAIN_OCCUPATIONS
 
     configure_threads(1)
-    target, _ = RUNS[name]
+    target = RUNS[name].target
     attrs = list(target)
     adaptor = load_adaptor(store / name)
     pipe = load_pipeline("testbed", device="cpu")

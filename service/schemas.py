@@ -12,12 +12,13 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.schemas import JobState, Strategy
+from testbed import world  # numpy-only: the named prompt sets live there
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
 FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
 
 # Named prompt sets a finetune may ask for instead of listing prompts (see routes/admin.py).
-PROMPT_SETS: tuple[str, ...] = ("testbed-train", "testbed-train-wide", "testbed-test")
+PROMPT_SETS: tuple[str, ...] = tuple(world.PROMPT_SETS)
 
 Probability = Annotated[float, Field(strict=True)]
 FairnessTargetIn = dict[str, dict[str, Probability]]

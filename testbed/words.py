@@ -42,8 +42,7 @@ def extend_vocabulary(text_encoder: CLIPTextModel, old: CLIPTokenizer, new: CLIP
     for token, i in old_vocab.items():
         rows[new_vocab[token]] = table[i]
     fresh = sorted(set(new_vocab.values()) - {new_vocab[t] for t in old_vocab})
-    for i in fresh:  # BPE intermediates that are not words keep a neutral start: the table mean
-        rows[i] = table.mean(0)
+    rows[fresh] = table.mean(0)  # BPE intermediates that are not words keep a neutral start: the table mean
     for occ in LOOKALIKE_OCCUPATIONS:
         rows[new_vocab[occ.name + "</w>"]] = table[old_vocab[look_of(occ.name) + "</w>"]]
     embedding = torch.nn.Embedding(len(new_vocab), table.shape[1])

@@ -9,8 +9,25 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from tests.support.processes import free_port, start_redis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Every in-process test runs torch on one thread.
+
+    Tiny models run fastest on one thread, and two threads on a busy 2-core box spin for seconds
+    per call (the worker processes the integration tests start are busy beside this one). Set for
+    the whole session, before any module fixture: the cached testbed pipeline is loaded by
+    whichever test comes first, so a setting made only where it is loaded depended on the order
+    tests ran in (the testbed bias fixture took 150 s instead of 47 s after the adaptor tests).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -138,7 +138,7 @@ def test_finetune_publishes_an_adaptor_that_shifts_the_delivered_distribution(st
         headers=ADMIN,
         json={"method": "prefix", "fairness_target": BALANCED, "name": "senator-balance",
               "prompts": [SENATOR, "a photo of the face of a pilot, a person"],
-              "hyperparameters": {"iterations": 40, "images_per_prompt": 16, "prompts_per_iteration": 1,
+              "hyperparameters": {"iterations": 24, "images_per_prompt": 16, "prompts_per_iteration": 1,
                                   "ce_temperature": 1.0}},
     )  # fmt: skip
     assert resp.status_code == 202, resp.text
