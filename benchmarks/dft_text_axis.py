@@ -1,0 +1,128 @@
+"""Why a text-encoder LoRA debiases the training occupations and not the held-out ones. One JSON object.
+
+Trains the default `dft` text-encoder LoRA (gender 50/50, the 12 training occupations, as
+fairness_dft's gender_te_lora) and, for all 16 occupations, reads two things off the text
+encoder. Its gender axis for an occupation X is the difference between the encodings of
+"a female X" and "a male X" prompts; the base prompt's coordinate on that axis (-0.5 at the male
+prompt, +0.5 at the female one) says how much of the occupation's gender prior the text side
+holds in a shared, readable form, and the LoRA's movement along it says which way the finetune
+pushed. Both are set beside the oracle's female share before and after (64 images each). If the
+prior a finetune must undo is held by the UNet's reading of each occupation's own token rather
+than along a shared text direction, a rule learnt on 12 occupations has nothing to carry over.
+
+    python benchmarks/dft_text_axis.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fairness_dft import BASE_HP, GENDER, held_out_images, oracle_summary  # noqa: E402
+from benchmarks.results_io import environment, publish  # noqa: E402
+
+IMAGES, SEED = 64, 20_200
+
+
+def text_axis(pipe, occupations: list[str]):
+    """(encodings of the plain prompts, female-minus-male axis, the axis midpoint), each occupations x L x D."""
+    import torch
+
+    from testbed.world import attribute_prompt, prompt_for
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0]
+
+    female = encode([attribute_prompt(o, {"gender": "female"}) for o in occupations])
+    male = encode([attribute_prompt(o, {"gender": "male"}) for o in occupations])
+    return encode([prompt_for(o) for o in occupations]), female - male, (female + male) / 2
+
+
+def _coordinate(vectors, axis) -> np.ndarray:
+    """Per occupation, the projection of `vectors` on its own axis, in units of the axis length."""
+    return ((vectors * axis).flatten(1).sum(1) / axis.flatten(1).pow(2).sum(1)).numpy()
+
+
+def main() -> None:
+    from adaptors.base import load_adaptor
+    from adaptors.classifiers import TestbedAttributeClassifier
+    from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.trainers import get_trainer
+    from common.schemas import FinetuneJob
+    from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS, prompt_set
+
+    configure_threads(1)
+    occupations = list(TRAIN_OCCUPATIONS) + list(TEST_OCCUPATIONS)
+    pipe = load_pipeline("testbed", device="cpu")
+    before_images = held_out_images(pipe, None, IMAGES, tuple(occupations), (SEED,))
+    encoded, axis, middle = text_axis(pipe, occupations)
+    job = FinetuneJob(method="dft", base_model="testbed", fairness_target=GENDER, prompts=prompt_set("testbed-train"),
+                      prompt_set="testbed-train", eval_prompts=prompt_set("testbed-test"),
+                      hyperparameters=dict(BASE_HP))  # fmt: skip
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp)
+        get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / "a", store / "c", lambda _: None, lambda: False)
+        seconds = time.time() - t0
+        adaptor = load_adaptor(store / "a")
+    adaptor.attach(pipe)
+    adaptor.activate(pipe)
+    tuned, _, _ = text_axis(pipe, occupations)
+    after_images = held_out_images(pipe, adaptor, IMAGES, tuple(occupations), (SEED,))
+    before, after = oracle_summary(before_images, ["gender"]), oracle_summary(after_images, ["gender"])
+
+    base_coord = _coordinate(encoded - middle, axis)
+    moved = _coordinate(tuned - encoded, axis)
+    relative = ((tuned - encoded).flatten(1).norm(dim=1) / encoded.flatten(1).norm(dim=1)).numpy()
+    share_before = np.array([before[o]["shares"]["gender"]["female"] for o in occupations])
+    share_after = np.array([after[o]["shares"]["gender"]["female"] for o in occupations])
+    wanted = np.sign(0.5 - share_before)  # the direction debiasing must move each occupation
+    rows = {
+        o: {
+            "held_out": o in TEST_OCCUPATIONS,
+            "female_share_before": round(float(share_before[i]), 4),
+            "female_share_after": round(float(share_after[i]), 4),
+            "text_gender_coordinate": round(float(base_coord[i]), 4),
+            "lora_move_along_gender_axis": round(float(moved[i]), 4),
+            "lora_relative_change": round(float(relative[i]), 4),
+        }
+        for i, o in enumerate(occupations)
+    }
+
+    def group(held_out: bool) -> dict:
+        idx = np.array([rows[o]["held_out"] == held_out for o in occupations])
+        return {
+            "corr_text_coordinate_vs_female_share": round(float(np.corrcoef(base_coord[idx], share_before[idx])[0, 1]), 4),
+            "moved_the_debiasing_way": int((np.sign(moved[idx]) == wanted[idx]).sum()),
+            "occupations": int(idx.sum()),
+            "mean_abs_move": round(float(np.abs(moved[idx]).mean()), 4),
+            "mean_relative_change": round(float(relative[idx].mean()), 4),
+            "mean_bias_before": round(float(np.abs(2 * share_before[idx] - 1).mean()), 4),
+            "mean_bias_after": round(float(np.abs(2 * share_after[idx] - 1).mean()), 4),
+        }
+
+    result = {
+        "benchmark": "dft_text_axis",
+        **environment(1),
+        "images_per_occupation": IMAGES,
+        "hyperparameters": dict(BASE_HP),
+        "train_seconds": round(seconds, 1),
+        "training": group(False),
+        "held_out": group(True),
+        "per_occupation": rows,
+    }
+    publish("dft_text_axis", result)
+
+
+if __name__ == "__main__":
+    main()
