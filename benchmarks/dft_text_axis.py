@@ -1,7 +1,7 @@
 """Why a text-encoder LoRA debiases the training occupations and not the held-out ones. One JSON object.
 
-Trains the default `dft` text-encoder LoRA (gender 50/50, the 12 training occupations, as
-fairness_dft's gender_te_lora) and, for all 16 occupations, reads two things off the text
+Trains fairness_dft's gender_te_lora (the default `dft` text-encoder LoRA, gender 50/50, the 12
+training occupations) and, for all 16 occupations, reads two things off the text
 encoder. Its gender axis for an occupation X is the difference between the encodings of
 "a female X" and "a male X" prompts; the base prompt's coordinate on that axis (-0.5 at the male
 prompt, +0.5 at the female one) says how much of the occupation's gender prior the text side
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +24,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import BASE_HP, GENDER, held_out_images, oracle_summary  # noqa: E402
+from benchmarks.fairness_dft import held_out_images, oracle_summary, train  # noqa: E402
 from benchmarks.results_io import environment, publish  # noqa: E402
 
 IMAGES, SEED = 64, 20_200
+RUN = "gender_te_lora"
 
 
 def text_axis(pipe, occupations: list[str]):
     """(encodings of the plain prompts, female-minus-male axis, the axis midpoint), each occupations x L x D."""
     import torch
 
+    from adaptors.prefix import tokenize_for_prefix
     from testbed.world import attribute_prompt, prompt_for
 
     def encode(prompts: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids  # fmt: skip
         with torch.no_grad():
-            return pipe.text_encoder(ids)[0]
+            return pipe.text_encoder(tokenize_for_prefix(pipe, prompts, 0))[0]
 
     female = encode([attribute_prompt(o, {"gender": "female"}) for o in occupations])
     male = encode([attribute_prompt(o, {"gender": "male"}) for o in occupations])
@@ -55,26 +54,17 @@ def _coordinate(vectors, axis) -> np.ndarray:
 
 def main() -> None:
     from adaptors.base import load_adaptor
-    from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline
-    from adaptors.trainers import get_trainer
-    from common.schemas import FinetuneJob
-    from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS, prompt_set
+    from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS
 
     configure_threads(1)
     occupations = list(TRAIN_OCCUPATIONS) + list(TEST_OCCUPATIONS)
     pipe = load_pipeline("testbed", device="cpu")
     before_images = held_out_images(pipe, None, IMAGES, tuple(occupations), (SEED,))
     encoded, axis, middle = text_axis(pipe, occupations)
-    job = FinetuneJob(method="dft", base_model="testbed", fairness_target=GENDER, prompts=prompt_set("testbed-train"),
-                      prompt_set="testbed-train", eval_prompts=prompt_set("testbed-test"),
-                      hyperparameters=dict(BASE_HP))  # fmt: skip
-    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp)
-        get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / "a", store / "c", lambda _: None, lambda: False)
-        seconds = time.time() - t0
-        adaptor = load_adaptor(store / "a")
+        trained = train(RUN, Path(tmp), {})
+        adaptor = load_adaptor(Path(tmp) / RUN)
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     tuned, _, _ = text_axis(pipe, occupations)
@@ -114,9 +104,10 @@ def main() -> None:
     result = {
         "benchmark": "dft_text_axis",
         **environment(1),
+        "run": RUN,
         "images_per_occupation": IMAGES,
-        "hyperparameters": dict(BASE_HP),
-        "train_seconds": round(seconds, 1),
+        "hyperparameters": trained["hyperparameters"],
+        "train_seconds": trained["seconds"],
         "training": group(False),
         "held_out": group(True),
         "per_occupation": rows,
