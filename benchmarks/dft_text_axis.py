@@ -10,11 +10,15 @@ pushed. Both are set beside the oracle's female share before and after (64 image
 prior a finetune must undo is held by the UNet's reading of each occupation's own token rather
 than along a shared text direction, a rule learnt on 12 occupations has nothing to carry over.
 
-    python benchmarks/dft_text_axis.py
+    python benchmarks/dft_text_axis.py [--model shared-axes]
+
+`--model shared-axes` runs the same on the shared-axis variant (testbed.shared_axis), training
+fairness_dft's shared_axes_gender_te_lora, and writes dft_text_axis_shared_axes.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -24,11 +28,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import held_out_images, oracle_summary, train  # noqa: E402
+from benchmarks.fairness_dft import RUNS, base_model_path, held_out_images, oracle_summary, train  # noqa: E402
 from benchmarks.results_io import environment, publish  # noqa: E402
 
 IMAGES, SEED = 64, 20_200
-RUN = "gender_te_lora"
+MODELS = {  # --model: (the fairness_dft run trained, the result's name)
+    "testbed": ("gender_te_lora", "dft_text_axis"),
+    "shared-axes": ("shared_axes_gender_te_lora", "dft_text_axis_shared_axes"),
+}
 
 
 def text_axis(pipe, occupations: list[str]):
@@ -57,14 +64,17 @@ def main() -> None:
     from adaptors.generation import configure_threads, load_pipeline
     from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="testbed")
+    run, name = MODELS[parser.parse_args().model]
     configure_threads(1)
     occupations = list(TRAIN_OCCUPATIONS) + list(TEST_OCCUPATIONS)
-    pipe = load_pipeline("testbed", device="cpu")
+    pipe = load_pipeline(base_model_path(RUNS[run]), device="cpu")
     before_images = held_out_images(pipe, None, IMAGES, tuple(occupations), (SEED,))
     encoded, axis, middle = text_axis(pipe, occupations)
     with tempfile.TemporaryDirectory() as tmp:
-        trained = train(RUN, Path(tmp), {})
-        adaptor = load_adaptor(Path(tmp) / RUN)
+        trained = train(run, Path(tmp), {})
+        adaptor = load_adaptor(Path(tmp) / run)
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     tuned, _, _ = text_axis(pipe, occupations)
@@ -102,9 +112,9 @@ def main() -> None:
         }
 
     result = {
-        "benchmark": "dft_text_axis",
+        "benchmark": name,
         **environment(1),
-        "run": RUN,
+        "run": run,
         "images_per_occupation": IMAGES,
         "hyperparameters": trained["hyperparameters"],
         "train_seconds": trained["seconds"],
@@ -112,7 +122,7 @@ def main() -> None:
         "held_out": group(True),
         "per_occupation": rows,
     }
-    publish("dft_text_axis", result)
+    publish(name, result)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,16 @@ BASE_HP = {"eval_images": 8}  # the trainer's defaults otherwise; its own (class
 WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike words
 
 
+# the shared-axis variant of the testbed (testbed.shared_axis): occupation stereotypes on directions all
+# occupation words share, as in a pretrained text encoder; "testbed" runs measure the main model
+SHARED_AXES = "testbed-shared-axes"
+
+
 class Run(NamedTuple):
     target: dict
     hp: dict
     prompt_set: str = "testbed-train"
+    base: str = "testbed"  # or SHARED_AXES
 
 
 RUNS: dict[str, Run] = {
@@ -52,7 +58,19 @@ RUNS: dict[str, Run] = {
     "gender_x_skin_tone_te_unet": Run({**GENDER, **SKIN}, {"train": "both"}),
     "gender_te_lora_wide": Run(GENDER, {}, WIDE),
     "gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE),
+    "shared_axes_gender_te_lora": Run(GENDER, {}, base=SHARED_AXES),
+    "shared_axes_gender_prefix": Run(GENDER, {"train": "prefix"}, base=SHARED_AXES),
+    "shared_axes_gender_x_skin_tone": Run({**GENDER, **SKIN}, {}, base=SHARED_AXES),
+    "shared_axes_gender_age_75_25": Run({**GENDER, **AGE}, {}, base=SHARED_AXES),
 }
+
+
+def base_model_path(run: Run) -> str:
+    from testbed import SHARED_AXES_PIPELINE_DIR
+
+    return str(SHARED_AXES_PIPELINE_DIR) if run.base == SHARED_AXES else run.base
+
+
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 TRAIN_IMAGES, TRAIN_SEED = 64, 20_100  # per training occupation, seeds the finetune never sampled
 
@@ -66,9 +84,9 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
     from testbed.world import prompt_set
 
     configure_threads(1)
-    target, hp, train_set = RUNS[name]
+    target, hp, train_set, _ = run = RUNS[name]
     hp = {**hp, **extra_hp}
-    pipe = load_pipeline("testbed", device="cpu")
+    pipe = load_pipeline(base_model_path(run), device="cpu")
     job = FinetuneJob(method="dft", base_model="testbed", fairness_target=target, prompts=prompt_set(train_set),
                       prompt_set=train_set, eval_prompts=prompt_set("testbed-test"),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
@@ -82,6 +100,7 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "hyperparameters": {**BASE_HP, **hp},
         "prompt_set": train_set,
+        "base_model": run.base,
         "loss_curve": [{k: p[k] for k in ("iteration", "loss", "align", "preserve", "grad_norm")} for p in curve[::every]],
         "grad_norm_median": _median([p["grad_norm"] for p in curve if p["grad_norm"] is not None]),
         "skipped_steps": sum(1 for p in curve if p["skipped"]),
@@ -153,7 +172,8 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     target = RUNS[name].target
     attrs = list(target)
     adaptor = load_adaptor(store / name)
-    pipe = load_pipeline("testbed", device="cpu")
+    pipe = load_pipeline(base_model_path(RUNS[name]), device="cpu")
+    before_cache = before_cache.setdefault(RUNS[name].base, {})  # the same base images for every run on a model
     if "images" not in before_cache:
         before_cache["images"] = held_out_images(pipe, None, per_seed)
         before_cache["train_images"] = held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,))

@@ -9,4 +9,6 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
+# the shared-axis variant (testbed.shared_axis), for measuring whether a finetune generalises
+SHARED_AXES_PIPELINE_DIR = WEIGHTS_DIR / "pipeline_shared_axes"
 BASE_MODEL_ID = "fairdiff-testbed"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from multiprocessing import get_context
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def _render_chunk(args: tuple[list[Person], list[int]]) -> np.ndarray:
     return render_batch(people, seeds).astype(np.float32)
 
 
-def render_set(n: int, seed: int, workers: int = 2, **caption_kwargs: float) -> RenderedSet:
+def render_set(n: int, seed: int, workers: int = 2, **caption_kwargs: Any) -> RenderedSet:
     """Draw n people from the stereotyped table and render them (in `workers` processes)."""
     rng = np.random.default_rng(seed)
     samples = sample_people(n, rng, **caption_kwargs)

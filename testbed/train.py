@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from testbed import SHARED_AXES_PIPELINE_DIR
 from testbed.architecture import (
     build_sample_scheduler,
     build_text_encoder,
@@ -93,10 +94,18 @@ def train_diffusion(
     steps: int,
     seed: int,
     batch_size: int = 64,
+    shared_axes: bool = False,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Epsilon-prediction MSE, UNet and text encoder from scratch; returns the EMA copies."""
+    """Epsilon-prediction MSE, UNet and text encoder from scratch; returns the EMA copies.
+
+    `shared_axes`: occupation rows composed from shared stereotype directions (testbed.shared_axis).
+    """
     torch.manual_seed(seed)
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    if shared_axes:
+        from testbed.shared_axis import compose_occupation_rows
+
+        compose_occupation_rows(text_encoder, tokenizer)
     ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     sched = build_train_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -132,12 +141,16 @@ def train_diffusion(
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 200 == 0 or step == steps - 1:
             logger.info("diffusion step %d/%d loss %.4f (%.0f s)", step + 1, steps, running, time.time() - start)
+    if shared_axes:
+        from testbed.shared_axis import fold_occupation_rows
+
+        fold_occupation_rows(ema_te)
     return ema_unet.eval(), ema_te.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "words", "all"])
+    parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "words", "all", "shared"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--images", type=int, default=40_000)
     parser.add_argument("--vae-steps", type=int, default=1200)
@@ -203,9 +216,27 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(args.out / "pipeline", safe_serialization=True)
         timings["words"] = round(time.time() - t0, 1)
         logger.info("words: %s", words_log)
+    if "shared" in stages:  # the shared-axis variant: the main model's VAE, its own UNet and text encoder
+        from testbed.shared_axis import SHARED_OCCUPATIONS
+
+        t0 = time.time()
+        data = render_set(args.images, seed=args.seed, occupations=SHARED_OCCUPATIONS)
+        vae = AutoencoderKL.from_pretrained(args.out / "pipeline" / "vae").eval()
+        mean, std = encode_latents(vae, data.images)
+        tokenizer = build_tokenizer()
+        unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed,
+                                             shared_axes=True)  # fmt: skip
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=build_sample_scheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        pipe.save_pretrained(args.out / SHARED_AXES_PIPELINE_DIR.name, safe_serialization=True)
+        timings["shared"] = round(time.time() - t0, 1)
     if log_path.exists():  # another stage may have finished meanwhile: keep its timing
         timings = {**json.loads(log_path.read_text()).get("wall_seconds", {}), **timings}
-    log_path.write_text(json.dumps({"wall_seconds": timings, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+    log = json.loads(log_path.read_text()) if log_path.exists() else {}
+    args_key = "shared_args" if args.stage == "shared" else "args"  # the variant never hides the main model's recipe
+    log.update({"wall_seconds": timings, args_key: {k: str(v) for k, v in vars(args).items()}})
+    log_path.write_text(json.dumps(log, indent=2))
     logger.info("done: %s", timings)
 
 

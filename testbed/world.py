@@ -182,17 +182,25 @@ class Sample:
 
 
 def sample_people(
-    n: int, rng: np.random.Generator, named_share: float = 0.35, drop_share: float = 0.1
+    n: int,
+    rng: np.random.Generator,
+    named_share: float = 0.35,
+    drop_share: float = 0.1,
+    occupations: tuple[Occupation, ...] | None = None,
 ) -> list[Sample]:
     """Draw people from the stereotyped table with captions.
 
     Most captions are the plain prompt; `named_share` name one or more of the drawn classes so
     the text encoder learns the group words; `drop_share` are empty for classifier-free guidance.
+    `occupations` (default: the 16 drawn ones) may add lookalikes; a sample's `occupation` is
+    always the index of the look it is rendered with.
     """
+    table = OCCUPATIONS if occupations is None else occupations
+    looks = [o.name for o in OCCUPATIONS]
     out: list[Sample] = []
     for _ in range(n):
-        oi = int(rng.integers(len(OCCUPATIONS)))
-        occ = OCCUPATIONS[oi]
+        occ = table[int(rng.integers(len(table)))]
+        oi = looks.index(look_of(occ.name))
         g = int(rng.random() >= occ.p_female)
         s = int(rng.choice(4, p=np.asarray(occ.skin_tone)))
         a = int(rng.random() >= occ.p_young)

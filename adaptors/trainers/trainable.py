@@ -21,8 +21,16 @@ from adaptors.prefix import PREFIX_KEY, PrefixAdaptor, init_prefix, make_prompt_
 from common.adaptor_manifest import AdaptorManifest
 
 TRAIN_ADAPTER = "fairdiff-training"
-TEXT_ENCODER_MODULES = {"attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-                        "attention": ["q_proj", "k_proj", "v_proj", "out_proj"]}  # fmt: skip
+TEXT_ENCODER_MODULES: dict[str, list[str] | str] = {
+    "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    # only the last block / only its two projections that write into the residual stream (PEFT regexes):
+    # too little room to learn a change per training prompt, so a low-rank edit there must find one rule
+    # that held-out prompts share ({last} is the index of the encoder's last layer, filled in per model).
+    # Never the MLP alone: diffusers' load_lora_weights cannot read a text-encoder file without attention keys.
+    "last_layer": r".*layers\.{last}\..*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
+    "last_outputs": r".*layers\.{last}\.(self_attn\.out_proj|mlp\.fc2)",
+}
 # "cross_attention_kv": only the projections that read the text (a PEFT regex, matched in full); a low-rank
 # edit there can remove a direction of the text embedding for every prompt at once, as closed-form concept
 # editing does, instead of learning a change per training prompt
@@ -74,6 +82,8 @@ class LoraTrainable(Trainable):
             torch.manual_seed(seed)
             for component in self.components:
                 modules = TEXT_ENCODER_MODULES[text_modules] if component == "text_encoder" else UNET_MODULES[unet_modules]
+                if isinstance(modules, str) and component == "text_encoder":
+                    modules = modules.replace("{last}", str(pipe.text_encoder.config.num_hidden_layers - 1))
                 config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules)
                 getattr(pipe, component).add_adapter(config, adapter_name=TRAIN_ADAPTER)
         self.params = [

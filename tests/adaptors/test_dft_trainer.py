@@ -218,6 +218,19 @@ def test_cross_attention_kv_trains_only_the_projections_that_read_the_text(pipe,
     assert not any(loaded_adapters(pipe).values())
 
 
+def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diffusers_loads_it(pipe, classifier, tmp_path):
+    spec = GenerationSpec(DOCTOR, num_images=2, seed=3, steps=3)
+    before = generate(pipe, spec)
+    _run(_job(text_encoder_modules="last_outputs", rank=1, iterations=1, lr=0.05), pipe, classifier, tmp_path)
+    tensors = load_adaptor(tmp_path / "out").tensors
+    last = pipe.text_encoder.config.num_hidden_layers - 1
+    assert all(k.startswith("text_encoder.") for k in tensors)
+    assert {k.split(".lora")[0].split("encoder.layers.")[1] for k in tensors} == {f"{last}.self_attn.out_proj", f"{last}.mlp.fc2"}
+    assert all(min(v.shape) == 1 for v in tensors.values())  # rank 1
+    pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="plain")
+    assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
+
+
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
     manifest = _run(_job("prefix", num_tokens=3, iterations=1, lr=0.5), pipe, classifier, tmp_path)
     adaptor = load_adaptor(tmp_path / "out")

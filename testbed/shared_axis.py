@@ -1,0 +1,75 @@
+"""A second testbed model whose text encoder holds occupation stereotypes on shared directions.
+
+Why it exists: Shen et al.'s text-encoder LoRA generalises to occupations it never saw because
+CLIP was pretrained on the whole web, so "how male an occupation word reads" lies on directions
+that every occupation word shares. The main testbed's text encoder was trained from scratch on
+16 occupations, each with a fixed look and fixed shares, so its UNet can read an occupation's
+gender from the occupation's identity; a text-encoder finetune that debiases the 12 training
+words barely moves the 4 held-out ones (benchmarks/dft_text_axis.py and fairness_dft.py measure it).
+
+Here every occupation word's embedding row is composed, not free:
+    row(word) = look[word's look] + (p_female - 0.5) * g + (p_young - 0.5) * a + (darkness - mean) * s
+with one learnt vector per look and one shared direction per attribute (g, a, s), and the
+diffusion model trains on all 52 occupation words (the 16 drawn ones and the 36 lookalikes,
+which share looks with different shares), so for 12 of the 16 looks the look no longer fixes
+the shares and the route from a word to its stereotype is the shared directions, as in a
+pretrained encoder (the 4 held-out looks have one word each, so there the two agree). The
+saved pipeline is a plain StableDiffusionPipeline (the composition is folded into the rows).
+
+    python -m testbed.train shared --out testbed/weights
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from testbed.world import ATTRIBUTES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_of
+
+SHARED_OCCUPATIONS: tuple[Occupation, ...] = OCCUPATIONS + LOOKALIKE_OCCUPATIONS
+LOOK_NAMES: tuple[str, ...] = tuple(o.name for o in OCCUPATIONS)
+
+
+def stereotype_coordinates(occ: Occupation) -> tuple[float, float, float]:
+    """Centred gender, age and skin-tone shares of an occupation: where it sits on the shared axes."""
+    tones = np.arange(len(ATTRIBUTES["skin_tone"]))
+    darkness = float(np.dot(occ.skin_tone, tones)) / (len(tones) - 1)
+    return occ.p_female - 0.5, occ.p_young - 0.5, darkness - 0.5
+
+
+class ComposedOccupationRows(torch.nn.Module):
+    """Parametrization of the embedding table: occupation rows = look vector + shares x shared axes."""
+
+    def __init__(self, token_ids: list[int], looks: list[int], coords: np.ndarray, dim: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
+        self.register_buffer("look_index", torch.tensor(looks, dtype=torch.long))
+        self.register_buffer("coords", torch.tensor(coords, dtype=torch.float32))
+        self.looks = torch.nn.Parameter(torch.randn(len(LOOK_NAMES), dim) * std)
+        # the axes start at the scale of a row, so a share difference is visible from the first step
+        self.axes = torch.nn.Parameter(torch.randn(coords.shape[1], dim) * std * 2.0)
+
+    def forward(self, table: torch.Tensor) -> torch.Tensor:
+        rows = self.looks[self.look_index] + self.coords @ self.axes
+        return table.index_put((self.token_ids,), rows.to(table.dtype))
+
+
+def compose_occupation_rows(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> ComposedOccupationRows:
+    """Make every occupation word's row a composition (in place); the returned module holds its parameters."""
+    vocab = tokenizer.get_vocab()
+    ids, looks, coords = [], [], []
+    for occ in SHARED_OCCUPATIONS:
+        ids.append(vocab[occ.name + "</w>"])
+        looks.append(LOOK_NAMES.index(look_of(occ.name)))
+        coords.append(stereotype_coordinates(occ))
+    embedding = text_encoder.get_input_embeddings()
+    composed = ComposedOccupationRows(ids, looks, np.asarray(coords), embedding.weight.shape[1])
+    parametrize.register_parametrization(embedding, "weight", composed)
+    return composed
+
+
+def fold_occupation_rows(text_encoder: CLIPTextModel) -> None:
+    """Replace the parametrization by the plain rows it produces, so the model saves as a stock CLIP encoder."""
+    parametrize.remove_parametrizations(text_encoder.get_input_embeddings(), "weight", leave_parametrized=True)

@@ -1,0 +1,70 @@
+"""The shared-axis testbed variant: occupation rows composed from shared stereotype directions."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from testbed import SHARED_AXES_PIPELINE_DIR
+from testbed.architecture import build_text_encoder, build_tokenizer
+from testbed.shared_axis import (
+    SHARED_OCCUPATIONS,
+    compose_occupation_rows,
+    fold_occupation_rows,
+    stereotype_coordinates,
+)
+from testbed.world import OCCUPATION_BY_NAME, OCCUPATIONS, look_of, sample_people
+
+
+def _rows(text_encoder, tokenizer, names: list[str]) -> torch.Tensor:
+    vocab = tokenizer.get_vocab()
+    table = text_encoder.get_input_embeddings().weight
+    return torch.stack([table[vocab[n + "</w>"]] for n in names])
+
+
+def test_same_look_words_differ_only_along_the_shared_axes_and_gradients_reach_the_axes():
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    te = build_text_encoder(tokenizer)
+    composed = compose_occupation_rows(te, tokenizer)
+    names = ["doctor", "surgeon", "dentist", "pharmacist"]  # one look, four stereotypes
+    rows = _rows(te, tokenizer, names)
+    coords = torch.tensor([stereotype_coordinates(OCCUPATION_BY_NAME[n]) for n in names], dtype=torch.float32)
+    expected = (coords - coords[0]) @ composed.axes
+    assert torch.allclose(rows - rows[0], expected, atol=1e-6)
+
+    ids = tokenizer(["a photo of the face of a surgeon, a person"], return_tensors="pt").input_ids
+    te(ids)[0].pow(2).mean().backward()
+    assert composed.axes.grad is not None and composed.axes.grad.abs().sum() > 0
+    assert composed.looks.grad is not None and composed.looks.grad.abs().sum() > 0
+
+    before = te(ids)[0].detach()
+    fold_occupation_rows(te)
+    assert type(te.get_input_embeddings().weight) is torch.nn.Parameter  # a plain table again: saves as stock CLIP
+    assert torch.allclose(te(ids)[0], before, atol=1e-6)
+
+
+def test_the_variant_draws_every_occupation_word_rendered_with_its_look():
+    samples = sample_people(4000, np.random.default_rng(0), occupations=SHARED_OCCUPATIONS)
+    looks = [o.name for o in OCCUPATIONS]
+    words = {s.caption.split(", ")[0].split()[-1]: s.occupation for s in samples if s.caption}
+    assert len(words) == len(SHARED_OCCUPATIONS)
+    assert all(looks.index(look_of(w)) == look for w, look in words.items())
+    # the default draw is the 16 drawn occupations, as the main model was trained on
+    plain = sample_people(2000, np.random.default_rng(0))
+    assert {s.caption.split(", ")[0].split()[-1] for s in plain if s.caption} == set(looks)
+
+
+def test_the_committed_variant_has_composed_rows():
+    """The trained weights keep the structure: within a look, words differ only along the 3 shared axes."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    te = CLIPTextModel.from_pretrained(SHARED_AXES_PIPELINE_DIR / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(SHARED_AXES_PIPELINE_DIR / "tokenizer")
+    diffs = []
+    for look in OCCUPATIONS:
+        same = [o.name for o in SHARED_OCCUPATIONS if look_of(o.name) == look.name]
+        rows = _rows(te, tokenizer, same).detach()
+        diffs += list(rows[1:] - rows[0])
+    singular = torch.linalg.svdvals(torch.stack(diffs))
+    assert singular[3] < 1e-4 * singular[0] and singular[1] > 1e-2 * singular[0]
