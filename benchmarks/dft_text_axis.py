@@ -13,7 +13,8 @@ than along a shared text direction, a rule learnt on 12 occupations has nothing 
     python benchmarks/dft_text_axis.py [--model shared-axes]
 
 `--model shared-axes` runs the same on the shared-axis variant (testbed.shared_axis), training
-fairness_dft's shared_axes_gender_te_lora, and writes dft_text_axis_shared_axes.json.
+fairness_dft's shared_axes_gender_te_lora_wide (the 48-word set: there same-look words differ
+in their shares), and writes dft_text_axis_shared_axes.json.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from benchmarks.results_io import environment, publish  # noqa: E402
 IMAGES, SEED = 64, 20_200
 MODELS = {  # --model: (the fairness_dft run trained, the result's name)
     "testbed": ("gender_te_lora", "dft_text_axis"),
-    "shared-axes": ("shared_axes_gender_te_lora", "dft_text_axis_shared_axes"),
+    "shared-axes": ("shared_axes_gender_te_lora_wide", "dft_text_axis_shared_axes"),
 }
 
 

@@ -60,8 +60,12 @@ RUNS: dict[str, Run] = {
     "gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE),
     "shared_axes_gender_te_lora": Run(GENDER, {}, base=SHARED_AXES),
     "shared_axes_gender_prefix": Run(GENDER, {"train": "prefix"}, base=SHARED_AXES),
-    "shared_axes_gender_x_skin_tone": Run({**GENDER, **SKIN}, {}, base=SHARED_AXES),
-    "shared_axes_gender_age_75_25": Run({**GENDER, **AGE}, {}, base=SHARED_AXES),
+    # the wide set on this model: same-look words with different shares, so no per-look correction fits them
+    "shared_axes_gender_te_lora_wide": Run(GENDER, {}, WIDE, SHARED_AXES),
+    "shared_axes_gender_prefix_wide": Run(GENDER, {"train": "prefix"}, WIDE, SHARED_AXES),
+    "shared_axes_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, SHARED_AXES),
+    "shared_axes_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, SHARED_AXES),
+    "shared_axes_gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE, SHARED_AXES),
 }
 
 
