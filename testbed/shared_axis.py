@@ -26,10 +26,9 @@ import torch
 from torch.nn.utils import parametrize
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from testbed.world import ATTRIBUTES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_of
+from testbed.world import ATTRIBUTES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_index
 
 SHARED_OCCUPATIONS: tuple[Occupation, ...] = OCCUPATIONS + LOOKALIKE_OCCUPATIONS
-LOOK_NAMES: tuple[str, ...] = tuple(o.name for o in OCCUPATIONS)
 
 
 def stereotype_coordinates(occ: Occupation) -> tuple[float, float, float]:
@@ -47,7 +46,7 @@ class ComposedOccupationRows(torch.nn.Module):
         self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long))
         self.register_buffer("look_index", torch.tensor(looks, dtype=torch.long))
         self.register_buffer("coords", torch.tensor(coords, dtype=torch.float32))
-        self.looks = torch.nn.Parameter(torch.randn(len(LOOK_NAMES), dim) * std)
+        self.looks = torch.nn.Parameter(torch.randn(len(OCCUPATIONS), dim) * std)
         # the axes start at the scale of a row, so a share difference is visible from the first step
         self.axes = torch.nn.Parameter(torch.randn(coords.shape[1], dim) * std * 2.0)
 
@@ -62,7 +61,7 @@ def compose_occupation_rows(text_encoder: CLIPTextModel, tokenizer: CLIPTokenize
     ids, looks, coords = [], [], []
     for occ in SHARED_OCCUPATIONS:
         ids.append(vocab[occ.name + "</w>"])
-        looks.append(LOOK_NAMES.index(look_of(occ.name)))
+        looks.append(look_index(occ.name))
         coords.append(stereotype_coordinates(occ))
     embedding = text_encoder.get_input_embeddings()
     composed = ComposedOccupationRows(ids, looks, np.asarray(coords), embedding.weight.shape[1])

@@ -148,6 +148,13 @@ def train_diffusion(
     return ema_unet.eval(), ema_te.eval()
 
 
+def _assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+    """A stock SD pipeline of the trained parts, with the sampling scheduler inference uses."""
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_sample_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "words", "all", "shared"])
@@ -186,17 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         mean, std = encode_latents(vae, data.images)
         tokenizer = build_tokenizer()
         unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed)
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=build_sample_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(args.out / "pipeline", safe_serialization=True)
+        _assemble(vae, text_encoder, tokenizer, unet).save_pretrained(args.out / "pipeline", safe_serialization=True)
         timings["diffusion"] = round(time.time() - t0, 1)
     if "classifier" in stages:
         from testbed.classifier import train_classifier
@@ -226,9 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = build_tokenizer()
         unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed,
                                              shared_axes=True)  # fmt: skip
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=build_sample_scheduler(), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+        pipe = _assemble(vae, text_encoder, tokenizer, unet)
         pipe.save_pretrained(args.out / SHARED_AXES_PIPELINE_DIR.name, safe_serialization=True)
         timings["shared"] = round(time.time() - t0, 1)
     if log_path.exists():  # another stage may have finished meanwhile: keep its timing

@@ -22,7 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from testbed.architecture import build_tokenizer, build_train_scheduler
 from testbed.renderer import Person, render_batch
-from testbed.world import ATTRIBUTES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, look_of, prompt_for
+from testbed.world import ATTRIBUTES, LOOKALIKE_OCCUPATIONS, look_index, look_of, prompt_for
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _render_lookalikes(per_word: int, seed: int) -> tuple[np.ndarray, np.ndarray
     rng = np.random.default_rng(seed)
     people, words = [], []
     for w, occ in enumerate(LOOKALIKE_OCCUPATIONS):
-        look = [o.name for o in OCCUPATIONS].index(look_of(occ.name))
+        look = look_index(occ.name)
         for _ in range(per_word):
             g = int(rng.random() >= occ.p_female)
             s = int(rng.choice(len(ATTRIBUTES["skin_tone"]), p=np.asarray(occ.skin_tone)))

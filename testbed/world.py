@@ -144,6 +144,11 @@ def look_of(occupation: str) -> str:
     occ = OCCUPATION_BY_NAME[occupation]
     return next(o.name for o in OCCUPATIONS if (o.background, o.shirt) == (occ.background, occ.shirt))
 
+
+def look_index(occupation: str) -> int:
+    """The index in OCCUPATIONS of `occupation`'s look: what the renderer draws it with."""
+    return [o.name for o in OCCUPATIONS].index(look_of(occupation))
+
 PROMPT_TEMPLATE = "a photo of the face of a {occupation}, a person"
 
 # Words each class is named by in captions: guidance and prompt strategies reuse them.
@@ -196,11 +201,11 @@ def sample_people(
     always the index of the look it is rendered with.
     """
     table = OCCUPATIONS if occupations is None else occupations
-    looks = [o.name for o in OCCUPATIONS]
+    looks = [look_index(o.name) for o in table]
     out: list[Sample] = []
     for _ in range(n):
-        occ = table[int(rng.integers(len(table)))]
-        oi = looks.index(look_of(occ.name))
+        j = int(rng.integers(len(table)))
+        occ, oi = table[j], looks[j]
         g = int(rng.random() >= occ.p_female)
         s = int(rng.choice(4, p=np.asarray(occ.skin_tone)))
         a = int(rng.random() >= occ.p_young)
