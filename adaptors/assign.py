@@ -268,11 +268,11 @@ GENERIC_CLASS_TEXTS = ClassTexts(
 
 def class_texts_for(model: str, override: Mapping[str, Any] | None = None) -> ClassTexts:
     """The class texts of a base model: the config's override, the testbed's phrasing, or the generic one."""
-    from common.settings import TESTBED
+    from common.settings import TESTBED_MODELS
 
     if override:
         return ClassTexts.from_dict(override)
-    return class_texts_for_testbed() if model == TESTBED else GENERIC_CLASS_TEXTS
+    return class_texts_for_testbed() if model in TESTBED_MODELS else GENERIC_CLASS_TEXTS
 
 
 def augment_prompt(prompt: str, classes: Mapping[str, str], texts: ClassTexts) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common.settings import TESTBED
+from common.settings import TESTBED_MODELS
 
 
 @dataclass
@@ -65,7 +65,7 @@ def load_classifier(setting: str, base_model: str, device: torch.device | str = 
     if setting == "none":
         return None
     if setting == "auto":
-        return TestbedAttributeClassifier(device=device) if base_model == TESTBED else None
+        return TestbedAttributeClassifier(device=device) if base_model in TESTBED_MODELS else None
     if not Path(setting).is_dir():
         raise FileNotFoundError(f"classifier folder {setting!r} does not exist")
     return TestbedAttributeClassifier(setting, device=device)

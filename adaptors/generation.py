@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from common.settings import TESTBED
+from common.settings import TESTBED, TESTBED_SHARED_AXES
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,10 @@ def configure_threads(threads: int = 0) -> int:
 
 
 def resolve_model_path(model: str) -> str:
-    """'testbed' names the embedded model; anything else is a local folder or a hub id."""
-    if model == TESTBED:
-        from testbed import PIPELINE_DIR
+    """'testbed' and 'testbed-shared-axes' name the embedded models; anything else is a local folder or a hub id."""
+    from testbed import PIPELINE_DIR, SHARED_AXES_PIPELINE_DIR
 
-        return str(PIPELINE_DIR)
-    return model
+    return str({TESTBED: PIPELINE_DIR, TESTBED_SHARED_AXES: SHARED_AXES_PIPELINE_DIR}.get(model, model))
 
 
 def load_pipeline(model: str = TESTBED, device: str = "auto", offline: bool = True) -> StableDiffusionPipeline:

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import RUNS, base_model_path, held_out_images, oracle_summary, train  # noqa: E402
+from benchmarks.fairness_dft import RUNS, held_out_images, oracle_summary, train  # noqa: E402
 from benchmarks.results_io import environment, publish  # noqa: E402
 
 IMAGES, SEED = 64, 20_200
@@ -70,7 +70,7 @@ def main() -> None:
     run, name = MODELS[parser.parse_args().model]
     configure_threads(1)
     occupations = list(TRAIN_OCCUPATIONS) + list(TEST_OCCUPATIONS)
-    pipe = load_pipeline(base_model_path(RUNS[run]), device="cpu")
+    pipe = load_pipeline(RUNS[run].base, device="cpu")
     before_images = held_out_images(pipe, None, IMAGES, tuple(occupations), (SEED,))
     encoded, axis, middle = text_axis(pipe, occupations)
     with tempfile.TemporaryDirectory() as tmp:

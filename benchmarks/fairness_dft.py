@@ -36,7 +36,7 @@ WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike wo
 
 # the shared-axis variant of the testbed (testbed.shared_axis): occupation stereotypes on directions all
 # occupation words share, as in a pretrained text encoder; "testbed" runs measure the main model
-SHARED_AXES = "testbed-shared-axes"
+SHARED_AXES = "testbed-shared-axes"  # a base model name, as FAIRDIFF_BASE_MODEL takes it
 
 
 class Run(NamedTuple):
@@ -69,12 +69,6 @@ RUNS: dict[str, Run] = {
 }
 
 
-def base_model_path(run: Run) -> str:
-    from testbed import SHARED_AXES_PIPELINE_DIR
-
-    return str(SHARED_AXES_PIPELINE_DIR) if run.base == SHARED_AXES else run.base
-
-
 SEEDS = (20_000, 20_001, 20_002, 20_003)
 TRAIN_IMAGES, TRAIN_SEED = 64, 20_100  # per training occupation, seeds the finetune never sampled
 
@@ -90,8 +84,8 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
     configure_threads(1)
     target, hp, train_set, _ = run = RUNS[name]
     hp = {**hp, **extra_hp}
-    pipe = load_pipeline(base_model_path(run), device="cpu")
-    job = FinetuneJob(method="dft", base_model="testbed", fairness_target=target, prompts=prompt_set(train_set),
+    pipe = load_pipeline(run.base, device="cpu")
+    job = FinetuneJob(method="dft", base_model=run.base, fairness_target=target, prompts=prompt_set(train_set),
                       prompt_set=train_set, eval_prompts=prompt_set("testbed-test"),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
     curve: list[dict] = []
@@ -176,7 +170,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     target = RUNS[name].target
     attrs = list(target)
     adaptor = load_adaptor(store / name)
-    pipe = load_pipeline(base_model_path(RUNS[name]), device="cpu")
+    pipe = load_pipeline(RUNS[name].base, device="cpu")
     before_cache = before_cache.setdefault(RUNS[name].base, {})  # the same base images for every run on a model
     if "images" not in before_cache:
         before_cache["images"] = held_out_images(pipe, None, per_seed)

@@ -28,7 +28,6 @@ from adaptors.generation import GenerationSpec, generate, load_pipeline  # noqa:
 from benchmarks.results_io import environment, publish  # noqa: E402
 from common.bias import bias, frequencies  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from testbed import SHARED_AXES_PIPELINE_DIR  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
 from testbed.oracle import read_batch  # noqa: E402
 from testbed.world import ATTRIBUTES, OCCUPATIONS, TEST_OCCUPATIONS, prompt_for  # noqa: E402
@@ -117,7 +116,7 @@ def main() -> None:
     publish(MODELS[args.model][1], result)
 
 
-MODELS = {"testbed": ("testbed", "testbed_bias"), "shared-axes": (str(SHARED_AXES_PIPELINE_DIR), "testbed_bias_shared_axes")}
+MODELS = {"testbed": ("testbed", "testbed_bias"), "shared-axes": ("testbed-shared-axes", "testbed_bias_shared_axes")}
 OCCUPATIONS_BY = {o.name: o for o in OCCUPATIONS}
 
 if __name__ == "__main__":

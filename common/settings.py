@@ -12,6 +12,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TESTBED = "testbed"
+# the shared-axis variant of the testbed (testbed.shared_axis): the same world, renderer and words
+TESTBED_SHARED_AXES = "testbed-shared-axes"
+TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
 
 
@@ -20,7 +23,8 @@ class Settings(BaseSettings):
 
     base_model: str = Field(
         TESTBED,
-        description="Base pipeline: 'testbed' (the embedded tiny model), a local diffusers folder, or a hub id.",
+        description="Base pipeline: 'testbed' (the embedded tiny model), 'testbed-shared-axes' (its shared-axis "
+        "variant), a local diffusers folder, or a hub id.",
     )
     classifier: str = Field(
         "auto",

@@ -68,3 +68,12 @@ def test_the_committed_variant_has_composed_rows():
         diffs += list(rows[1:] - rows[0])
     singular = torch.linalg.svdvals(torch.stack(diffs))
     assert singular[3] < 1e-4 * singular[0] and singular[1] > 1e-2 * singular[0]
+
+
+def test_the_variant_is_a_named_base_model_with_the_testbed_classifier():
+    from adaptors.classifiers import TestbedAttributeClassifier, load_classifier
+    from adaptors.generation import resolve_model_path
+
+    assert resolve_model_path("testbed-shared-axes") == str(SHARED_AXES_PIPELINE_DIR)
+    assert isinstance(load_classifier("auto", "testbed-shared-axes"), TestbedAttributeClassifier)
+    assert load_classifier("auto", "/some/other/model") is None
