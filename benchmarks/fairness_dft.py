@@ -25,7 +25,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS, environment, publish  # noqa: E402
+from benchmarks.results_io import RESULTS, environment, publish, weights_fingerprint  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
 SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
@@ -76,7 +76,7 @@ TRAIN_IMAGES, TRAIN_SEED = 64, 20_100  # per training occupation, seeds the fine
 def train(name: str, store: Path, extra_hp: dict) -> dict:
     """Train run `name` in this process; returns timing, memory and the training curve."""
     from adaptors.classifiers import TestbedAttributeClassifier
-    from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
     from adaptors.trainers import get_trainer
     from common.schemas import FinetuneJob
     from testbed.world import prompt_set
@@ -99,6 +99,7 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
         "hyperparameters": {**BASE_HP, **hp},
         "prompt_set": train_set,
         "base_model": run.base,
+        "base_weights": weights_fingerprint(resolve_model_path(run.base)),
         "loss_curve": [{k: p[k] for k in ("iteration", "loss", "align", "preserve", "grad_norm")} for p in curve[::every]],
         "grad_norm_median": _median([p["grad_norm"] for p in curve if p["grad_norm"] is not None]),
         "skipped_steps": sum(1 for p in curve if p["skipped"]),

@@ -7,6 +7,8 @@ every component is built from a config, so that the trained result loads with pl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -44,17 +46,19 @@ def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     return symbols
 
 
-def build_tokenizer() -> CLIPTokenizer:
+def build_tokenizer(extra_words: Sequence[str] = ()) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose merges turn each world word into one token.
 
     Unknown words still tokenize (they fall back to single characters), so any prompt works;
-    the world's words simply cost one token each.
+    the world's words simply cost one token each. `extra_words` come last, so every other
+    word tokenizes as in the main model's vocabulary.
     """
     chars = list(_bytes_to_unicode().values())
     vocab_list: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    for word in vocabulary_words():
+    words = vocabulary_words()
+    for word in [*words, *(w for w in extra_words if w not in words)]:
         # Run BPE with the merges so far and append merges until the word is one symbol. New
         # merges rank after all earlier ones, so words already single tokens stay that way.
         symbols = _apply_bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)

@@ -10,10 +10,13 @@ words barely moves the 4 held-out ones (benchmarks/dft_text_axis.py and fairness
 Here every occupation word's embedding row is composed, not free:
     row(word) = look[word's look] + (p_female - 0.5) * g + (p_young - 0.5) * a + (darkness - mean) * s
 with one learnt vector per look and one shared direction per attribute (g, a, s), and the
-diffusion model trains on all 52 occupation words (the 16 drawn ones and the 36 lookalikes,
-which share looks with different shares), so for 12 of the 16 looks the look no longer fixes
-the shares and the route from a word to its stereotype is the shared directions, as in a
-pretrained encoder (the 4 held-out looks have one word each, so there the two agree). The
+diffusion model trains on all 64 occupation words: the 16 drawn ones, the 36 lookalikes of the
+training looks and 12 of the held-out looks (testbed.world.HELD_OUT_LOOKALIKES, which no finetune
+prompt set holds). Every look has four words with different shares, so no look fixes its
+shares and the route from a word to its stereotype is the shared directions, as in a
+pretrained encoder. A first version gave the held-out looks one word each; there the look
+vector took up the stereotype (with the gender coordinate removed, "librarian" still came out
+86% female), and a text-encoder finetune that learnt the shared rule could not undo it. The
 saved pipeline is a plain StableDiffusionPipeline (the composition is folded into the rows).
 
     python -m testbed.train shared --out testbed/weights
@@ -26,9 +29,15 @@ import torch
 from torch.nn.utils import parametrize
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from testbed.world import ATTRIBUTES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_index
+from testbed.architecture import build_tokenizer
+from testbed.world import ATTRIBUTES, HELD_OUT_LOOKALIKES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_index
 
-SHARED_OCCUPATIONS: tuple[Occupation, ...] = OCCUPATIONS + LOOKALIKE_OCCUPATIONS
+SHARED_OCCUPATIONS: tuple[Occupation, ...] = OCCUPATIONS + LOOKALIKE_OCCUPATIONS + HELD_OUT_LOOKALIKES
+
+
+def shared_tokenizer() -> CLIPTokenizer:
+    """The main vocabulary plus the held-out looks' lookalike words, which only this model knows."""
+    return build_tokenizer(extra_words=[o.name for o in HELD_OUT_LOOKALIKES])
 
 
 def stereotype_coordinates(occ: Occupation) -> tuple[float, float, float]:

@@ -214,13 +214,13 @@ def main(argv: list[str] | None = None) -> None:
         timings["words"] = round(time.time() - t0, 1)
         logger.info("words: %s", words_log)
     if "shared" in stages:  # the shared-axis variant: the main model's VAE, its own UNet and text encoder
-        from testbed.shared_axis import SHARED_OCCUPATIONS
+        from testbed.shared_axis import SHARED_OCCUPATIONS, shared_tokenizer
 
         t0 = time.time()
         data = render_set(args.images, seed=args.seed, occupations=SHARED_OCCUPATIONS)
         vae = AutoencoderKL.from_pretrained(args.out / "pipeline" / "vae").eval()
         mean, std = encode_latents(vae, data.images)
-        tokenizer = build_tokenizer()
+        tokenizer = shared_tokenizer()
         unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed,
                                              shared_axes=True)  # fmt: skip
         pipe = _assemble(vae, text_encoder, tokenizer, unet)

@@ -11,9 +11,10 @@ from testbed.shared_axis import (
     SHARED_OCCUPATIONS,
     compose_occupation_rows,
     fold_occupation_rows,
+    shared_tokenizer,
     stereotype_coordinates,
 )
-from testbed.world import OCCUPATION_BY_NAME, OCCUPATIONS, look_of, sample_people
+from testbed.world import HELD_OUT_LOOKALIKES, OCCUPATION_BY_NAME, OCCUPATIONS, PROMPT_SETS, look_of, sample_people
 
 
 def _rows(text_encoder, tokenizer, names: list[str]) -> torch.Tensor:
@@ -24,7 +25,7 @@ def _rows(text_encoder, tokenizer, names: list[str]) -> torch.Tensor:
 
 def test_same_look_words_differ_only_along_the_shared_axes_and_gradients_reach_the_axes():
     torch.manual_seed(0)
-    tokenizer = build_tokenizer()
+    tokenizer = shared_tokenizer()
     te = build_text_encoder(tokenizer)
     composed = compose_occupation_rows(te, tokenizer)
     names = ["doctor", "surgeon", "dentist", "pharmacist"]  # one look, four stereotypes
@@ -53,6 +54,17 @@ def test_the_variant_draws_every_occupation_word_rendered_with_its_look():
     # the default draw is the 16 drawn occupations, as the main model was trained on
     plain = sample_people(2000, np.random.default_rng(0))
     assert {s.caption.split(", ")[0].split()[-1] for s in plain if s.caption} == set(looks)
+
+
+def test_every_look_has_four_words_and_no_finetune_set_holds_the_held_out_looks_words():
+    per_look = {o.name: sum(look_of(w.name) == o.name for w in SHARED_OCCUPATIONS) for o in OCCUPATIONS}
+    assert set(per_look.values()) == {4}
+    held_out_words = {o.name for o in HELD_OUT_LOOKALIKES}
+    assert all(held_out_words.isdisjoint(words) for words in PROMPT_SETS.values())
+    # the extra words come last: every word of the main vocabulary keeps its id
+    main, shared = build_tokenizer().get_vocab(), shared_tokenizer().get_vocab()
+    assert all(shared[w] == i for w, i in main.items() if not w.startswith("<|"))
+    assert all(len(shared_tokenizer()(w).input_ids) == 3 for w in held_out_words)  # one token each
 
 
 def test_the_committed_variant_has_composed_rows():
