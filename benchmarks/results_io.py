@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from common.adaptor_manifest import sha256_file
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -19,11 +21,9 @@ def environment(threads: int) -> dict[str, str]:
 def weights_fingerprint(folder: str | Path) -> str:
     """Short sha256 over a model folder's weight files: a figure names the weights it was measured on,
     so one left over from weights since retrained is visible as such."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*.safetensors")):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    listing = "".join(f"{p.relative_to(folder).as_posix()} {sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()[:12]
 
 
 def publish(name: str, result: dict) -> None:
