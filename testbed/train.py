@@ -35,6 +35,21 @@ from testbed.architecture import (
 from testbed.data import render_set
 
 logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it: what gets written into committed
+    configs and logs, so they do not carry the trainer's machine-specific absolute paths."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    """The saved autoencoder, its recorded origin (`_name_or_path`, saved again with every pipeline) made portable."""
+    vae = AutoencoderKL.from_pretrained(folder).eval()
+    vae.register_to_config(_name_or_path=portable(folder))
+    return vae
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator):
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         timings["vae"] = round(time.time() - t0, 1)
     if "diffusion" in stages:
         t0 = time.time()
-        vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+        vae = load_vae(work / "vae")
         mean, std = encode_latents(vae, data.images)
         tokenizer = build_tokenizer()
         unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed)
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
 
         t0 = time.time()
         vae_dir = args.out / "pipeline" / "vae"
-        vae = AutoencoderKL.from_pretrained(vae_dir if vae_dir.exists() else work / "vae").eval()
+        vae = load_vae(vae_dir if vae_dir.exists() else work / "vae")
         classifier = train_classifier(vae, args.classifier_steps, args.seed)
         classifier.save_pretrained(args.out / "classifier")
         timings["classifier"] = round(time.time() - t0, 1)
@@ -218,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
         t0 = time.time()
         data = render_set(args.images, seed=args.seed, occupations=SHARED_OCCUPATIONS)
-        vae = AutoencoderKL.from_pretrained(args.out / "pipeline" / "vae").eval()
+        vae = load_vae(args.out / "pipeline" / "vae")
         mean, std = encode_latents(vae, data.images)
         tokenizer = shared_tokenizer()
         unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed,
@@ -230,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         timings = {**json.loads(log_path.read_text()).get("wall_seconds", {}), **timings}
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
     args_key = "shared_args" if args.stage == "shared" else "args"  # the variant never hides the main model's recipe
-    log.update({"wall_seconds": timings, args_key: {k: str(v) for k, v in vars(args).items()}})
+    args_log = {k: portable(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}
+    log.update({"wall_seconds": timings, args_key: args_log})
     log_path.write_text(json.dumps(log, indent=2))
     logger.info("done: %s", timings)
 
