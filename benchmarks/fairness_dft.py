@@ -25,7 +25,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results_io import RESULTS, environment, publish, weights_fingerprint  # noqa: E402
+from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
 SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
@@ -230,7 +230,6 @@ def main() -> None:
     if args.train_only:  # the child process of one run
         print(json.dumps(train(args.train_only, Path(args.store), json.loads(args.hp))))
         return
-    previous = RESULTS / "fairness_dft.json"
     result: dict = {"benchmark": "fairness_dft", **environment(1)}
     before_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -242,9 +241,7 @@ def main() -> None:
             result[name + args.suffix] = run
             print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
                   f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
-    if previous.is_file():  # another invocation may have finished runs meanwhile: keep them
-        result = {**json.loads(previous.read_text()), **result}
-    publish("fairness_dft", result)
+    publish("fairness_dft", result, merge=True)  # runs other invocations recorded (maybe meanwhile) are kept
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -26,7 +28,22 @@ def weights_fingerprint(folder: str | Path) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()[:12]
 
 
-def publish(name: str, result: dict) -> None:
+def publish(name: str, result: dict, *, merge: bool = False) -> dict:
+    """Write and print `result`; returns what was written.
+
+    `merge=True` keeps the keys other invocations recorded and updates only these: benchmarks whose
+    runs are launched separately (and concurrently) share one file. The read-merge-write holds an
+    exclusive lock and replaces the file atomically, so two runs finishing at once lose nothing and
+    a reader never sees half a file.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    path = RESULTS / f"{name}.json"
+    with open(RESULTS / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if merge and path.is_file():
+            result = {**json.loads(path.read_text()), **result}
+        staging = path.with_name(f".{name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(result, indent=2))
+        os.replace(staging, path)
     print(json.dumps(result))
+    return result
