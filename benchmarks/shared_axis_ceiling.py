@@ -1,0 +1,99 @@
+"""How far can a text-side rule debias the shared-axis testbed at best? One JSON object.
+
+The shared-axis model (testbed.shared_axis) writes every occupation word's embedding row as a
+look vector plus its centred shares times one direction per attribute. A text-encoder finetune
+that generalises to held-out occupations has to learn, in effect, "take the gender coordinate
+out"; this benchmark applies that rule exactly, with no training: the gender axis is recovered
+from the saved rows by least squares (look one-hot plus the three share coordinates; the fit is
+exact) and each occupation row moves by -scale x its gender coordinate x the axis. scale 0 is the
+base model, 1 removes the coordinate, > 1 pushes past it. Held-out and training occupations
+are read by the oracle on the same seeds as fairness_dft, so a finetune's figures there can be
+set against the best any rule of this form reaches: what is left at scale 1 is held by the UNet's
+reading of the rest of the row, which no text-side edit that keeps the words apart removes.
+
+    python benchmarks/shared_axis_ceiling.py [--scales 0 1 1.5] [--images 256]
+
+Scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fairness_dft import SEEDS, SHARED_AXES, TRAIN_IMAGES, TRAIN_SEED, held_out_images, oracle_summary  # noqa: E402
+from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+
+
+def gender_axis(pipe) -> tuple[list[int], np.ndarray, np.ndarray, float]:
+    """(token ids of the occupation words, their gender coordinates, the gender axis, the fit's max residual)."""
+    from testbed.shared_axis import SHARED_OCCUPATIONS, stereotype_coordinates
+    from testbed.world import OCCUPATIONS, look_index
+
+    vocab = pipe.tokenizer.get_vocab()
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().numpy()
+    ids = [vocab[o.name + "</w>"] for o in SHARED_OCCUPATIONS]
+    looks = np.eye(len(OCCUPATIONS))[[look_index(o.name) for o in SHARED_OCCUPATIONS]]
+    coords = np.array([stereotype_coordinates(o) for o in SHARED_OCCUPATIONS])
+    design = np.concatenate([looks, coords], 1)
+    solution, *_ = np.linalg.lstsq(design, table[ids], rcond=None)
+    residual = float(np.abs(design @ solution - table[ids]).max())
+    return ids, coords[:, 0], solution[len(OCCUPATIONS)], residual
+
+
+def measure(scale: float, per_seed: int) -> dict:
+    import torch
+
+    from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
+    from testbed.world import TRAIN_OCCUPATIONS
+
+    configure_threads(1)
+    t0 = time.time()
+    pipe = load_pipeline(SHARED_AXES, device="cpu")
+    ids, gender, axis, residual = gender_axis(pipe)
+    with torch.no_grad():
+        rows = pipe.text_encoder.get_input_embeddings().weight
+        rows[ids] -= scale * torch.from_numpy(np.outer(gender, axis)).to(rows.dtype)
+    held = oracle_summary(held_out_images(pipe, None, per_seed), ["gender"])
+    train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), ["gender"])
+
+    def mean(summary: dict) -> float:
+        return round(float(np.mean([r["bias"]["gender"] for r in summary.values()])), 4)
+
+    return {
+        "scale": scale,
+        "held_out_bias": mean(held),
+        "held_out_max_bias": max(r["bias"]["gender"] for r in held.values()),
+        "held_out_female_share": {o: r["shares"]["gender"]["female"] for o, r in held.items()},
+        "held_out_occupation_kept": min(r["occupation_kept"] for r in held.values()),
+        "training_bias": mean(train),
+        "training_max_bias": max(r["bias"]["gender"] for r in train.values()),
+        "training_occupation_kept": min(r["occupation_kept"] for r in train.values()),
+        "images_per_held_out_occupation": per_seed * len(SEEDS),
+        "images_per_training_occupation": TRAIN_IMAGES,
+        "axis_fit_max_residual": residual,
+        "base_weights": weights_fingerprint(resolve_model_path(SHARED_AXES)),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scales", nargs="+", type=float, default=[0.0, 1.0, 1.5])
+    parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
+    args = parser.parse_args()
+    result: dict = {"benchmark": "shared_axis_ceiling", **environment(1)}
+    for scale in args.scales:
+        result[f"scale_{scale:g}"] = measure(scale, args.images // len(SEEDS))
+    publish("shared_axis_ceiling", result, merge=True)
+
+
+if __name__ == "__main__":
+    main()
