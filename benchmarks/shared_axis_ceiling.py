@@ -2,18 +2,20 @@
 
 The shared-axis model (testbed.shared_axis) writes every occupation word's embedding row as a
 look vector plus its centred shares times one direction per attribute. A text-encoder finetune
-that generalises to held-out occupations has to learn, in effect, "take the gender coordinate
-out"; this benchmark applies that rule exactly, with no training: the gender axis is recovered
-from the saved rows by least squares (look one-hot plus the three share coordinates; the fit is
-exact) and each occupation row moves by -scale x its gender coordinate x the axis. scale 0 is the
-base model, 1 removes the coordinate, > 1 pushes past it. Held-out and training occupations
-are read by the oracle on the same seeds as fairness_dft, so a finetune's figures there can be
-set against the best any rule of this form reaches: what is left at scale 1 is held by the UNet's
-reading of the rest of the row, which no text-side edit that keeps the words apart removes.
+that generalises to held-out occupations has to learn, in effect, "move every word's coordinate
+to the target's"; this benchmark applies that rule exactly, with no training: the axes are
+recovered from the saved rows by least squares (look one-hot plus the three share coordinates;
+the fit is exact) and each occupation row moves by scale x (the target's coordinate - its own)
+along them. For gender 50/50 that takes the gender coordinate out; `--rule gender_age_75_25`
+also moves the age coordinate to 75% young's. Scale 0 is the base model, 1 the exact rule, > 1
+pushes past it. Held-out and training occupations are read by the oracle on the same seeds as
+fairness_dft, so a finetune's figures there can be set against the best any rule of this form
+reaches: what is left at scale 1 is held by the UNet's reading of the rest of the row, which no
+text-side edit that keeps the words apart removes.
 
-    python benchmarks/shared_axis_ceiling.py [--scales 0 1 1.5] [--images 256]
+    python benchmarks/shared_axis_ceiling.py [--rule gender|gender_age_75_25] [--scales 0 1 1.5] [--images 256]
 
-Scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
+Rules and scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from benchmarks.fairness_dft import SEEDS, SHARED_AXES, TRAIN_IMAGES, TRAIN_SEED
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 
 
-def gender_axis(pipe) -> tuple[list[int], np.ndarray, np.ndarray, float]:
-    """(token ids of the occupation words, their gender coordinates, the gender axis, the fit's max residual)."""
+def shared_axes(pipe) -> tuple[list[int], np.ndarray, np.ndarray, float]:
+    """(token ids of the occupation words, their coordinates (words x 3: gender, age, skin tone), the three axes
+    (3 x D), the fit's max residual)."""
     from testbed.shared_axis import SHARED_OCCUPATIONS, stereotype_coordinates
     from testbed.world import OCCUPATIONS, look_index
 
@@ -45,10 +48,15 @@ def gender_axis(pipe) -> tuple[list[int], np.ndarray, np.ndarray, float]:
     design = np.concatenate([looks, coords], 1)
     solution, *_ = np.linalg.lstsq(design, table[ids], rcond=None)
     residual = float(np.abs(design @ solution - table[ids]).max())
-    return ids, coords[:, 0], solution[len(OCCUPATIONS)], residual
+    return ids, coords, solution[len(OCCUPATIONS) :], residual
 
 
-def measure(scale: float, per_seed: int) -> dict:
+# the coordinate each attribute's rule moves every word to: the target's share minus 0.5, as
+# testbed.shared_axis.stereotype_coordinates centres them (gender 50/50; age 75% young)
+RULES: dict[str, dict[int, float]] = {"gender": {0: 0.0}, "gender_age_75_25": {0: 0.0, 1: 0.25}}
+
+
+def measure(rule: str, scale: float, per_seed: int) -> dict:
     import torch
 
     from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
@@ -56,26 +64,39 @@ def measure(scale: float, per_seed: int) -> dict:
 
     configure_threads(1)
     t0 = time.time()
+    attrs = ["gender", "age"] if "age" in rule else ["gender"]
     pipe = load_pipeline(SHARED_AXES, device="cpu")
-    ids, gender, axis, residual = gender_axis(pipe)
+    ids, coords, axes, residual = shared_axes(pipe)
+    move = np.zeros_like(coords)
+    for column, goal in RULES[rule].items():
+        move[:, column] = scale * (goal - coords[:, column])
     with torch.no_grad():
         rows = pipe.text_encoder.get_input_embeddings().weight
-        rows[ids] -= scale * torch.from_numpy(np.outer(gender, axis)).to(rows.dtype)
-    held = oracle_summary(held_out_images(pipe, None, per_seed), ["gender"])
-    train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), ["gender"])
+        rows[ids] += torch.from_numpy(move @ axes).to(rows.dtype)
+    held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
+    train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
 
-    def mean(summary: dict) -> float:
-        return round(float(np.mean([r["bias"]["gender"] for r in summary.values()])), 4)
+    def mean(summary: dict, attr: str = "gender", key: str = "bias") -> float:
+        values = [r[key][attr] if key == "bias" else r["shares"]["age"]["old"] for r in summary.values()]
+        return round(float(np.mean(values)), 4)
 
-    return {
+    result = {
+        "rule": rule,
         "scale": scale,
-        "held_out_bias": mean(held),
-        "held_out_max_bias": max(r["bias"]["gender"] for r in held.values()),
+        "held_out_bias": {a: mean(held, a) for a in attrs},
+        "held_out_max_bias": {a: max(r["bias"][a] for r in held.values()) for a in attrs},
         "held_out_female_share": {o: r["shares"]["gender"]["female"] for o, r in held.items()},
         "held_out_occupation_kept": min(r["occupation_kept"] for r in held.values()),
-        "training_bias": mean(train),
-        "training_max_bias": max(r["bias"]["gender"] for r in train.values()),
+        "training_bias": {a: mean(train, a) for a in attrs},
+        "training_max_bias": {a: max(r["bias"][a] for r in train.values()) for a in attrs},
         "training_occupation_kept": min(r["occupation_kept"] for r in train.values()),
+    }
+    if "age" in attrs:
+        result["held_out_old_share"] = mean(held, key="old")
+        result["held_out_old_share_per_occupation"] = {o: r["shares"]["age"]["old"] for o, r in held.items()}
+        result["training_old_share"] = mean(train, key="old")
+    return {
+        **result,
         "images_per_held_out_occupation": per_seed * len(SEEDS),
         "images_per_training_occupation": TRAIN_IMAGES,
         "axis_fit_max_residual": residual,
@@ -86,12 +107,14 @@ def measure(scale: float, per_seed: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--rule", choices=sorted(RULES), default="gender")
     parser.add_argument("--scales", nargs="+", type=float, default=[0.0, 1.0, 1.5])
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
     args = parser.parse_args()
     result: dict = {"benchmark": "shared_axis_ceiling", **environment(1)}
+    prefix = "" if args.rule == "gender" else f"{args.rule}_"
     for scale in args.scales:
-        result[f"scale_{scale:g}"] = measure(scale, args.images // len(SEEDS))
+        result[f"{prefix}scale_{scale:g}"] = measure(args.rule, scale, args.images // len(SEEDS))
     publish("shared_axis_ceiling", result, merge=True)
 
 
