@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import SEEDS, SHARED_AXES, TRAIN_IMAGES, TRAIN_SEED, held_out_images, oracle_summary  # noqa: E402
+from benchmarks.fairness_dft import SEEDS, SHARED_AXES, TRAIN_IMAGES, TRAIN_SEED, _mean, held_out_images, oracle_summary  # noqa: E402
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 
 
@@ -76,25 +76,21 @@ def measure(rule: str, scale: float, per_seed: int) -> dict:
     held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
     train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
 
-    def mean(summary: dict, attr: str = "gender", key: str = "bias") -> float:
-        values = [r[key][attr] if key == "bias" else r["shares"]["age"]["old"] for r in summary.values()]
-        return round(float(np.mean(values)), 4)
-
     result = {
         "rule": rule,
         "scale": scale,
-        "held_out_bias": {a: mean(held, a) for a in attrs},
+        "held_out_bias": {a: _mean(held, "bias", a) for a in attrs},
         "held_out_max_bias": {a: max(r["bias"][a] for r in held.values()) for a in attrs},
         "held_out_female_share": {o: r["shares"]["gender"]["female"] for o, r in held.items()},
         "held_out_occupation_kept": min(r["occupation_kept"] for r in held.values()),
-        "training_bias": {a: mean(train, a) for a in attrs},
+        "training_bias": {a: _mean(train, "bias", a) for a in attrs},
         "training_max_bias": {a: max(r["bias"][a] for r in train.values()) for a in attrs},
         "training_occupation_kept": min(r["occupation_kept"] for r in train.values()),
     }
     if "age" in attrs:
-        result["held_out_old_share"] = mean(held, key="old")
+        result["held_out_old_share"] = _mean({o: r["shares"]["age"] for o, r in held.items()}, "old")
         result["held_out_old_share_per_occupation"] = {o: r["shares"]["age"]["old"] for o, r in held.items()}
-        result["training_old_share"] = mean(train, key="old")
+        result["training_old_share"] = _mean({o: r["shares"]["age"] for o, r in train.items()}, "old")
     return {
         **result,
         "images_per_held_out_occupation": per_seed * len(SEEDS),
