@@ -7,13 +7,14 @@ to the target's"; this benchmark applies that rule exactly, with no training: th
 recovered from the saved rows by least squares (look one-hot plus the three share coordinates;
 the fit is exact) and each occupation row moves by scale x (the target's coordinate - its own)
 along them. For gender 50/50 that takes the gender coordinate out; `--rule gender_age_75_25`
-also moves the age coordinate to 75% young's. Scale 0 is the base model, 1 the exact rule, > 1
+also moves the age coordinate to 75% young's, `--rule gender_x_skin_tone` the skin-tone
+coordinate to the middle tone. Scale 0 is the base model, 1 the exact rule, > 1
 pushes past it. Held-out and training occupations are read by the oracle on the same seeds as
 fairness_dft, so a finetune's figures there can be set against the best any rule of this form
 reaches: what is left at scale 1 is held by the UNet's reading of the rest of the row, which no
 text-side edit that keeps the words apart removes.
 
-    python benchmarks/shared_axis_ceiling.py [--rule gender|gender_age_75_25] [--scales 0 1 1.5] [--images 256]
+    python benchmarks/shared_axis_ceiling.py [--rule gender|gender_age_75_25|gender_x_skin_tone] [--scales 0 1 1.5] [--images 256]
 
 Rules and scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
 """
@@ -52,29 +53,38 @@ def shared_axes(pipe) -> tuple[list[int], np.ndarray, np.ndarray, float]:
 
 
 # the coordinate each attribute's rule moves every word to: the target's share minus 0.5, as
-# testbed.shared_axis.stereotype_coordinates centres them (gender 50/50; age 75% young)
-RULES: dict[str, dict[int, float]] = {"gender": {0: 0.0}, "gender_age_75_25": {0: 0.0, 1: 0.25}}
+# testbed.shared_axis.stereotype_coordinates centres them (gender 50/50; age 75% young; skin tone
+# uniform over the four tones, whose mean darkness is the middle)
+COLUMNS = {"gender": 0, "age": 1, "skin_tone": 2}
+RULES: dict[str, dict[str, float]] = {
+    "gender": {"gender": 0.0},
+    "gender_age_75_25": {"gender": 0.0, "age": 0.25},
+    "gender_x_skin_tone": {"gender": 0.0, "skin_tone": 0.0},
+}
 
 
-def measure(rule: str, scale: float, per_seed: int) -> dict:
+def measure(pipe, rule: str, scale: float, per_seed: int) -> dict:
+    """Apply the rule at this scale to the loaded pipeline's rows, read the images, put the rows back."""
     import torch
 
-    from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
     from testbed.world import TRAIN_OCCUPATIONS
 
-    configure_threads(1)
     t0 = time.time()
-    attrs = ["gender", "age"] if "age" in rule else ["gender"]
-    pipe = load_pipeline(SHARED_AXES, device="cpu")
+    attrs = list(RULES[rule])
     ids, coords, axes, residual = shared_axes(pipe)
     move = np.zeros_like(coords)
-    for column, goal in RULES[rule].items():
-        move[:, column] = scale * (goal - coords[:, column])
+    for attr, goal in RULES[rule].items():
+        move[:, COLUMNS[attr]] = scale * (goal - coords[:, COLUMNS[attr]])
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    saved = rows[ids].detach().clone()
     with torch.no_grad():
-        rows = pipe.text_encoder.get_input_embeddings().weight
         rows[ids] += torch.from_numpy(move @ axes).to(rows.dtype)
-    held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
-    train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
+    try:
+        held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
+        train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
+    finally:
+        with torch.no_grad():
+            rows[ids] = saved
 
     result = {
         "rule": rule,
@@ -91,12 +101,15 @@ def measure(rule: str, scale: float, per_seed: int) -> dict:
         result["held_out_old_share"] = _mean({o: r["shares"]["age"] for o, r in held.items()}, "old")
         result["held_out_old_share_per_occupation"] = {o: r["shares"]["age"]["old"] for o, r in held.items()}
         result["training_old_share"] = _mean({o: r["shares"]["age"] for o, r in train.items()}, "old")
+    if "skin_tone" in attrs:
+        result["held_out_skin_tone_shares"] = {o: r["shares"]["skin_tone"] for o, r in held.items()}
+    if len(attrs) > 1:
+        result["held_out_intersectional_bias"] = _mean(held, "intersectional_bias")
     return {
         **result,
         "images_per_held_out_occupation": per_seed * len(SEEDS),
         "images_per_training_occupation": TRAIN_IMAGES,
         "axis_fit_max_residual": residual,
-        "base_weights": weights_fingerprint(resolve_model_path(SHARED_AXES)),
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -107,10 +120,16 @@ def main() -> None:
     parser.add_argument("--scales", nargs="+", type=float, default=[0.0, 1.0, 1.5])
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
     args = parser.parse_args()
+    from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
+
+    configure_threads(1)
+    pipe = load_pipeline(SHARED_AXES, device="cpu")
+    fingerprint = weights_fingerprint(resolve_model_path(SHARED_AXES))
     result: dict = {"benchmark": "shared_axis_ceiling", **environment(1)}
     prefix = "" if args.rule == "gender" else f"{args.rule}_"
     for scale in args.scales:
-        result[f"{prefix}scale_{scale:g}"] = measure(args.rule, scale, args.images // len(SEEDS))
+        measured = measure(pipe, args.rule, scale, args.images // len(SEEDS))
+        result[f"{prefix}scale_{scale:g}"] = {**measured, "base_weights": fingerprint}
     publish("shared_axis_ceiling", result, merge=True)
 
 
