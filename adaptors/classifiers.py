@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common.settings import TESTBED_MODELS
+from common.settings import has_attribute_classifier
 
 
 @dataclass
@@ -62,10 +62,10 @@ class TestbedAttributeClassifier(AttributeClassifier):
 
 def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeClassifier | None:
     """The classifier for a base model: 'auto' knows the testbed's; 'none' disables the audit."""
-    if setting == "none":
+    if not has_attribute_classifier(setting, base_model):
         return None
     if setting == "auto":
-        return TestbedAttributeClassifier(device=device) if base_model in TESTBED_MODELS else None
+        return TestbedAttributeClassifier(device=device)
     if not Path(setting).is_dir():
         raise FileNotFoundError(f"classifier folder {setting!r} does not exist")
     return TestbedAttributeClassifier(setting, device=device)

@@ -18,6 +18,14 @@ TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
 
 
+def has_attribute_classifier(classifier: str, base_model: str) -> bool:
+    """Whether the `classifier` setting gives this base model one: 'auto' knows only the embedded
+    testbed models, an explicit folder serves any base model. Torch-free, so the launcher can ask."""
+    if classifier == "none":
+        return False
+    return classifier != "auto" or base_model in TESTBED_MODELS
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FAIRDIFF_", extra="ignore")
 
@@ -71,6 +79,11 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout; above the longest job.")
     adaptor_cache_bytes: int = Field(512 * 1024 * 1024, description="In-memory adaptor LRU bound per worker.")
     max_wait_s: float = Field(60.0, description="Upper bound on `Prefer: wait=N`.")
+
+    @property
+    def audits_attributes(self) -> bool:
+        """Whether workers will load an attribute classifier, so a fairness_target can be served."""
+        return has_attribute_classifier(self.classifier, self.base_model)
 
     @property
     def adaptor_dir(self) -> Path:

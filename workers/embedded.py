@@ -252,8 +252,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, ready_timeout: float = 600.0,
         launcher.start_all()
         launcher.wait_ready(ready_timeout)
         base_url = f"http://{_connect_host(host)}:{port}"
-        with_target = settings.base_model == "testbed" and settings.classifier != "none"
-        sys.stdout.write(banner(base_url, settings.data_dir.resolve(), with_target) + "\n")
+        sys.stdout.write(banner(base_url, settings.data_dir.resolve(), settings.audits_attributes) + "\n")
         sys.stdout.flush()
         while True:
             dead = launcher.dead_child()

@@ -108,3 +108,20 @@ def test_up_exits_nonzero_and_cleans_up_when_a_child_dies(tmp_path: Path, worker
         for k in kids:
             if alive(k):
                 os.killpg(k, signal.SIGKILL)
+
+
+def test_the_quick_start_offers_a_fairness_target_exactly_when_a_classifier_loads() -> None:
+    """The launcher (torch-free) and the workers must agree; a banner that offers a target the
+    workers cannot serve would answer the user's first request with an error."""
+    from adaptors.classifiers import load_classifier
+    from common.settings import Settings
+    from workers.embedded import banner
+
+    cases = [("testbed", "auto"), ("testbed-shared-axes", "auto"), ("/some/other/model", "auto"), ("testbed", "none")]
+    for base_model, classifier in cases:
+        settings = Settings(base_model=base_model, classifier=classifier)
+        loads = load_classifier(classifier, base_model) is not None
+        assert settings.audits_attributes is loads, (base_model, classifier)
+        shown = banner("http://x", Path("/d"), settings.audits_attributes)
+        assert ("fairness_target" in shown) is loads
+    assert [Settings(base_model=b, classifier=c).audits_attributes for b, c in cases] == [True, True, False, False]
