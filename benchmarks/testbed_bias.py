@@ -78,9 +78,7 @@ def main() -> None:
               f"default {row['guidance_default']['gender']['female']:.2f}", file=sys.stderr)  # fmt: skip
 
     def mean_bias(key: str) -> dict[str, float]:
-        return {
-            a: round(float(np.mean([bias(per_occupation[n][key][a]) for n in TEST_OCCUPATIONS])), 4) for a in ATTRIBUTES
-        }
+        return {a: round(float(np.mean([bias(per_occupation[n][key][a]) for n in TEST_OCCUPATIONS])), 4) for a in ATTRIBUTES}
 
     x, labels = render_balanced(2000, seed=99)
     oracle = read_batch(x)

@@ -131,6 +131,4 @@ def build_train_scheduler() -> DDPMScheduler:
 
 
 def build_sample_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **_BETAS
-    )
+    return DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **_BETAS)

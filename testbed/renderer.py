@@ -56,7 +56,7 @@ def render(person: Person, seed: int) -> np.ndarray:
     img[face] = _palette(SKIN_RGB[ATTRIBUTES["skin_tone"][person.skin_tone]])
     cap = ((xx - cx) ** 2 + ((yy - cy) / 1.1) ** 2 < (r + 1.0) ** 2) & (yy < cy - r * 0.3)
     img[cap] = hair
-    eyes = ((np.abs(np.abs(xx - cx) - r * 0.4) < 0.7) & (np.abs(yy - cy - 0.5) < 0.7))
+    eyes = (np.abs(np.abs(xx - cx) - r * 0.4) < 0.7) & (np.abs(yy - cy - 0.5) < 0.7)
     img[eyes] = np.asarray([0.1, 0.1, 0.12], dtype=np.float32)
 
     small = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))

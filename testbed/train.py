@@ -128,8 +128,9 @@ def train_diffusion(
     warmup = 200
     lr_at = lambda s: min(1.0, (s + 1) / warmup) * (0.2 + 0.8 * 0.5 * (1 + np.cos(np.pi * s / steps)))  # noqa: E731
     uniq = sorted(set(captions))
-    ids_by_caption = tokenizer(uniq, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids
+    ids_by_caption = tokenizer(
+        uniq, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     cap_index = torch.tensor([uniq.index(c) for c in captions]) if len(uniq) < 5000 else None
     assert cap_index is not None
     rng = np.random.default_rng(seed)

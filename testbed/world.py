@@ -153,9 +153,7 @@ HELD_OUT_LOOKALIKES: tuple[Occupation, ...] = (
     _lookalike("curator", "librarian", 0.25, 0.55),
     _lookalike("editor", "librarian", 0.60, 0.80),
 )
-OCCUPATION_BY_NAME: dict[str, Occupation] = {
-    o.name: o for o in OCCUPATIONS + LOOKALIKE_OCCUPATIONS + HELD_OUT_LOOKALIKES
-}
+OCCUPATION_BY_NAME: dict[str, Occupation] = {o.name: o for o in OCCUPATIONS + LOOKALIKE_OCCUPATIONS + HELD_OUT_LOOKALIKES}
 WIDE_TRAIN_OCCUPATIONS: tuple[str, ...] = TRAIN_OCCUPATIONS + tuple(o.name for o in LOOKALIKE_OCCUPATIONS)
 
 
@@ -168,6 +166,7 @@ def look_of(occupation: str) -> str:
 def look_index(occupation: str) -> int:
     """The index in OCCUPATIONS of `occupation`'s look: what the renderer draws it with."""
     return [o.name for o in OCCUPATIONS].index(look_of(occupation))
+
 
 PROMPT_TEMPLATE = "a photo of the face of a {occupation}, a person"
 

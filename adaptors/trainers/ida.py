@@ -166,6 +166,7 @@ def train_ida(
     all_weights, per_prompt = [], {}
     total = len(job.prompts) * cfg.max_iterations
     for p, prompt in enumerate(job.prompts):
+
         def report(point: dict, p: int = p, prompt: str = prompt) -> None:
             if should_stop():
                 raise GenerationCancelled(f"calibration stopped at prompt {p + 1}/{len(job.prompts)}")
@@ -193,12 +194,20 @@ def train_ida(
         base_model=job.base_model,
         attributes=list(target),
         target={a: dict(job.fairness_target[a]) for a in job.fairness_target},
-        metrics={"per_prompt": per_prompt, "seconds": round(time.time() - t0, 2), "images_generated": sample.images,
-                 "held_out_seed": cfg.eval_seed},  # fmt: skip
+        metrics={
+            "per_prompt": per_prompt,
+            "seconds": round(time.time() - t0, 2),
+            "images_generated": sample.images,
+            "held_out_seed": cfg.eval_seed,
+        },  # fmt: skip
         hyperparameters={**asdict(cfg), "method": "ida"},
         prompt_set=job.prompt_set,
-        sampler={"steps": cfg.steps, "guidance_scale": cfg.guidance_scale, "warmup_steps": cfg.warmup_steps,
-                 "scheduler": type(pipe.scheduler).__name__},  # fmt: skip
+        sampler={
+            "steps": cfg.steps,
+            "guidance_scale": cfg.guidance_scale,
+            "warmup_steps": cfg.warmup_steps,
+            "scheduler": type(pipe.scheduler).__name__,
+        },  # fmt: skip
         name=job.name,
     )
     IdaAdaptor.build(manifest, list(job.prompts), all_weights, texts).save(staging_dir)

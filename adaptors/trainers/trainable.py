@@ -86,9 +86,7 @@ class LoraTrainable(Trainable):
                     modules = modules.replace("{last}", str(pipe.text_encoder.config.num_hidden_layers - 1))
                 config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules)
                 getattr(pipe, component).add_adapter(config, adapter_name=TRAIN_ADAPTER)
-        self.params = [
-            p for c in self.components for n, p in getattr(pipe, c).named_parameters() if TRAIN_ADAPTER in n
-        ]
+        self.params = [p for c in self.components for n, p in getattr(pipe, c).named_parameters() if TRAIN_ADAPTER in n]
         for p in self.params:
             p.requires_grad_(True)
 

@@ -155,8 +155,10 @@ def test_finetune_publishes_an_adaptor_that_shifts_the_delivered_distribution(st
     base = client.post("/v1/generate", json={**request, "strategy": "none"}, headers={"Prefer": "wait=60"}).json()
     tuned = client.post("/v1/generate", json={**request, "adaptor_id": adaptor_id}, headers={"Prefer": "wait=60"}).json()
     assert tuned["result"]["adaptor"] == adaptor_id
-    assert female_share(tuned["result"]) >= female_share(base["result"]) + 0.15, (base["result"]["realised"],
-                                                                                tuned["result"]["realised"])
+    assert female_share(tuned["result"]) >= female_share(base["result"]) + 0.15, (
+        base["result"]["realised"],
+        tuned["result"]["realised"],
+    )
     # Without adaptor_id, strategy 'adaptor' and 'auto' find it by the target it was trained for.
     small = {"prompt": SENATOR, "num_images": 2, "steps": 5, "seed": 11, "fairness_target": BALANCED}
     for strategy in ("adaptor", "auto"):

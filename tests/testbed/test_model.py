@@ -54,8 +54,7 @@ def test_every_stereotyped_class_is_the_majority(readings_by_occupation):
 @pytest.mark.slow
 def test_held_out_gender_bias_is_at_least_half(readings_by_occupation):
     biases = [
-        bias(frequencies([r.gender for r in readings_by_occupation[name]], ATTRIBUTES["gender"]))
-        for name in TEST_OCCUPATIONS
+        bias(frequencies([r.gender for r in readings_by_occupation[name]], ATTRIBUTES["gender"])) for name in TEST_OCCUPATIONS
     ]
     assert np.mean(biases) >= 0.5
 

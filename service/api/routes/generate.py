@@ -127,9 +127,7 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         if target is None:
             raise InvalidField(f"{field}: needs a fairness_target", param=field, code=f"{field}_needs_target")
         if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
-            raise InvalidField(
-                f"{field}: only applies to strategy 'assign' (or 'auto')", param=field, code="strategy_conflict"
-            )
+            raise InvalidField(f"{field}: only applies to strategy 'assign' (or 'auto')", param=field, code="strategy_conflict")
     if body.enforce and (not body.audit or not info.attributes):
         raise InvalidField(
             "enforce: needs the audit (audit=true and a classifier for the base model)", param="enforce",
