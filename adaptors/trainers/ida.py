@@ -199,7 +199,7 @@ def train_ida(
             "seconds": round(time.time() - t0, 2),
             "images_generated": sample.images,
             "held_out_seed": cfg.eval_seed,
-        },  # fmt: skip
+        },
         hyperparameters={**asdict(cfg), "method": "ida"},
         prompt_set=job.prompt_set,
         sampler={
@@ -207,7 +207,7 @@ def train_ida(
             "guidance_scale": cfg.guidance_scale,
             "warmup_steps": cfg.warmup_steps,
             "scheduler": type(pipe.scheduler).__name__,
-        },  # fmt: skip
+        },
         name=job.name,
     )
     IdaAdaptor.build(manifest, list(job.prompts), all_weights, texts).save(staging_dir)
