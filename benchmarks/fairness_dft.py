@@ -8,6 +8,12 @@ share of images whose occupation is unchanged, similarity to the base image from
 Runs not asked for keep their previous figures in benchmarks/results/fairness_dft.json.
 
     python benchmarks/fairness_dft.py [--runs gender_te_lora gender_prefix ...] [--images 256] [--hp JSON --suffix _NAME]
+
+A soup (adaptors.soup: the mean of several seeds' LoRA changes) of one run, from members trained
+beforehand, two at a time if the machine has the cores:
+
+    python benchmarks/fairness_dft.py --train-only NAME --store DIR_i --hp '{"seed": i, ...}'   (each member)
+    python benchmarks/fairness_dft.py --runs NAME --soup-from DIR_0 DIR_1 ... --suffix _soup
 """
 
 from __future__ import annotations
@@ -218,30 +224,70 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     return result
 
 
+def soup(name: str, member_stores: list[Path], store: Path) -> dict:
+    """Average the members' adaptors of run `name` into `store`; their training figures, summed where they add up."""
+    from adaptors.base import load_adaptor
+    from adaptors.soup import average_loras
+    from common.adaptor_manifest import AdaptorManifest
+
+    members = [load_adaptor(m / name) for m in member_stores]
+    trained = [json.loads((m / f"{name}.train.json").read_text()) for m in member_stores]
+    if len({m.manifest.base_model for m in members}) != 1 or members[0].manifest.base_model != RUNS[name].base:
+        raise SystemExit(f"--soup-from: the members are not all run {name!r} on {RUNS[name].base!r}")
+    first = members[0].manifest
+    manifest = AdaptorManifest(id=name, kind="lora", base_model=first.base_model, attributes=first.attributes,
+                               target=first.target, prompt_set=first.prompt_set, sampler=first.sampler)  # fmt: skip
+    average_loras(members, manifest).save(store / name)
+    varying = sorted({k for t in trained for k, v in t["hyperparameters"].items() if v != trained[0]["hyperparameters"].get(k)})
+    return {
+        "soup_of": [{k: t["hyperparameters"].get(k) for k in varying} | {"seconds": t["seconds"]} for t in trained],
+        "seconds": round(sum(t["seconds"] for t in trained), 1),  # the soup costs all of its members' training
+        "peak_rss_mb": max(t["peak_rss_mb"] for t in trained),
+        "hyperparameters": {k: v for k, v in trained[0]["hyperparameters"].items() if k not in varying},
+        **{k: trained[0][k] for k in ("prompt_set", "base_model", "base_weights")},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
     parser.add_argument("--hp", default="{}", help="JSON hyperparameters applied to every run asked for (recorded)")
     parser.add_argument("--suffix", default="", help="store each run as NAME + SUFFIX (a variant beside the main figures)")
+    parser.add_argument("--soup-from", nargs="+", metavar="STORE", help="evaluate the mean of the run's adaptors "
+                        "trained into these --store folders (adaptors.soup) instead of training one")  # fmt: skip
     parser.add_argument("--train-only", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.train_only:  # the child process of one run
-        print(json.dumps(train(args.train_only, Path(args.store), json.loads(args.hp))))
+    if args.train_only:  # the child process of one run; the store keeps its figures for a later soup
+        trained = train(args.train_only, Path(args.store), json.loads(args.hp))
+        (Path(args.store) / f"{args.train_only}.train.json").write_text(json.dumps(trained))
+        print(json.dumps(trained))
         return
+    if args.soup_from and len(args.runs) != 1:
+        parser.error("--soup-from: name exactly one run (--runs NAME), the one its members were trained as")
     result: dict = {"benchmark": "fairness_dft", **environment(1)}
     before_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.runs:
+        for name in [] if args.soup_from else args.runs:
             child = subprocess.run([sys.executable, __file__, "--train-only", name, "--store", tmp, "--hp", args.hp],
                                    check=True, capture_output=True, text=True)  # fmt: skip
             trained = json.loads(child.stdout.strip().splitlines()[-1])
             run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
             result[name + args.suffix] = run
-            print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
-                  f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
+            _report(name, run)
+        if args.soup_from:
+            name = args.runs[0]
+            trained = soup(name, [Path(p) for p in args.soup_from], Path(tmp))
+            run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
+            result[name + args.suffix] = run
+            _report(name, run)
     publish("fairness_dft", result, merge=True)  # runs other invocations recorded (maybe meanwhile) are kept
+
+
+def _report(name: str, run: dict) -> None:
+    print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
+          f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":
