@@ -14,7 +14,8 @@ fairness_dft, so a finetune's figures there can be set against the best any rule
 reaches: what is left at scale 1 is held by the UNet's reading of the rest of the row, which no
 text-side edit that keeps the words apart removes.
 
-    python benchmarks/shared_axis_ceiling.py [--rule gender|gender_age_75_25|gender_x_skin_tone] [--scales 0 1 1.5] [--images 256]
+    python benchmarks/shared_axis_ceiling.py [--rule gender|gender_age_75_25|gender_x_skin_tone] [--scales 0 1 1.5]
+        [--below-scale 1.25] [--images 256] [--train-images 64]
 
 Rules and scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
 """
@@ -63,8 +64,13 @@ RULES: dict[str, dict[str, float]] = {
 }
 
 
-def measure(pipe, rule: str, scale: float, per_seed: int) -> dict:
-    """Apply the rule at this scale to the loaded pipeline's rows, read the images, put the rows back."""
+def measure(
+    pipe, rule: str, scale: float, per_seed: int, below_scale: float | None = None, train_images: int = TRAIN_IMAGES
+) -> dict:
+    """Apply the rule at this scale to the loaded pipeline's rows, read the images, put the rows back.
+
+    `below_scale`: the scale for words whose coordinate lies below the goal (for gender, the
+    male-leaning ones), when the two sides need different pushes; None: `scale` for both."""
     import torch
 
     from testbed.world import TRAIN_OCCUPATIONS
@@ -74,14 +80,15 @@ def measure(pipe, rule: str, scale: float, per_seed: int) -> dict:
     ids, coords, axes, residual = shared_axes(pipe)
     move = np.zeros_like(coords)
     for attr, goal in RULES[rule].items():
-        move[:, COLUMNS[attr]] = scale * (goal - coords[:, COLUMNS[attr]])
+        gap = goal - coords[:, COLUMNS[attr]]
+        move[:, COLUMNS[attr]] = np.where(gap > 0, scale if below_scale is None else below_scale, scale) * gap
     rows = pipe.text_encoder.get_input_embeddings().weight
     saved = rows[ids].detach().clone()
     with torch.no_grad():
         rows[ids] += torch.from_numpy(move @ axes).to(rows.dtype)
     try:
         held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
-        train = oracle_summary(held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
+        train = oracle_summary(held_out_images(pipe, None, train_images, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
     finally:
         with torch.no_grad():
             rows[ids] = saved
@@ -89,11 +96,13 @@ def measure(pipe, rule: str, scale: float, per_seed: int) -> dict:
     result = {
         "rule": rule,
         "scale": scale,
+        **({"below_goal_scale": below_scale} if below_scale is not None else {}),
         "held_out_bias": {a: _mean(held, "bias", a) for a in attrs},
         "held_out_max_bias": {a: max(r["bias"][a] for r in held.values()) for a in attrs},
         "held_out_female_share": {o: r["shares"]["gender"]["female"] for o, r in held.items()},
         "held_out_occupation_kept": min(r["occupation_kept"] for r in held.values()),
         "training_bias": {a: _mean(train, "bias", a) for a in attrs},
+        "training_female_share": {o: r["shares"]["gender"]["female"] for o, r in train.items()},
         "training_max_bias": {a: max(r["bias"][a] for r in train.values()) for a in attrs},
         "training_occupation_kept": min(r["occupation_kept"] for r in train.values()),
     }
@@ -108,9 +117,42 @@ def measure(pipe, rule: str, scale: float, per_seed: int) -> dict:
     return {
         **result,
         "images_per_held_out_occupation": per_seed * len(SEEDS),
-        "images_per_training_occupation": TRAIN_IMAGES,
+        "images_per_training_occupation": train_images,
         "axis_fit_max_residual": residual,
         "seconds": round(time.time() - t0, 1),
+    }
+
+
+def two_sided_fit(measured: dict[float, dict]) -> dict:
+    """The gender rule whose scale on each side of the goal fits the training occupations best, and its held-out figures.
+
+    This is what a finetune that learnt the best rule of this form from its prompts alone would reach
+    on occupations it never saw. The two sides can be combined from symmetric runs because a prompt
+    holds one occupation word: its images depend only on its own row, moved by its own side's scale."""
+    from testbed.world import OCCUPATION_BY_NAME
+
+    def side(occupation: str) -> str:
+        return "below" if OCCUPATION_BY_NAME[occupation].p_female < 0.5 else "above"
+
+    def gender_bias(female: float) -> float:  # common.bias.bias of a two-class share
+        return abs(2 * female - 1)
+
+    def side_training_bias(scale: float, which: str) -> float:
+        shares = measured[scale]["training_female_share"]
+        return float(np.mean([gender_bias(p) for o, p in shares.items() if side(o) == which]))
+
+    chosen = {which: min(measured, key=lambda sc: side_training_bias(sc, which)) for which in ("below", "above")}
+    first = next(iter(measured.values()))
+    train = [gender_bias(measured[chosen[side(o)]]["training_female_share"][o]) for o in first["training_female_share"]]
+    held = {o: measured[chosen[side(o)]]["held_out_female_share"][o] for o in first["held_out_female_share"]}
+    return {
+        "scales_tried": sorted(measured),
+        "below_goal_scale": chosen["below"],
+        "above_goal_scale": chosen["above"],
+        "training_bias": round(float(np.mean(train)), 4),
+        "held_out_bias": round(float(np.mean([gender_bias(p) for p in held.values()])), 4),
+        "held_out_max_bias": round(max(gender_bias(p) for p in held.values()), 4),
+        "held_out_female_share": held,
     }
 
 
@@ -118,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rule", choices=sorted(RULES), default="gender")
     parser.add_argument("--scales", nargs="+", type=float, default=[0.0, 1.0, 1.5])
+    parser.add_argument("--below-scale", type=float, help="a different scale for words below the goal (male-leaning)")
+    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="images per training occupation (one seed)")
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
     args = parser.parse_args()
     from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
@@ -127,9 +171,13 @@ def main() -> None:
     fingerprint = weights_fingerprint(resolve_model_path(SHARED_AXES))
     result: dict = {"benchmark": "shared_axis_ceiling", **environment(1)}
     prefix = "" if args.rule == "gender" else f"{args.rule}_"
+    measured: dict[float, dict] = {}
     for scale in args.scales:
-        measured = measure(pipe, args.rule, scale, args.images // len(SEEDS))
-        result[f"{prefix}scale_{scale:g}"] = {**measured, "base_weights": fingerprint}
+        measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images)
+        below = "" if args.below_scale is None else f"_below_{args.below_scale:g}"
+        result[f"{prefix}scale_{scale:g}{below}"] = {**measured[scale], "base_weights": fingerprint}
+    if args.rule == "gender" and args.below_scale is None and len(measured) > 1:
+        result["gender_two_sided_fit"] = {**two_sided_fit(measured), "base_weights": fingerprint}
     publish("shared_axis_ceiling", result, merge=True)
 
 

@@ -1,0 +1,22 @@
+"""The two-sided rule fit: each side's scale is chosen on the training occupations of that side only."""
+
+from benchmarks.shared_axis_ceiling import two_sided_fit
+from testbed.world import OCCUPATION_BY_NAME, TEST_OCCUPATIONS, TRAIN_OCCUPATIONS
+
+
+def _measured(train_female: dict[str, float], held_female: dict[str, float]) -> dict:
+    return {"training_female_share": train_female, "held_out_female_share": held_female}
+
+
+def test_each_side_takes_the_scale_that_fits_its_own_training_occupations():
+    male_leaning = [o for o in TRAIN_OCCUPATIONS if OCCUPATION_BY_NAME[o].p_female < 0.5]
+    # at scale 1 the male-leaning training words land on 50% and the female-leaning ones stay at 80%;
+    # at scale 2 the other way round: the best rule takes 1 below the goal and 2 above it
+    at_1 = _measured({o: 0.5 if o in male_leaning else 0.8 for o in TRAIN_OCCUPATIONS}, dict.fromkeys(TEST_OCCUPATIONS, 0.1))
+    at_2 = _measured({o: 0.9 if o in male_leaning else 0.5 for o in TRAIN_OCCUPATIONS}, dict.fromkeys(TEST_OCCUPATIONS, 0.5))
+    fit = two_sided_fit({1.0: at_1, 2.0: at_2})
+    assert (fit["below_goal_scale"], fit["above_goal_scale"]) == (1.0, 2.0)
+    assert fit["training_bias"] == 0.0
+    held = {o: 0.1 if OCCUPATION_BY_NAME[o].p_female < 0.5 else 0.5 for o in TEST_OCCUPATIONS}
+    assert fit["held_out_female_share"] == held
+    assert fit["held_out_max_bias"] == 0.8 and fit["held_out_bias"] == 0.4  # two of the four at 10% female
