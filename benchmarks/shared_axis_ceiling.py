@@ -9,14 +9,17 @@ the fit is exact) and each occupation row moves by scale x (the target's coordin
 along them. For gender 50/50 that takes the gender coordinate out; `--rule gender_age_75_25`
 also moves the age coordinate to 75% young's, `--rule gender_x_skin_tone` the skin-tone
 coordinate to the middle tone. Scale 0 is the base model, 1 the exact rule, > 1
-pushes past it. Held-out and training occupations are read by the oracle on the same seeds as
+pushes past it; `--below-scale` gives the words below the goal (for gender, the male-leaning ones)
+a scale of their own. Held-out and training occupations are read by the oracle on the same seeds as
 fairness_dft, so a finetune's figures there can be set against the best any rule of this form
-reaches: what is left at scale 1 is held by the UNet's reading of the rest of the row, which no
-text-side edit that keeps the words apart removes.
+reaches: what is left at scale 1 is held by the UNet's reading of the rest of the row (the look),
+which no edit along the shared axes removes; a finetune is not confined to such edits.
 
     python benchmarks/shared_axis_ceiling.py [--rule gender|gender_age_75_25|gender_x_skin_tone] [--scales 0 1 1.5]
         [--below-scale 1.25] [--images 256] [--train-images 64]
 
+With several scales of the gender rule in one invocation, `gender_two_sided_fit` records the rule
+with a scale per side that the training occupations choose, and what it does to the held-out ones.
 Rules and scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
 """
 
@@ -129,13 +132,14 @@ def two_sided_fit(measured: dict[float, dict]) -> dict:
     This is what a finetune that learnt the best rule of this form from its prompts alone would reach
     on occupations it never saw. The two sides can be combined from symmetric runs because a prompt
     holds one occupation word: its images depend only on its own row, moved by its own side's scale."""
+    from common.bias import bias
     from testbed.world import OCCUPATION_BY_NAME
 
     def side(occupation: str) -> str:
         return "below" if OCCUPATION_BY_NAME[occupation].p_female < 0.5 else "above"
 
-    def gender_bias(female: float) -> float:  # common.bias.bias of a two-class share
-        return abs(2 * female - 1)
+    def gender_bias(female: float) -> float:
+        return bias({"female": female, "male": 1.0 - female})
 
     def side_training_bias(scale: float, which: str) -> float:
         shares = measured[scale]["training_female_share"]
