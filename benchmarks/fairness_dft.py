@@ -232,7 +232,7 @@ def soup(name: str, member_stores: list[Path], store: Path) -> dict:
 
     members = [load_adaptor(m / name) for m in member_stores]
     trained = [json.loads((m / f"{name}.train.json").read_text()) for m in member_stores]
-    if len({m.manifest.base_model for m in members}) != 1 or members[0].manifest.base_model != RUNS[name].base:
+    if any(m.manifest.base_model != RUNS[name].base for m in members):
         raise SystemExit(f"--soup-from: the members are not all run {name!r} on {RUNS[name].base!r}")
     first = members[0].manifest
     manifest = AdaptorManifest(id=name, kind="lora", base_model=first.base_model, attributes=first.attributes,
@@ -269,25 +269,18 @@ def main() -> None:
     result: dict = {"benchmark": "fairness_dft", **environment(1)}
     before_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in [] if args.soup_from else args.runs:
-            child = subprocess.run([sys.executable, __file__, "--train-only", name, "--store", tmp, "--hp", args.hp],
-                                   check=True, capture_output=True, text=True)  # fmt: skip
-            trained = json.loads(child.stdout.strip().splitlines()[-1])
+        for name in args.runs:
+            if args.soup_from:
+                trained = soup(name, [Path(p) for p in args.soup_from], Path(tmp))
+            else:
+                child = subprocess.run([sys.executable, __file__, "--train-only", name, "--store", tmp, "--hp", args.hp],
+                                       check=True, capture_output=True, text=True)  # fmt: skip
+                trained = json.loads(child.stdout.strip().splitlines()[-1])
             run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
             result[name + args.suffix] = run
-            _report(name, run)
-        if args.soup_from:
-            name = args.runs[0]
-            trained = soup(name, [Path(p) for p in args.soup_from], Path(tmp))
-            run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
-            result[name + args.suffix] = run
-            _report(name, run)
+            print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
+                  f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
     publish("fairness_dft", result, merge=True)  # runs other invocations recorded (maybe meanwhile) are kept
-
-
-def _report(name: str, run: dict) -> None:
-    print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "
-          f"{run['seconds']} s, {run['peak_rss_mb']} MB", file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -133,10 +133,11 @@ def two_sided_fit(measured: dict[float, dict]) -> dict:
     on occupations it never saw. The two sides can be combined from symmetric runs because a prompt
     holds one occupation word: its images depend only on its own row, moved by its own side's scale."""
     from common.bias import bias
+    from testbed.shared_axis import stereotype_coordinates
     from testbed.world import OCCUPATION_BY_NAME
 
-    def side(occupation: str) -> str:
-        return "below" if OCCUPATION_BY_NAME[occupation].p_female < 0.5 else "above"
+    def side(occupation: str) -> str:  # as `measure` splits them: the gender coordinate below the goal (0) or not
+        return "below" if stereotype_coordinates(OCCUPATION_BY_NAME[occupation])[COLUMNS["gender"]] < 0 else "above"
 
     def gender_bias(female: float) -> float:
         return bias({"female": female, "male": 1.0 - female})
@@ -176,9 +177,9 @@ def main() -> None:
     result: dict = {"benchmark": "shared_axis_ceiling", **environment(1)}
     prefix = "" if args.rule == "gender" else f"{args.rule}_"
     measured: dict[float, dict] = {}
+    below = "" if args.below_scale is None else f"_below_{args.below_scale:g}"
     for scale in args.scales:
         measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images)
-        below = "" if args.below_scale is None else f"_below_{args.below_scale:g}"
         result[f"{prefix}scale_{scale:g}{below}"] = {**measured[scale], "base_weights": fingerprint}
     if args.rule == "gender" and args.below_scale is None and len(measured) > 1:
         result["gender_two_sided_fit"] = {**two_sided_fit(measured), "base_weights": fingerprint}
