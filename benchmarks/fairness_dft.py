@@ -72,6 +72,10 @@ RUNS: dict[str, Run] = {
     "shared_axes_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, SHARED_AXES),
     "shared_axes_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, SHARED_AXES),
     "shared_axes_gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE, SHARED_AXES),
+    # diagnostics, not fairness figures: trained on the held-out occupations themselves, so they say how
+    # close the method gets on those four when nothing has to generalise
+    "shared_axes_gender_te_lora_fit_held_out": Run(GENDER, {}, "testbed-test", SHARED_AXES),
+    "shared_axes_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, "testbed-test", SHARED_AXES),
 }
 
 

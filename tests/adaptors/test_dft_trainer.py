@@ -84,6 +84,18 @@ def test_alignment_drops_an_uncertain_target():
     assert targets.dropped() == 1 and targets.certainty["gender"][0] > 0.8
 
 
+@pytest.mark.parametrize("females, confidence, flips", [(3, 0.8, 0), (2, 0.8, 1), (3, 0.5, 1)])
+def test_alignment_stops_pushing_near_the_target_at_confidence_0_8(females, confidence, flips):
+    """8 saturated images, 50/50: at C 0.8 a batch of 3 female gets no image to flip (drawn counts below 4
+    are too likely), at 2 female one; C 0.5 flips one at 3. This is why the push fades before 50/50."""
+    rng = np.random.default_rng(0)
+    p_female = np.r_[np.linspace(0.999, 0.98, females), np.linspace(0.02, 0.001, 8 - females)]
+    probs = {"gender": np.stack([p_female, 1 - p_female], 1)}
+    labels = alignment_targets(probs, SHARES, draws=100, confidence=confidence, rng=rng).labels["gender"]
+    assert int(((labels == 0) & (np.arange(8) >= females)).sum()) == flips  # male images told to become female
+    assert not ((labels == 1) & (np.arange(8) < females)).any()  # no female image told to become male
+
+
 def test_alignment_is_joint_and_follows_non_uniform_targets():
     rng = np.random.default_rng(1)
     n = 16
