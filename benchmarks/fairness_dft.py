@@ -38,6 +38,7 @@ SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
 AGE = {"age": {"young": 0.75, "old": 0.25}}
 BASE_HP = {"eval_images": 8}  # the trainer's defaults otherwise; its own (classifier) evaluation is not the one reported
 WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike words
+HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 
 
 # the shared-axis variant of the testbed (testbed.shared_axis): occupation stereotypes on directions all
@@ -74,8 +75,8 @@ RUNS: dict[str, Run] = {
     "shared_axes_gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE, SHARED_AXES),
     # diagnostics, not fairness figures: trained on the held-out occupations themselves, so they say how
     # close the method gets on those four when nothing has to generalise
-    "shared_axes_gender_te_lora_fit_held_out": Run(GENDER, {}, "testbed-test", SHARED_AXES),
-    "shared_axes_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, "testbed-test", SHARED_AXES),
+    "shared_axes_gender_te_lora_fit_held_out": Run(GENDER, {}, HELD_OUT, SHARED_AXES),
+    "shared_axes_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, HELD_OUT, SHARED_AXES),
 }
 
 
@@ -96,7 +97,7 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
     hp = {**hp, **extra_hp}
     pipe = load_pipeline(run.base, device="cpu")
     job = FinetuneJob(method="dft", base_model=run.base, fairness_target=target, prompts=prompt_set(train_set),
-                      prompt_set=train_set, eval_prompts=prompt_set("testbed-test"),
+                      prompt_set=train_set, eval_prompts=prompt_set(HELD_OUT),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
     curve: list[dict] = []
     t0 = time.time()
