@@ -45,6 +45,8 @@ from common.schemas import FinetuneJob
 
 logger = logging.getLogger(__name__)
 
+PRESERVE_REGIONS = ("flipped", "all")
+
 
 @dataclass
 class DFTConfig:
@@ -70,6 +72,9 @@ class DFTConfig:
     preserve_feature_weight: float = 1.0
     flip_weight: float = 0.0
     region_share: float = 0.3  # 0: no region-aware preservation
+    # where the pixel term spares the attribute's region: on the images meant to flip ("flipped"), or
+    # on every image ("all"), so that moving the attribute of the prompt as a whole costs no pixels
+    preserve_region: str = "flipped"
     person_weight: float = 0.1
     distribution_weight: float = 0.0
     prompt_mixing: float = 0.0  # share of prompts replaced by a mixture with another training prompt (LoRA only)
@@ -90,7 +95,7 @@ class DFTConfig:
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
-                   "unet_modules": tuple(UNET_MODULES)}  # fmt: skip
+                   "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
         require_positive(cfg, "checkpoint_every")
@@ -230,6 +235,9 @@ class _Step:
         flip_t = torch.from_numpy(flips).to(images.device)
         weight = torch.where(flip_t, cfg.flip_weight, 1.0).to(images)
         sq = (images - frozen) ** 2
+        everywhere = cfg.preserve_region == "all" and cfg.region_share > 0
+        if everywhere:  # every image keeps what lies outside its attribute's region, flipped or not
+            sq = sq * (1 - attribute_region(classifier, frozen, list(self.shares), cfg.region_share))
         preserve = cfg.preserve_pixel_weight * sq.flatten(1).mean(1)
         feats = _features(classifier, images) if cfg.preserve_feature_weight > 0 else None
         if feats is not None:
@@ -237,7 +245,9 @@ class _Step:
                 ref = _features(classifier, frozen)
             preserve = preserve + cfg.preserve_feature_weight * (1 - F.cosine_similarity(feats, ref))
         preserve = weight * preserve
-        if cfg.region_share > 0 and flips.any():
+        if everywhere:
+            preserve = preserve + torch.where(flip_t, cfg.preserve_pixel_weight * sq.flatten(1).mean(1), 0.0)
+        elif cfg.region_share > 0 and flips.any():
             outside = 1 - attribute_region(classifier, frozen[flip_t], list(self.shares), cfg.region_share)
             region = cfg.preserve_pixel_weight * (outside * sq[flip_t]).flatten(1).mean(1)
             preserve = preserve.index_add(0, torch.nonzero(flip_t).flatten(), region)

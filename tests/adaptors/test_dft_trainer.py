@@ -20,7 +20,7 @@ from adaptors.prefix import PrefixAdaptor
 from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
-from adaptors.trainers.dft import DFTConfig
+from adaptors.trainers.dft import DFTConfig, _Step, attribute_region
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
 from adaptors.trainers.trainable import make_trainable
@@ -54,7 +54,8 @@ def test_registered():
     [({"learning_rate": 1}, "hyperparameters: unknown"), ({"iterations": "3"}, "iterations"), ({"iterations": 0}, "iterations"),
      ({"rank": 2.5}, "rank"), ({"train": "vae"}, "train"), ({"adjusted": 1}, "adjusted"), ({"confidence": 1.5}, "confidence"),
      ({"steps": 4, "steps_jitter": 4}, "steps_jitter"), ({"ce_temperature": 0}, "ce_temperature"),
-     ({"text_encoder_modules": "mlp"}, "text_encoder_modules"), ({"unet_modules": "all"}, "unet_modules")],
+     ({"text_encoder_modules": "mlp"}, "text_encoder_modules"), ({"unet_modules": "all"}, "unet_modules"),
+     ({"preserve_region": "none"}, "preserve_region")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -108,6 +109,20 @@ def test_alignment_is_joint_and_follows_non_uniform_targets():
     # jointly: old images split evenly between the genders (product of the marginals)
     old = targets.labels["age"] == 1
     assert np.bincount(targets.labels["gender"][old], minlength=2).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("region, spared", [("all", True), ("flipped", False)])
+def test_preserve_region_all_lets_every_image_change_inside_the_attribute_region(pipe, classifier, region, spared):
+    """With `preserve_region: all` a change confined to the attribute's region costs no preservation on
+    any image, flipped or not; with "flipped" the images that keep their class pay for it in full."""
+    frozen = generate(pipe, GenerationSpec(prompt=DOCTOR, num_images=4, seed=3, steps=4))
+    inside = attribute_region(classifier, frozen, ["gender"], 0.3)
+    moved = frozen + 0.05 * inside * torch.randn(frozen.shape, generator=torch.Generator().manual_seed(0))
+    cfg = DFTConfig.from_hyperparameters({"preserve_region": region, "preserve_feature_weight": 0.0, "person_weight": 0.0})
+    _, info = _Step(cfg, {"gender": np.array([0.5, 0.5])}, classifier).losses(moved, frozen, 1, np.random.default_rng(0))
+    assert info["flips"] < 4  # some image keeps its class, so "flipped" has an image to charge
+    assert (info["preserve"] == 0.0) is spared
+    assert (moved != frozen).flatten(1).any(1).all()
 
 
 def test_prompt_mixing_interpolates_token_embeddings(pipe):
