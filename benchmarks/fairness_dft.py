@@ -77,6 +77,8 @@ RUNS: dict[str, Run] = {
     # close the method gets on those four when nothing has to generalise
     "shared_axes_gender_te_lora_fit_held_out": Run(GENDER, {}, HELD_OUT, SHARED_AXES),
     "shared_axes_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, HELD_OUT, SHARED_AXES),
+    "shared_axes_gender_x_skin_tone_fit_held_out": Run({**GENDER, **SKIN}, {}, HELD_OUT, SHARED_AXES),
+    "shared_axes_gender_age_75_25_fit_held_out": Run({**GENDER, **AGE}, {}, HELD_OUT, SHARED_AXES),
 }
 
 
