@@ -238,7 +238,8 @@ class _Step:
         everywhere = cfg.preserve_region == "all" and cfg.region_share > 0
         if everywhere:  # every image keeps what lies outside its attribute's region, flipped or not
             sq = sq * (1 - attribute_region(classifier, frozen, list(self.shares), cfg.region_share))
-        preserve = cfg.preserve_pixel_weight * sq.flatten(1).mean(1)
+        pixel = cfg.preserve_pixel_weight * sq.flatten(1).mean(1)
+        preserve = pixel
         feats = _features(classifier, images) if cfg.preserve_feature_weight > 0 else None
         if feats is not None:
             with torch.no_grad():
@@ -246,7 +247,7 @@ class _Step:
             preserve = preserve + cfg.preserve_feature_weight * (1 - F.cosine_similarity(feats, ref))
         preserve = weight * preserve
         if everywhere:
-            preserve = preserve + torch.where(flip_t, cfg.preserve_pixel_weight * sq.flatten(1).mean(1), 0.0)
+            preserve = preserve + torch.where(flip_t, pixel, 0.0)
         elif cfg.region_share > 0 and flips.any():
             outside = 1 - attribute_region(classifier, frozen[flip_t], list(self.shares), cfg.region_share)
             region = cfg.preserve_pixel_weight * (outside * sq[flip_t]).flatten(1).mean(1)
