@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from common.settings import TESTBED, TESTBED_SHARED_AXES
+from common.settings import TESTBED, TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +56,12 @@ def configure_threads(threads: int = 0) -> int:
 
 
 def resolve_model_path(model: str) -> str:
-    """'testbed' and 'testbed-shared-axes' name the embedded models; anything else is a local folder or a hub id."""
-    from testbed import PIPELINE_DIR, SHARED_AXES_PIPELINE_DIR
+    """The names in TESTBED_MODELS are the embedded models; anything else is a local folder or a hub id."""
+    from testbed import NEUTRAL_LOOKS_PIPELINE_DIR, PIPELINE_DIR, SHARED_AXES_PIPELINE_DIR
 
-    return str({TESTBED: PIPELINE_DIR, TESTBED_SHARED_AXES: SHARED_AXES_PIPELINE_DIR}.get(model, model))
+    embedded = {TESTBED: PIPELINE_DIR, TESTBED_SHARED_AXES: SHARED_AXES_PIPELINE_DIR,
+                TESTBED_NEUTRAL_LOOKS: NEUTRAL_LOOKS_PIPELINE_DIR}  # fmt: skip
+    return str(embedded.get(model, model))
 
 
 def load_pipeline(model: str = TESTBED, device: str = "auto", offline: bool = True) -> StableDiffusionPipeline:

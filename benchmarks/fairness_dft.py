@@ -44,6 +44,9 @@ HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 # the shared-axis variant of the testbed (testbed.shared_axis): occupation stereotypes on directions all
 # occupation words share, as in a pretrained text encoder; "testbed" runs measure the main model
 SHARED_AXES = "testbed-shared-axes"  # a base model name, as FAIRDIFF_BASE_MODEL takes it
+# its neutral-looks form: every look's words average the same shares, so the stereotypes sit on the shared
+# directions only (testbed.shared_axis); "neutral_looks" runs measure whether a finetune learns that rule
+NEUTRAL_LOOKS = "testbed-neutral-looks"
 
 
 class Run(NamedTuple):
@@ -79,6 +82,11 @@ RUNS: dict[str, Run] = {
     "shared_axes_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, HELD_OUT, SHARED_AXES),
     "shared_axes_gender_x_skin_tone_fit_held_out": Run({**GENDER, **SKIN}, {}, HELD_OUT, SHARED_AXES),
     "shared_axes_gender_age_75_25_fit_held_out": Run({**GENDER, **AGE}, {}, HELD_OUT, SHARED_AXES),
+    "neutral_looks_gender_te_lora_wide": Run(GENDER, {}, WIDE, NEUTRAL_LOOKS),
+    "neutral_looks_gender_prefix_wide": Run(GENDER, {"train": "prefix"}, WIDE, NEUTRAL_LOOKS),
+    "neutral_looks_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, NEUTRAL_LOOKS),
+    "neutral_looks_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, NEUTRAL_LOOKS),
+    "neutral_looks_gender_plain_dft_wide": Run(GENDER, {"adjusted": False}, WIDE, NEUTRAL_LOOKS),
 }
 
 

@@ -35,21 +35,32 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import SEEDS, SHARED_AXES, TRAIN_IMAGES, TRAIN_SEED, _mean, held_out_images, oracle_summary  # noqa: E402
+from benchmarks.fairness_dft import (  # noqa: E402
+    NEUTRAL_LOOKS,
+    SEEDS,
+    SHARED_AXES,
+    TRAIN_IMAGES,
+    TRAIN_SEED,
+    _mean,
+    held_out_images,
+    oracle_summary,
+)
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 
 
-def shared_axes(pipe) -> tuple[list[int], np.ndarray, np.ndarray, float]:
+def shared_axes(pipe, words: tuple | None = None) -> tuple[list[int], np.ndarray, np.ndarray, float]:
     """(token ids of the occupation words, their coordinates (words x 3: gender, age, skin tone), the three axes
-    (3 x D), the fit's max residual)."""
+    (3 x D), the fit's max residual). `words`: the occupation table the model was built from (default: the
+    shared-axis model's)."""
     from testbed.shared_axis import SHARED_OCCUPATIONS, stereotype_coordinates
     from testbed.world import OCCUPATIONS, look_index
 
+    words = SHARED_OCCUPATIONS if words is None else words
     vocab = pipe.tokenizer.get_vocab()
     table = pipe.text_encoder.get_input_embeddings().weight.detach().numpy()
-    ids = [vocab[o.name + "</w>"] for o in SHARED_OCCUPATIONS]
-    looks = np.eye(len(OCCUPATIONS))[[look_index(o.name) for o in SHARED_OCCUPATIONS]]
-    coords = np.array([stereotype_coordinates(o) for o in SHARED_OCCUPATIONS])
+    ids = [vocab[o.name + "</w>"] for o in words]
+    looks = np.eye(len(OCCUPATIONS))[[look_index(o.name) for o in words]]
+    coords = np.array([stereotype_coordinates(o) for o in words])
     design = np.concatenate([looks, coords], 1)
     solution, *_ = np.linalg.lstsq(design, table[ids], rcond=None)
     residual = float(np.abs(design @ solution - table[ids]).max())
@@ -68,7 +79,13 @@ RULES: dict[str, dict[str, float]] = {
 
 
 def measure(
-    pipe, rule: str, scale: float, per_seed: int, below_scale: float | None = None, train_images: int = TRAIN_IMAGES
+    pipe,
+    rule: str,
+    scale: float,
+    per_seed: int,
+    below_scale: float | None = None,
+    train_images: int = TRAIN_IMAGES,
+    words: tuple | None = None,
 ) -> dict:
     """Apply the rule at this scale to the loaded pipeline's rows, read the images, put the rows back.
 
@@ -80,7 +97,7 @@ def measure(
 
     t0 = time.time()
     attrs = list(RULES[rule])
-    ids, coords, axes, residual = shared_axes(pipe)
+    ids, coords, axes, residual = shared_axes(pipe, words)
     move = np.zeros_like(coords)
     for attr, goal in RULES[rule].items():
         gap = goal - coords[:, COLUMNS[attr]]
@@ -168,22 +185,34 @@ def main() -> None:
     parser.add_argument("--below-scale", type=float, help="a different scale for words below the goal (male-leaning)")
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="images per training occupation (one seed)")
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="shared-axes",
+        help="neutral-looks: the variant whose looks carry no stereotype (keys prefixed neutral_looks_)",
+    )
     args = parser.parse_args()
     from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
+    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
 
+    models = {"shared-axes": (SHARED_AXES, SHARED_OCCUPATIONS), "neutral-looks": (NEUTRAL_LOOKS, NEUTRAL_LOOK_OCCUPATIONS)}
+    base, words = models[args.model]
     configure_threads(1)
-    pipe = load_pipeline(SHARED_AXES, device="cpu")
-    fingerprint = weights_fingerprint(resolve_model_path(SHARED_AXES))
+    pipe = load_pipeline(base, device="cpu")
+    fingerprint = weights_fingerprint(resolve_model_path(base))
     result: dict = {"benchmark": "shared_axis_ceiling", **environment(1)}
-    prefix = "" if args.rule == "gender" else f"{args.rule}_"
+    prefix = ("" if args.model == "shared-axes" else "neutral_looks_") + ("" if args.rule == "gender" else f"{args.rule}_")
     measured: dict[float, dict] = {}
     below = "" if args.below_scale is None else f"_below_{args.below_scale:g}"
     for scale in args.scales:
-        measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images)
+        measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images, words)
         result[f"{prefix}scale_{scale:g}{below}"] = {**measured[scale], "base_weights": fingerprint}
     if args.rule == "gender" and args.below_scale is None and len(measured) > 1:
-        result["gender_two_sided_fit"] = {**two_sided_fit(measured), "base_weights": fingerprint}
+        result[f"{prefix}gender_two_sided_fit"] = {**two_sided_fit(measured), "base_weights": fingerprint}
     publish("shared_axis_ceiling", result, merge=True)
+
+
+MODELS = ("neutral-looks", "shared-axes")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,11 @@ def main() -> None:
     publish(MODELS[args.model][1], result)
 
 
-MODELS = {"testbed": ("testbed", "testbed_bias"), "shared-axes": ("testbed-shared-axes", "testbed_bias_shared_axes")}
+MODELS = {
+    "testbed": ("testbed", "testbed_bias"),
+    "shared-axes": ("testbed-shared-axes", "testbed_bias_shared_axes"),
+    "neutral-looks": ("testbed-neutral-looks", "testbed_bias_neutral_looks"),
+}
 OCCUPATIONS_BY = {o.name: o for o in OCCUPATIONS}
 
 if __name__ == "__main__":

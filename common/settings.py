@@ -14,7 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TESTBED = "testbed"
 # the shared-axis variant of the testbed (testbed.shared_axis): the same world, renderer and words
 TESTBED_SHARED_AXES = "testbed-shared-axes"
-TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES)
+# its neutral-looks form: the stereotypes on the shared directions only, none in an occupation's look
+TESTBED_NEUTRAL_LOOKS = "testbed-neutral-looks"
+TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES, TESTBED_NEUTRAL_LOOKS)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
 
 
@@ -32,7 +34,7 @@ class Settings(BaseSettings):
     base_model: str = Field(
         TESTBED,
         description="Base pipeline: 'testbed' (the embedded tiny model), 'testbed-shared-axes' (its shared-axis "
-        "variant), a local diffusers folder, or a hub id.",
+        "variant), 'testbed-neutral-looks' (that variant with stereotype-free looks), a local diffusers folder, or a hub id.",
     )
     classifier: str = Field(
         "auto",

@@ -11,4 +11,6 @@ PIPELINE_DIR = WEIGHTS_DIR / "pipeline"
 CLASSIFIER_DIR = WEIGHTS_DIR / "classifier"
 # the shared-axis variant (testbed.shared_axis), for measuring whether a finetune generalises
 SHARED_AXES_PIPELINE_DIR = WEIGHTS_DIR / "pipeline_shared_axes"
+# its neutral-looks form: every look's words average the same shares (testbed.shared_axis)
+NEUTRAL_LOOKS_PIPELINE_DIR = WEIGHTS_DIR / "pipeline_neutral_looks"
 BASE_MODEL_ID = "fairdiff-testbed"

@@ -20,6 +20,18 @@ vector took up the stereotype (with the gender coordinate removed, "librarian" s
 saved pipeline is a plain StableDiffusionPipeline (the composition is folded into the rows).
 
     python -m testbed.train shared --out testbed/weights
+
+A third variant, `neutral looks` (NEUTRAL_LOOK_OCCUPATIONS), keeps the drawn occupations' shares
+and gives each look's three lookalike words shares that bring the look's mean to the same value
+for every look (50% female, 70% young, every skin tone a quarter). On the shared-axis model each
+look's words average a stereotype of their own (the pilot look's four words 25% female), so its
+UNet reads part of the stereotype from the look, which no edit along the shared directions can
+remove (benchmarks/shared_axis_ceiling.py: 0.22 left on the training occupations with the gender
+coordinate taken out). With neutral looks the stereotype lives on the shared directions only, the
+premise under which Shen et al.'s text-encoder finetune generalises; whether a finetune learns that
+rule from its prompts is then what the held-out figures measure.
+
+    python -m testbed.train neutral --diffusion-steps 5000
 """
 
 from __future__ import annotations
@@ -33,6 +45,41 @@ from testbed.architecture import build_tokenizer
 from testbed.world import ATTRIBUTES, HELD_OUT_LOOKALIKES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_index
 
 SHARED_OCCUPATIONS: tuple[Occupation, ...] = OCCUPATIONS + LOOKALIKE_OCCUPATIONS + HELD_OUT_LOOKALIKES
+
+# what every look's four words average in the neutral-looks variant
+NEUTRAL_P_FEMALE, NEUTRAL_P_YOUNG = 0.5, 0.7
+NEUTRAL_SKIN_TONE = (0.25, 0.25, 0.25, 0.25)
+# how far a look's three lookalikes spread around what they must average (one below, one at, one
+# above, in a different order per attribute so the attributes do not move together across words)
+_SPREAD = {"gender": (0.25, (-1, 0, 1)), "age": (0.12, (1, -1, 0)), "skin_tone": (0.08, (0, 1, -1))}
+_DARKER = np.array([-1.0, -1 / 3, 1 / 3, 1.0])  # a zero-sum shift of a skin-tone mix towards the dark tones
+
+
+def _neutral_lookalikes(drawn: Occupation, words: list[Occupation]) -> list[Occupation]:
+    """The three lookalikes of `drawn`'s look with shares that bring the look's mean to the neutral one."""
+    out = []
+    for k, word in enumerate(words):
+        (gs, gt), (ys, yt), (ss, st) = (_SPREAD[a] for a in ("gender", "age", "skin_tone"))
+        p_female = (4 * NEUTRAL_P_FEMALE - drawn.p_female) / 3 + gs * gt[k]
+        p_young = (4 * NEUTRAL_P_YOUNG - drawn.p_young) / 3 + ys * yt[k]
+        skin = (4 * np.asarray(NEUTRAL_SKIN_TONE) - np.asarray(drawn.skin_tone)) / 3 + ss * st[k] * _DARKER
+        out.append(Occupation(word.name, word.background, word.shirt, float(p_female),
+                              tuple(float(v) for v in skin), float(p_young)))  # fmt: skip
+    return out
+
+
+def _neutral_look_table() -> tuple[Occupation, ...]:
+    lookalikes = SHARED_OCCUPATIONS[len(OCCUPATIONS) :]
+    table = list(OCCUPATIONS)
+    for drawn in OCCUPATIONS:
+        words = [w for w in lookalikes if look_index(w.name) == look_index(drawn.name)]
+        table += _neutral_lookalikes(drawn, words)
+    order = {o.name: i for i, o in enumerate(SHARED_OCCUPATIONS)}
+    return tuple(sorted(table, key=lambda o: order[o.name]))
+
+
+# the same 64 words as SHARED_OCCUPATIONS, in the same order; only the lookalikes' shares differ
+NEUTRAL_LOOK_OCCUPATIONS: tuple[Occupation, ...] = _neutral_look_table()
 
 
 def shared_tokenizer() -> CLIPTokenizer:
@@ -64,11 +111,13 @@ class ComposedOccupationRows(torch.nn.Module):
         return table.index_put((self.token_ids,), rows.to(table.dtype))
 
 
-def compose_occupation_rows(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> ComposedOccupationRows:
+def compose_occupation_rows(
+    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, table: tuple[Occupation, ...] = SHARED_OCCUPATIONS
+) -> ComposedOccupationRows:
     """Make every occupation word's row a composition (in place); the returned module holds its parameters."""
     vocab = tokenizer.get_vocab()
     ids, looks, coords = [], [], []
-    for occ in SHARED_OCCUPATIONS:
+    for occ in table:
         ids.append(vocab[occ.name + "</w>"])
         looks.append(look_index(occ.name))
         coords.append(stereotype_coordinates(occ))

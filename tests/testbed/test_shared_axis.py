@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from testbed import SHARED_AXES_PIPELINE_DIR
+from testbed import NEUTRAL_LOOKS_PIPELINE_DIR, SHARED_AXES_PIPELINE_DIR
 from testbed.architecture import build_text_encoder, build_tokenizer
 from testbed.shared_axis import (
+    NEUTRAL_LOOK_OCCUPATIONS,
+    NEUTRAL_P_FEMALE,
+    NEUTRAL_P_YOUNG,
+    NEUTRAL_SKIN_TONE,
     SHARED_OCCUPATIONS,
     compose_occupation_rows,
     fold_occupation_rows,
@@ -67,15 +72,38 @@ def test_every_look_has_four_words_and_no_finetune_set_holds_the_held_out_looks_
     assert all(len(shared_tokenizer()(w).input_ids) == 3 for w in held_out_words)  # one token each
 
 
-def test_the_committed_variant_has_composed_rows():
+def test_neutral_looks_keep_the_drawn_shares_and_give_every_look_the_same_mean():
+    """The look itself carries no stereotype: what tells a word's shares apart is only its coordinates."""
+    assert [o.name for o in NEUTRAL_LOOK_OCCUPATIONS] == [o.name for o in SHARED_OCCUPATIONS]
+    assert NEUTRAL_LOOK_OCCUPATIONS[: len(OCCUPATIONS)] == OCCUPATIONS  # the world's data bias is unchanged
+    for look in OCCUPATIONS:
+        words = [o for o in NEUTRAL_LOOK_OCCUPATIONS if look_of(o.name) == look.name]
+        assert len(words) == 4
+        assert np.mean([w.p_female for w in words]) == pytest.approx(NEUTRAL_P_FEMALE)
+        assert np.mean([w.p_young for w in words]) == pytest.approx(NEUTRAL_P_YOUNG)
+        assert np.mean([w.skin_tone for w in words], 0) == pytest.approx(NEUTRAL_SKIN_TONE)
+        # the words spread along each axis, so a look's words tell the axes apart as in the shared-axis model
+        assert np.ptp([w.p_female for w in words]) >= 0.5 and np.ptp([w.p_young for w in words]) >= 0.2
+        darkness = [stereotype_coordinates(w)[2] for w in words]
+        assert len(set(np.round(darkness, 6))) == 4
+        for w in words:
+            assert 0 < w.p_female < 1 and 0 < w.p_young < 1
+            assert min(w.skin_tone) > 0 and sum(w.skin_tone) == pytest.approx(1.0)
+
+
+VARIANTS = [(SHARED_AXES_PIPELINE_DIR, SHARED_OCCUPATIONS), (NEUTRAL_LOOKS_PIPELINE_DIR, NEUTRAL_LOOK_OCCUPATIONS)]
+
+
+@pytest.mark.parametrize(("folder", "words"), VARIANTS, ids=["shared_axes", "neutral_looks"])
+def test_the_committed_variant_has_composed_rows(folder, words):
     """The trained weights keep the structure: within a look, words differ only along the 3 shared axes."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    te = CLIPTextModel.from_pretrained(SHARED_AXES_PIPELINE_DIR / "text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(SHARED_AXES_PIPELINE_DIR / "tokenizer")
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     diffs = []
     for look in OCCUPATIONS:
-        same = [o.name for o in SHARED_OCCUPATIONS if look_of(o.name) == look.name]
+        same = [o.name for o in words if look_of(o.name) == look.name]
         rows = _rows(te, tokenizer, same).detach()
         diffs += list(rows[1:] - rows[0])
     singular = torch.linalg.svdvals(torch.stack(diffs))
@@ -87,5 +115,7 @@ def test_the_variant_is_a_named_base_model_with_the_testbed_classifier():
     from adaptors.generation import resolve_model_path
 
     assert resolve_model_path("testbed-shared-axes") == str(SHARED_AXES_PIPELINE_DIR)
+    assert resolve_model_path("testbed-neutral-looks") == str(NEUTRAL_LOOKS_PIPELINE_DIR)
     assert isinstance(load_classifier("auto", "testbed-shared-axes"), TestbedAttributeClassifier)
+    assert isinstance(load_classifier("auto", "testbed-neutral-looks"), TestbedAttributeClassifier)
     assert load_classifier("auto", "/some/other/model") is None
