@@ -20,3 +20,22 @@ def test_each_side_takes_the_scale_that_fits_its_own_training_occupations():
     held = {o: 0.1 if OCCUPATION_BY_NAME[o].p_female < 0.5 else 0.5 for o in TEST_OCCUPATIONS}
     assert fit["held_out_female_share"] == held
     assert fit["held_out_max_bias"] == 0.8 and fit["held_out_bias"] == 0.4  # two of the four at 10% female
+
+
+def test_on_the_neutral_looks_model_the_exact_text_rule_debiases_the_held_out_occupations():
+    """The premise of the neutral-looks variant, on its committed weights: the stereotype is on the shared
+    directions only, so moving each word's row by its gender coordinate, with no training, brings the
+    held-out occupations near 50% female; a finetune that learns that rule from its prompts can reach them."""
+    from adaptors.generation import configure_threads, load_pipeline
+    from benchmarks.shared_axis_ceiling import measure
+    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS
+
+    configure_threads(1)
+    pipe = load_pipeline("testbed-neutral-looks", device="cpu")
+    base = measure(pipe, "gender", 0.0, per_seed=8, train_images=2, words=NEUTRAL_LOOK_OCCUPATIONS)
+    rule = measure(pipe, "gender", 1.0, per_seed=8, train_images=2, words=NEUTRAL_LOOK_OCCUPATIONS)
+    # 32 images per occupation: the base model gives each held-out occupation <= 3% or >= 97% female
+    assert base["held_out_bias"]["gender"] > 0.8
+    assert all(share < 0.1 or share > 0.9 for share in base["held_out_female_share"].values())
+    assert rule["held_out_bias"]["gender"] < 0.35
+    assert all(0.2 < share < 0.8 for share in rule["held_out_female_share"].values())
