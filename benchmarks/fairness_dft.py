@@ -86,7 +86,6 @@ RUNS: dict[str, Run] = {
     "neutral_looks_gender_prefix_wide": Run(GENDER, {"train": "prefix"}, WIDE, NEUTRAL_LOOKS),
     "neutral_looks_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, NEUTRAL_LOOKS),
     "neutral_looks_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, NEUTRAL_LOOKS),
-    "neutral_looks_gender_plain_dft_wide": Run(GENDER, {"adjusted": False}, WIDE, NEUTRAL_LOOKS),
 }
 
 

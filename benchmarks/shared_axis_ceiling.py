@@ -21,6 +21,8 @@ which no edit along the shared axes removes; a finetune is not confined to such 
 With several scales of the gender rule in one invocation, `gender_two_sided_fit` records the rule
 with a scale per side that the training occupations choose, and what it does to the held-out ones.
 Rules and scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
+`--model neutral-looks` measures the neutral-looks variant (testbed.shared_axis), where every look's words
+average the same shares, under keys prefixed `neutral_looks_`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ from benchmarks.fairness_dft import (  # noqa: E402
     oracle_summary,
 )
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+
+# --model: the base model each name measures (the neutral-looks one's keys are prefixed neutral_looks_)
+MODELS = {"shared-axes": SHARED_AXES, "neutral-looks": NEUTRAL_LOOKS}
 
 
 def shared_axes(pipe, words: tuple | None = None) -> tuple[list[int], np.ndarray, np.ndarray, float]:
@@ -195,8 +200,8 @@ def main() -> None:
     from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
     from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
 
-    models = {"shared-axes": (SHARED_AXES, SHARED_OCCUPATIONS), "neutral-looks": (NEUTRAL_LOOKS, NEUTRAL_LOOK_OCCUPATIONS)}
-    base, words = models[args.model]
+    base = MODELS[args.model]
+    words = NEUTRAL_LOOK_OCCUPATIONS if base == NEUTRAL_LOOKS else SHARED_OCCUPATIONS
     configure_threads(1)
     pipe = load_pipeline(base, device="cpu")
     fingerprint = weights_fingerprint(resolve_model_path(base))
@@ -210,9 +215,6 @@ def main() -> None:
     if args.rule == "gender" and args.below_scale is None and len(measured) > 1:
         result[f"{prefix}gender_two_sided_fit"] = {**two_sided_fit(measured), "base_weights": fingerprint}
     publish("shared_axis_ceiling", result, merge=True)
-
-
-MODELS = ("neutral-looks", "shared-axes")
 
 
 if __name__ == "__main__":
