@@ -50,7 +50,8 @@ def _switch(pipe, adapter: str | None) -> None:
             continue
         present = adapter is not None and adapter in _adapter_names(getattr(pipe, component))
         for layer in layers:
-            if present and adapter in getattr(layer, "lora_A", {}):
+            # an embedding LoRA keeps its weights in lora_embedding_A, not lora_A
+            if present and (adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_embedding_A", {})):
                 layer.enable_adapters(True)
                 layer.set_adapter(adapter)
                 for p in layer.parameters():  # set_adapter marks the active adapter trainable

@@ -108,6 +108,8 @@ class DFTConfig:
         for key in ("prompt_mixing", "prompt_noise"):
             if getattr(cfg, key) > 0 and cfg.train == "prefix":
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
+        if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
+            raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
         if cfg.ce_temperature <= 0:
             raise ValueError("hyperparameters.ce_temperature: must be > 0")
         if cfg.lr <= 0:

@@ -30,6 +30,9 @@ TEXT_ENCODER_MODULES: dict[str, list[str] | str] = {
     # Never the MLP alone: diffusers' load_lora_weights cannot read a text-encoder file without attention keys.
     "last_layer": r".*layers\.{last}\..*(q_proj|k_proj|v_proj|out_proj|fc1|fc2)",
     "last_outputs": r".*layers\.{last}\.(self_attn\.out_proj|mlp\.fc2)",
+    # one rank-r linear map applied to every token embedding (TokenMapTrainable): the same edit for every
+    # word, so what it learns on the training words is a rule that reaches words it never saw
+    "token_map": "token_embedding",
 }
 # "cross_attention_kv": only the projections that read the text (a PEFT regex, matched in full); a low-rank
 # edit there can remove a direction of the text embedding for every prompt at once, as closed-form concept
@@ -152,6 +155,84 @@ class PrefixTrainable(Trainable):
         return PrefixAdaptor(manifest, {PREFIX_KEY: self.params[0].detach().float().cpu().clone()})
 
 
+class TokenMapTrainable(Trainable):
+    """A rank-r linear map on the token embeddings, e -> e + B (M e), the same for every token.
+
+    A LoRA on the embedding table gives each word a free correction; a held-out word gets none, and a
+    finetune on a few dozen words learns a fix per word. Tying the table's LoRA to the embeddings
+    (A = M E^T) leaves one map that must move all training words at once, which is the form of a
+    rule like "take the gender coordinate out of every word" (cf. projecting biased directions out of
+    text embeddings, Chuang et al. 2023). It is published as an ordinary text-encoder LoRA on the
+    token embedding, so `load_lora_weights` reads it and workers switch it like any LoRA. M starts at
+    zero (as PEFT starts an embedding LoRA), so the learnt map lies in the span of the embeddings the
+    training prompts use and adds nothing along directions no training prompt has.
+    """
+
+    def __init__(self, pipe, rank: int, seed: int) -> None:
+        self.pipe = pipe
+        embedding = pipe.text_encoder.get_input_embeddings()
+        dim = embedding.weight.shape[1]
+        g = torch.Generator().manual_seed(seed)
+        self.read = torch.nn.Parameter(torch.zeros(rank, dim, device=pipe.device))  # M
+        self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
+        self.params = [self.read, self.write]
+        self._enabled = True
+        self._hook = embedding.register_forward_hook(self._apply)
+
+    def _apply(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
+        if not self._enabled:
+            return None
+        return output + (output @ self.read.to(output.dtype).T) @ self.write.to(output.dtype).T
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return _encode(self.pipe, prompts)
+
+    def encode_negative(self, prompts: list[str]) -> torch.Tensor:
+        return _encode(self.pipe, prompts)  # inference applies the map to the negative prompt too
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+
+    def export(self, manifest: AdaptorManifest) -> Adaptor:
+        """The map as a PEFT LoRA on the token embedding: lora_embedding_A = M E^T, lora_embedding_B = B.
+
+        diffusers' loader infers a text-encoder file's format, and the rank, from its attention keys, so a
+        LoRA of the same rank with zero weights on the first layer's query projection goes with it; it
+        changes nothing.
+        """
+        te = self.pipe.text_encoder
+        rank = self.read.shape[0]
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=r".*(token_embedding|layers\.0\.self_attn\.q_proj)")
+        te.add_adapter(config, adapter_name=_EXPORT_ADAPTER)
+        try:
+            table = te.get_input_embeddings().base_layer.weight
+            with torch.no_grad():
+                for name, p in te.named_parameters():
+                    if _EXPORT_ADAPTER not in name:
+                        continue
+                    if "lora_embedding_A" in name:
+                        p.copy_((self.read @ table.T).to(p.dtype))
+                    elif "lora_embedding_B" in name:
+                        p.copy_(self.write.to(p.dtype))
+                    else:
+                        p.zero_()
+            manifest.kind = LoraAdaptor.kind
+            return LoraAdaptor(manifest, lora_state_dict(self.pipe, _EXPORT_ADAPTER))
+        finally:
+            remove_adapter(self.pipe, _EXPORT_ADAPTER)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+_EXPORT_ADAPTER = "fairdiff-export"
+
+
 def make_trainable(
     pipe,
     train: str,
@@ -166,4 +247,6 @@ def make_trainable(
         module.requires_grad_(False)
     if train == "prefix":
         return PrefixTrainable(pipe, num_tokens, seed, init_scale)
+    if text_modules == "token_map" and train == "text_encoder":
+        return TokenMapTrainable(pipe, rank, seed)
     return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

@@ -55,7 +55,8 @@ def test_registered():
      ({"rank": 2.5}, "rank"), ({"train": "vae"}, "train"), ({"adjusted": 1}, "adjusted"), ({"confidence": 1.5}, "confidence"),
      ({"steps": 4, "steps_jitter": 4}, "steps_jitter"), ({"ce_temperature": 0}, "ce_temperature"),
      ({"text_encoder_modules": "mlp"}, "text_encoder_modules"), ({"unet_modules": "all"}, "unet_modules"),
-     ({"preserve_region": "none"}, "preserve_region")],
+     ({"preserve_region": "none"}, "preserve_region"),
+     ({"train": "both", "text_encoder_modules": "token_map"}, "text_encoder_modules")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -256,6 +257,41 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
     assert all(min(v.shape) == 1 for v in tensors.values())  # rank 1
     pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="plain")
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
+
+
+def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path):
+    """The token map trained on the doctor and nurse prompts also changes the encoding of a word neither
+    has (a per-word embedding LoRA could not: the word's row gets no gradient), and the published LoRA
+    reproduces the trained model's images, switched by the worker's code and loaded by plain diffusers."""
+    held_out = "a photo of the face of a senator, a person"
+    spec = GenerationSpec(held_out, num_images=2, seed=3, steps=3)
+    before = generate(pipe, spec)
+    with torch.no_grad():
+        base_encoding = pipe.encode_prompt([held_out], pipe.device, 1, False)[0]
+    _run(_job(text_encoder_modules="token_map", rank=2, iterations=2, lr=0.05), pipe, classifier, tmp_path)
+    assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # training left no hook behind
+    adaptor = load_adaptor(tmp_path / "out")
+    assert isinstance(adaptor, LoraAdaptor) and not any(loaded_adapters(pipe).values())
+    assert {k.split(".lora")[0] for k in adaptor.tensors} == {"text_encoder.embeddings.token_embedding",
+                                                              "text_encoder.encoder.layers.0.self_attn.q_proj"}  # fmt: skip
+    assert all(not v.any() for k, v in adaptor.tensors.items() if "q_proj" in k)  # the loader's format key only
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    a = adaptor.tensors["text_encoder.embeddings.token_embedding.lora_embedding_A"]
+    b = adaptor.tensors["text_encoder.embeddings.token_embedding.lora_embedding_B"]
+    word = pipe.tokenizer.get_vocab()["senator</w>"]
+    change = (b @ a[:, word]).norm() / table[word].norm()
+    assert change > 1e-3, change  # the held-out word moves
+    adaptor.attach(pipe)
+    adaptor.activate(pipe)
+    with torch.no_grad():
+        moved = pipe.encode_prompt([held_out], pipe.device, 1, False)[0]
+    assert not torch.allclose(moved, base_encoding, atol=1e-5)
+    adapted = generate(pipe, spec)
+    adaptor.deactivate(pipe)
+    assert torch.equal(generate(pipe, spec), before)
+    adaptor.detach(pipe)
+    pipe.load_lora_weights(str(tmp_path / "out"), adapter_name="plain")
+    assert torch.allclose(generate(pipe, spec), adapted, atol=1e-4)
 
 
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
