@@ -309,7 +309,7 @@ def train_dft(
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
-                               cfg.text_encoder_modules, cfg.unet_modules)  # fmt: skip
+                               cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts))  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip

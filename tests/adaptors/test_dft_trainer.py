@@ -294,6 +294,26 @@ def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diff
     assert torch.allclose(generate(pipe, spec), adapted, atol=1e-4)
 
 
+def test_token_map_reads_only_directions_the_training_prompts_span(pipe):
+    trainable = make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE])
+    try:
+        with torch.no_grad():
+            trainable.read.normal_()
+        basis = trainable.basis
+        assert basis.shape[1] < basis.shape[0]  # two prompts span fewer directions than the embedding has
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        doctor = table[pipe.tokenizer.get_vocab()["doctor</w>"]]
+        outside = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0))
+        outside = outside - basis @ (basis.T @ outside)
+        read = trainable.read_matrix()
+        assert (read @ outside).abs().max() < 1e-5 * outside.norm()  # nothing the prompts lack is read
+        assert (read @ doctor).abs().max() > 1e-3 * doctor.norm()
+    finally:
+        trainable.remove()
+    with pytest.raises(ValueError, match="prompts"):
+        make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map")
+
+
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
     manifest = _run(_job("prefix", num_tokens=3, iterations=1, lr=0.5), pipe, classifier, tmp_path)
     adaptor = load_adaptor(tmp_path / "out")
