@@ -1,0 +1,79 @@
+"""Does a linear map on the token embeddings, fitted on the training words, carry the rule to held-out words? One JSON object.
+
+The `token_map` finetune (adaptors.trainers.trainable.TokenMapTrainable) learns one linear map for every
+token; its read is confined to the span of the training prompts' token embeddings. This benchmark checks,
+with no training and no images, what that confinement is for: on a shared-axis model the exact gender rule
+is known (each occupation word moves by minus its gender coordinate along the gender axis; the prompt's
+other tokens stay), so the least-squares map that applies it to the training prompts' tokens can be
+computed in closed form, free or confined to their span, and set against the rule on the held-out words.
+`relative_error` is |map change - rule change| / |rule change| per held-out word; `gender_move` is the map's
+change of the word's gender coordinate (the rule's is minus the coordinate).
+
+    python benchmarks/token_map_span.py [--model neutral-looks|shared-axes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fairness_dft import NEUTRAL_LOOKS, WIDE  # noqa: E402
+from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+from benchmarks.shared_axis_ceiling import MODELS, shared_axes  # noqa: E402
+
+
+def fitted_map_figures(pipe, words: tuple) -> dict:
+    from adaptors.trainers.trainable import _prompt_span
+    from testbed.world import TEST_OCCUPATIONS, prompt_set
+
+    prompts = list(prompt_set(WIDE))
+    ids, coords, axes, _ = shared_axes(pipe, words)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().double().numpy()
+    row_of = {o.name: ids[i] for i, o in enumerate(words)}
+    rule = {o.name: -coords[i, 0] * axes[0] for i, o in enumerate(words)}  # the gender coordinate taken out
+    tokens = pipe.tokenizer(prompts + [""], padding="max_length", truncation=True, return_tensors="np").input_ids
+    seen = np.unique(tokens)
+    change_of = {row_of[name]: rule[name] for name in rule}
+    x = table[seen]
+    y = np.stack([change_of.get(int(t), np.zeros(table.shape[1])) for t in seen])  # every other token stays
+    basis = _prompt_span(pipe, prompts).double().numpy()
+    fits = {"free": np.linalg.pinv(x) @ y, "confined_to_span": basis @ np.linalg.pinv(x @ basis) @ y}
+    out: dict = {"training_tokens": len(seen), "embedding_dim": int(table.shape[1]), "span_dim": int(basis.shape[1])}
+    readout = np.linalg.pinv(axes)[:, 0]  # the gender coordinate of a change
+    for name, fit in fits.items():
+        held = {o: table[row_of[o]] @ fit for o in TEST_OCCUPATIONS}
+        error = {o: np.linalg.norm(d - rule[o]) / np.linalg.norm(rule[o]) for o, d in held.items()}
+        out[name] = {
+            "training_relative_error": round(float(np.linalg.norm(x @ fit - y) / np.linalg.norm(y)), 4),
+            "relative_error": {o: round(float(e), 3) for o, e in error.items()},
+            "gender_move": {o: round(float(d @ readout), 3) for o, d in held.items()},
+        }
+    out["rule_gender_move"] = {o: round(float(rule[o] @ readout), 3) for o in TEST_OCCUPATIONS}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="neutral-looks")
+    args = parser.parse_args()
+    from adaptors.generation import load_pipeline, resolve_model_path
+    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+
+    base = MODELS[args.model]
+    pipe = load_pipeline(base, device="cpu")
+    words = NEUTRAL_LOOK_OCCUPATIONS if base == NEUTRAL_LOOKS else SHARED_OCCUPATIONS
+    figures = fitted_map_figures(pipe, words)
+    key = args.model.replace("-", "_")
+    result = {"benchmark": "token_map_span", **environment(1),
+              key: {**figures, "base_weights": weights_fingerprint(resolve_model_path(base))}}  # fmt: skip
+    publish("token_map_span", result, merge=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Why the token map's read is confined to the training prompts' span, on the committed neutral-looks weights."""
+
+import pytest
+
+
+@pytest.mark.parametrize("model", ["testbed-neutral-looks", "testbed-shared-axes"])
+def test_the_least_squares_rule_map_reaches_held_out_words_better_when_confined_to_the_span(model):
+    from adaptors.generation import load_pipeline
+    from benchmarks.token_map_span import fitted_map_figures
+    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+
+    words = NEUTRAL_LOOK_OCCUPATIONS if model == "testbed-neutral-looks" else SHARED_OCCUPATIONS
+    figures = fitted_map_figures(load_pipeline(model, device="cpu"), words)
+    assert figures["span_dim"] < figures["training_tokens"] < figures["embedding_dim"]
+    free, confined = figures["free"], figures["confined_to_span"]
+    assert free["training_relative_error"] < 1e-3 and confined["training_relative_error"] < 1e-3  # both fit the prompts
+    assert max(confined["relative_error"].values()) < 0.4 < max(free["relative_error"].values())
+    for word, move in figures["rule_gender_move"].items():  # every held-out word moves the rule's way
+        assert confined["gender_move"][word] * move > 0
