@@ -29,7 +29,7 @@ from benchmarks.shared_axis_ceiling import MODELS, shared_axes  # noqa: E402
 
 
 def fitted_map_figures(pipe, words: tuple) -> dict:
-    from adaptors.trainers.trainable import _prompt_span
+    from adaptors.trainers.trainable import prompt_span
     from testbed.world import TEST_OCCUPATIONS, prompt_set
 
     prompts = list(prompt_set(WIDE))
@@ -42,7 +42,7 @@ def fitted_map_figures(pipe, words: tuple) -> dict:
     change_of = {row_of[name]: rule[name] for name in rule}
     x = table[seen]
     y = np.stack([change_of.get(int(t), np.zeros(table.shape[1])) for t in seen])  # every other token stays
-    basis = _prompt_span(pipe, prompts).double().numpy()
+    basis = prompt_span(pipe, prompts).double().numpy()
     fits = {"free": np.linalg.pinv(x) @ y, "confined_to_span": basis @ np.linalg.pinv(x @ basis) @ y}
     out: dict = {"training_tokens": len(seen), "embedding_dim": int(table.shape[1]), "span_dim": int(basis.shape[1])}
     readout = np.linalg.pinv(axes)[:, 0]  # the gender coordinate of a change

@@ -21,6 +21,7 @@ from adaptors.prefix import PREFIX_KEY, PrefixAdaptor, init_prefix, make_prompt_
 from common.adaptor_manifest import AdaptorManifest
 
 TRAIN_ADAPTER = "fairdiff-training"
+_EXPORT_ADAPTER = "fairdiff-export"  # where the token map is written out as a PEFT LoRA, briefly
 TEXT_ENCODER_MODULES: dict[str, list[str] | str] = {
     "attention_mlp": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     "attention": ["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -177,7 +178,7 @@ class TokenMapTrainable(Trainable):
         self.pipe = pipe
         embedding = pipe.text_encoder.get_input_embeddings()
         dim = embedding.weight.shape[1]
-        self.basis = _prompt_span(pipe, prompts)  # P: dim x k
+        self.basis = prompt_span(pipe, prompts)  # P: dim x k
         g = torch.Generator().manual_seed(seed)
         self.read = torch.nn.Parameter(torch.zeros(rank, self.basis.shape[1], device=pipe.device))  # M'
         self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
@@ -240,11 +241,10 @@ class TokenMapTrainable(Trainable):
         self._hook.remove()
 
 
-_EXPORT_ADAPTER = "fairdiff-export"
 SPAN_TOLERANCE = 1e-2  # singular values below this share of the largest are rounding, not a direction
 
 
-def _prompt_span(pipe, prompts: list[str]) -> torch.Tensor:
+def prompt_span(pipe, prompts: list[str]) -> torch.Tensor:
     """An orthonormal basis (dim x k) of the token embeddings in `prompts` and the empty negative prompt."""
     ids = pipe.tokenizer(list(prompts) + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
