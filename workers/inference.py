@@ -277,7 +277,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             "total_s": round(time.time() - t_start, 4),
         },
     }
-    jobs.finish(job_id, JobState.succeeded, result=result)
+    # counted before the job shows as succeeded, so a client that sees it finished also sees it in the stats
     incr_stats(
         jobs.r,
         images_generated=len(images),
@@ -288,6 +288,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         adaptor_cache_evictions=after[3] - before[3],
         gauges={"adaptor_cache_bytes": int(cache.nbytes)} if cache is not None else None,
     )
+    jobs.finish(job_id, JobState.succeeded, result=result)
     logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, len(images), generate_s, decision.used)
     return JobState.succeeded.value
 
