@@ -269,7 +269,9 @@ def make_trainable(
         module.requires_grad_(False)
     if train == "prefix":
         return PrefixTrainable(pipe, num_tokens, seed, init_scale)
-    if text_modules == "token_map" and train == "text_encoder":
+    if text_modules == "token_map":  # never a per-word embedding LoRA through LoraTrainable
+        if train != "text_encoder":
+            raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
         if not prompts:
             raise ValueError("prompts: the token map needs the training prompts to find the span it reads")
         return TokenMapTrainable(pipe, rank, seed, prompts)
