@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from common.settings import TESTBED, TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES
+from common.settings import TESTBED
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,9 @@ def configure_threads(threads: int = 0) -> int:
 
 def resolve_model_path(model: str) -> str:
     """The names in TESTBED_MODELS are the embedded models; anything else is a local folder or a hub id."""
-    from testbed import NEUTRAL_LOOKS_PIPELINE_DIR, PIPELINE_DIR, SHARED_AXES_PIPELINE_DIR
+    from testbed import EMBEDDED_PIPELINES
 
-    embedded = {TESTBED: PIPELINE_DIR, TESTBED_SHARED_AXES: SHARED_AXES_PIPELINE_DIR,
-                TESTBED_NEUTRAL_LOOKS: NEUTRAL_LOOKS_PIPELINE_DIR}  # fmt: skip
-    return str(embedded.get(model, model))
+    return str(EMBEDDED_PIPELINES.get(model, model))
 
 
 def load_pipeline(model: str = TESTBED, device: str = "auto", offline: bool = True) -> StableDiffusionPipeline:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+from common.settings import TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
 SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
@@ -43,10 +44,10 @@ HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 
 # the shared-axis variant of the testbed (testbed.shared_axis): occupation stereotypes on directions all
 # occupation words share, as in a pretrained text encoder; "testbed" runs measure the main model
-SHARED_AXES = "testbed-shared-axes"  # a base model name, as FAIRDIFF_BASE_MODEL takes it
+SHARED_AXES = TESTBED_SHARED_AXES  # a base model name, as FAIRDIFF_BASE_MODEL takes it
 # its neutral-looks form: every look's words average the same shares, so the stereotypes sit on the shared
 # directions only (testbed.shared_axis); "neutral_looks" runs measure whether a finetune learns that rule
-NEUTRAL_LOOKS = "testbed-neutral-looks"
+NEUTRAL_LOOKS = TESTBED_NEUTRAL_LOOKS
 
 
 class Run(NamedTuple):

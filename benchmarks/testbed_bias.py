@@ -27,7 +27,7 @@ from adaptors.classifiers import TestbedAttributeClassifier  # noqa: E402
 from adaptors.generation import GenerationSpec, generate, load_pipeline  # noqa: E402
 from benchmarks.results_io import environment, publish  # noqa: E402
 from common.bias import bias, frequencies  # noqa: E402
-from common.settings import Settings  # noqa: E402
+from common.settings import TESTBED, TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES, Settings  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
 from testbed.oracle import read_batch  # noqa: E402
 from testbed.world import ATTRIBUTES, OCCUPATIONS, TEST_OCCUPATIONS, prompt_for  # noqa: E402
@@ -115,9 +115,9 @@ def main() -> None:
 
 
 MODELS = {
-    "testbed": ("testbed", "testbed_bias"),
-    "shared-axes": ("testbed-shared-axes", "testbed_bias_shared_axes"),
-    "neutral-looks": ("testbed-neutral-looks", "testbed_bias_neutral_looks"),
+    "testbed": (TESTBED, "testbed_bias"),
+    "shared-axes": (TESTBED_SHARED_AXES, "testbed_bias_shared_axes"),
+    "neutral-looks": (TESTBED_NEUTRAL_LOOKS, "testbed_bias_neutral_looks"),
 }
 OCCUPATIONS_BY = {o.name: o for o in OCCUPATIONS}
 

@@ -119,3 +119,11 @@ def test_the_variant_is_a_named_base_model_with_the_testbed_classifier():
     assert isinstance(load_classifier("auto", "testbed-shared-axes"), TestbedAttributeClassifier)
     assert isinstance(load_classifier("auto", "testbed-neutral-looks"), TestbedAttributeClassifier)
     assert load_classifier("auto", "/some/other/model") is None
+
+
+def test_every_name_the_settings_accept_as_embedded_is_a_committed_pipeline():
+    from common.settings import TESTBED_MODELS
+    from testbed import EMBEDDED_PIPELINES
+
+    assert set(EMBEDDED_PIPELINES) == set(TESTBED_MODELS)
+    assert all((folder / "model_index.json").is_file() for folder in EMBEDDED_PIPELINES.values())
