@@ -110,6 +110,10 @@ class DFTConfig:
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
+        if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
+            # the noise stands in for unseen words, but it is added after the map has read the table, so the map
+            # would never see it: a run with it would only look regularised
+            raise ValueError("hyperparameters.prompt_noise: is added after the token map and never reaches it; not for token_map")
         if cfg.ce_temperature <= 0:
             raise ValueError("hyperparameters.ce_temperature: must be > 0")
         if cfg.lr <= 0:

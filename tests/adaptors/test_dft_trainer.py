@@ -56,7 +56,8 @@ def test_registered():
      ({"steps": 4, "steps_jitter": 4}, "steps_jitter"), ({"ce_temperature": 0}, "ce_temperature"),
      ({"text_encoder_modules": "mlp"}, "text_encoder_modules"), ({"unet_modules": "all"}, "unet_modules"),
      ({"preserve_region": "none"}, "preserve_region"),
-     ({"train": "both", "text_encoder_modules": "token_map"}, "text_encoder_modules")],
+     ({"train": "both", "text_encoder_modules": "token_map"}, "text_encoder_modules"),
+     ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
