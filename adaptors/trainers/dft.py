@@ -195,8 +195,9 @@ def semantics(classifier, before: torch.Tensor, after: torch.Tensor) -> dict[str
     return out
 
 
-class _Step:
-    """One iteration's losses and diagnostics."""
+class DFTLosses:
+    """One iteration's losses (alignment, preservation) and their diagnostics, apart from sampling so a test can
+    feed it chosen images."""
 
     def __init__(self, cfg: DFTConfig, shares: dict[str, np.ndarray], classifier: AttributeClassifier) -> None:
         self.cfg, self.shares, self.classifier = cfg, shares, classifier
@@ -330,7 +331,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     config_key = {**asdict(cfg), "prompts": list(job.prompts), "target": target}
     state = load_checkpoint(checkpoint_dir, params, ema, opt, config_key) or {"iteration": 0, "history": []}
     size = default_size(pipe)
-    step = _Step(cfg, shares, classifier)
+    step = DFTLosses(cfg, shares, classifier)
     k = min(cfg.prompts_per_iteration, len(job.prompts))
     augment = cfg.prompt_mixing > 0 or cfg.prompt_noise > 0
     lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True)) if augment else {}

@@ -20,7 +20,7 @@ from adaptors.prefix import PrefixAdaptor
 from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
-from adaptors.trainers.dft import DFTConfig, _Step, attribute_region
+from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
 from adaptors.trainers.trainable import make_trainable
@@ -121,7 +121,7 @@ def test_preserve_region_all_lets_every_image_change_inside_the_attribute_region
     inside = attribute_region(classifier, frozen, ["gender"], 0.3)
     moved = frozen + 0.05 * inside * torch.randn(frozen.shape, generator=torch.Generator().manual_seed(0))
     cfg = DFTConfig.from_hyperparameters({"preserve_region": region, "preserve_feature_weight": 0.0, "person_weight": 0.0})
-    _, info = _Step(cfg, {"gender": np.array([0.5, 0.5])}, classifier).losses(moved, frozen, 1, np.random.default_rng(0))
+    _, info = DFTLosses(cfg, {"gender": np.array([0.5, 0.5])}, classifier).losses(moved, frozen, 1, np.random.default_rng(0))
     assert info["flips"] < 4  # some image keeps its class, so "flipped" has an image to charge
     assert (info["preserve"] == 0.0) is spared
     assert (moved != frozen).flatten(1).any(1).all()
