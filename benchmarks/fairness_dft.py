@@ -186,7 +186,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     from adaptors.base import load_adaptor
     from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline
-    from testbed.world import TRAIN_OCCUPATIONS
+    from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS
 
     configure_threads(1)
     target = RUNS[name].target
@@ -197,9 +197,16 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     if "images" not in before_cache:
         before_cache["images"] = held_out_images(pipe, None, per_seed)
         before_cache["train_images"] = held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,))
+    gender_axis = _gender_readout(pipe, RUNS[name].base) if "gender" in attrs else None  # from the base table
+    rows_before = _held_out_rows(pipe)
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     after_images = held_out_images(pipe, adaptor, per_seed)
+    text_moves = None
+    if gender_axis is not None:
+        readout, coordinate = gender_axis
+        moves = (_held_out_rows(pipe) - rows_before) @ readout
+        text_moves = {o: round(float(m / -coordinate[o]), 3) for o, m in zip(TEST_OCCUPATIONS, moves, strict=True)}
     before, after = oracle_summary(before_cache["images"], attrs), oracle_summary(after_images, attrs)
     classifier = TestbedAttributeClassifier()
     with torch.no_grad():
@@ -230,6 +237,8 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
         "bias_after": {a: _mean(train_after, "bias", a) for a in attrs},
         "occupation_kept": min(r["occupation_kept"] for r in train_after.values()),
     }
+    if text_moves is not None:
+        result["text_gender_move"] = text_moves
     if len(attrs) > 1:
         result["intersectional_bias_before"] = _mean(before, "intersectional_bias")
         result["intersectional_bias_after"] = _mean(after, "intersectional_bias")
@@ -237,6 +246,39 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
         result["old_share_before"] = _mean({o: r["shares"]["age"] for o, r in before.items()}, "old")
         result["old_share"] = _mean({o: r["shares"]["age"] for o, r in after.items()}, "old")
     return result
+
+
+def _held_out_rows(pipe):
+    """The held-out occupation words' token embeddings as the text encoder's table hands them out (after any
+    adaptor that changes the table: the token map)."""
+    import torch
+
+    from testbed.world import TEST_OCCUPATIONS
+
+    vocab = pipe.tokenizer.get_vocab()
+    ids = torch.tensor([vocab[o + "</w>"] for o in TEST_OCCUPATIONS], device=pipe.device)
+    with torch.no_grad():
+        return pipe.text_encoder.get_input_embeddings()(ids).double().cpu().numpy()
+
+
+def _gender_readout(pipe, base: str):
+    """On a shared-axis model, (the row vector that reads a change's gender coordinate, each word's coordinate),
+    from the unadapted table; None on the main testbed, whose words share no axis.
+
+    With them `evaluate` reports how far the adaptor moves each held-out word along the gender axis as a share
+    of the exact rule's move (minus the word's coordinate), which reaches 0.121 on neutral looks
+    (shared_axis_ceiling.json): near 1 leaves the gap to the UNet's reading, near 0 to the text side. Adaptors
+    that leave the table alone (every kind but the token map) move it by 0."""
+    import numpy as np
+
+    from benchmarks.shared_axis_ceiling import shared_axes
+    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+
+    words = {SHARED_AXES: SHARED_OCCUPATIONS, NEUTRAL_LOOKS: NEUTRAL_LOOK_OCCUPATIONS}.get(base)
+    if words is None:
+        return None
+    _, coords, axes, _ = shared_axes(pipe, words)
+    return np.linalg.pinv(axes)[:, 0], {o.name: float(coords[i, 0]) for i, o in enumerate(words)}
 
 
 def soup(name: str, member_stores: list[Path], store: Path) -> dict:
