@@ -46,6 +46,7 @@ from common.schemas import FinetuneJob
 logger = logging.getLogger(__name__)
 
 PRESERVE_REGIONS = ("flipped", "all")
+TOKEN_MAP_READS = ("span", "varying")
 
 
 @dataclass
@@ -55,6 +56,9 @@ class DFTConfig:
     train: str = "text_encoder"
     text_encoder_modules: str = "attention_mlp"  # Shen et al. also adapt the MLPs; "attention" only
     unet_modules: str = "attention"  # every attention projection (Shen et al.); "cross_attention_kv" only
+    # what the token map reads: "span" of the training prompts' tokens, or only the "varying" words, orthogonal
+    # to the tokens every prompt shares (the template), which it then leaves as they are
+    token_map_read: str = "span"
     rank: int = 8
     num_tokens: int = 5
     iterations: int = 100
@@ -95,7 +99,8 @@ class DFTConfig:
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
-                   "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS}  # fmt: skip
+                   "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS,
+                   "token_map_read": TOKEN_MAP_READS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
         require_positive(cfg, "checkpoint_every")
@@ -110,6 +115,8 @@ class DFTConfig:
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
+        if cfg.token_map_read != "span" and cfg.text_encoder_modules != "token_map":
+            raise ValueError("hyperparameters.token_map_read: only for text_encoder_modules token_map")
         if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
             # the noise stands in for unseen words, but it is added after the map has read the table, so the map
             # would never see it: a run with it would only look regularised
@@ -314,7 +321,7 @@ def train_dft(
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
-                               cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts))  # fmt: skip
+                               cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip

@@ -23,7 +23,7 @@ from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
-from adaptors.trainers.trainable import make_trainable
+from adaptors.trainers.trainable import make_trainable, prompt_span
 from common.schemas import FinetuneJob
 
 DOCTOR = "a photo of the face of a doctor, a person"
@@ -57,7 +57,9 @@ def test_registered():
      ({"text_encoder_modules": "mlp"}, "text_encoder_modules"), ({"unet_modules": "all"}, "unet_modules"),
      ({"preserve_region": "none"}, "preserve_region"),
      ({"train": "both", "text_encoder_modules": "token_map"}, "text_encoder_modules"),
-     ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise")],
+     ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise"),
+     ({"token_map_read": "varying"}, "token_map_read"), ({"text_encoder_modules": "token_map", "token_map_read": "words"},
+                                                          "token_map_read")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -313,6 +315,31 @@ def test_token_map_reads_only_directions_the_training_prompts_span(pipe):
         trainable.remove()
     with pytest.raises(ValueError, match="prompts"):
         make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map")
+
+
+def test_token_map_reading_only_the_varying_words_leaves_the_template_and_the_empty_prompt_alone(pipe):
+    trainable = make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE], token_map_read="varying")
+    try:
+        with torch.no_grad():
+            trainable.read.normal_()
+        span = prompt_span(pipe, [DOCTOR, NURSE])
+        assert trainable.basis.shape[1] < span.shape[1]  # fewer directions than the whole span
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        ids = pipe.tokenizer([DOCTOR, ""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        template = [t for t in set(ids[0].tolist()) if t != pipe.tokenizer.get_vocab()["doctor</w>"]]
+        read = trainable.read_matrix()
+        assert (read @ table[template].T).abs().max() < 1e-4 * table[template].norm(dim=1).max()
+        doctor = table[pipe.tokenizer.get_vocab()["doctor</w>"]]
+        assert (read @ doctor).abs().max() > 1e-2 * doctor.norm()
+        with torch.no_grad():
+            mapped = pipe.text_encoder.get_input_embeddings()(ids)
+        unmapped = table[ids]
+        assert torch.allclose(mapped[1], unmapped[1], atol=1e-5)  # the empty prompt, whole
+        assert not torch.allclose(mapped[0], unmapped[0], atol=1e-3)  # the doctor prompt: its word moved
+    finally:
+        trainable.remove()
+    with pytest.raises(ValueError, match="prompts"):
+        make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, DOCTOR], token_map_read="varying")
 
 
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
