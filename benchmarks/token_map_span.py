@@ -43,8 +43,11 @@ def fitted_map_figures(pipe, words: tuple) -> dict:
     x = table[seen]
     y = np.stack([change_of.get(int(t), np.zeros(table.shape[1])) for t in seen])  # every other token stays
     basis = prompt_span(pipe, prompts).double().numpy()
-    fits = {"free": np.linalg.pinv(x) @ y, "confined_to_span": basis @ np.linalg.pinv(x @ basis) @ y}
-    out: dict = {"training_tokens": len(seen), "embedding_dim": int(table.shape[1]), "span_dim": int(basis.shape[1])}
+    varying = prompt_span(pipe, prompts, varying_only=True).double().numpy()  # token_map_read: varying
+    fits = {"free": np.linalg.pinv(x) @ y, "confined_to_span": basis @ np.linalg.pinv(x @ basis) @ y,
+            "confined_to_varying": varying @ np.linalg.pinv(x @ varying) @ y}  # fmt: skip
+    out: dict = {"training_tokens": len(seen), "embedding_dim": int(table.shape[1]), "span_dim": int(basis.shape[1]),
+                 "varying_dim": int(varying.shape[1])}  # fmt: skip
     readout = np.linalg.pinv(axes)[:, 0]  # the gender coordinate of a change
     for name, fit in fits.items():
         held = {o: table[row_of[o]] @ fit for o in TEST_OCCUPATIONS}

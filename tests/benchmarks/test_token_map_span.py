@@ -17,3 +17,8 @@ def test_the_least_squares_rule_map_reaches_held_out_words_better_when_confined_
     assert max(confined["relative_error"].values()) < 0.4 < max(free["relative_error"].values())
     for word, move in figures["rule_gender_move"].items():  # every held-out word moves the rule's way
         assert confined["gender_move"][word] * move > 0
+    # reading only the words that vary (token_map_read: varying) costs the rule nothing on the held-out words
+    varying = figures["confined_to_varying"]
+    assert figures["varying_dim"] < figures["span_dim"] and varying["training_relative_error"] < 1e-3
+    for word, error in confined["relative_error"].items():
+        assert varying["relative_error"][word] <= error + 0.01
