@@ -5,7 +5,8 @@ token; its read is confined to the span of the training prompts' token embedding
 with no training and no images, what that confinement is for: on a shared-axis model the exact gender rule
 is known (each occupation word moves by minus its gender coordinate along the gender axis; the prompt's
 other tokens stay), so the least-squares map that applies it to the training prompts' tokens can be
-computed in closed form, free or confined to their span, and set against the rule on the held-out words.
+computed in closed form, free, confined to their span, or confined to the words that vary between them
+(`token_map_read: varying`), and set against the rule on the held-out words.
 `relative_error` is |map change - rule change| / |rule change| per held-out word; `gender_move` is the map's
 change of the word's gender coordinate (the rule's is minus the coordinate).
 
