@@ -186,7 +186,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     from adaptors.base import load_adaptor
     from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline
-    from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS
+    from testbed.world import TRAIN_OCCUPATIONS
 
     configure_threads(1)
     target = RUNS[name].target
@@ -197,16 +197,12 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     if "images" not in before_cache:
         before_cache["images"] = held_out_images(pipe, None, per_seed)
         before_cache["train_images"] = held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,))
-    gender_axis = _gender_readout(pipe, RUNS[name].base) if "gender" in attrs else None  # from the base table
-    rows_before = _held_out_rows(pipe)
+    gender_axis = gender_readout(pipe, RUNS[name].base) if "gender" in attrs else None  # from the base table
+    rows_before = held_out_rows(pipe)
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     after_images = held_out_images(pipe, adaptor, per_seed)
-    text_moves = None
-    if gender_axis is not None:
-        readout, coordinate = gender_axis
-        moves = (_held_out_rows(pipe) - rows_before) @ readout
-        text_moves = {o: round(float(m / -coordinate[o]), 3) for o, m in zip(TEST_OCCUPATIONS, moves, strict=True)}
+    text_moves = text_gender_moves(pipe, gender_axis, rows_before) if gender_axis is not None else None
     before, after = oracle_summary(before_cache["images"], attrs), oracle_summary(after_images, attrs)
     classifier = TestbedAttributeClassifier()
     with torch.no_grad():
@@ -248,7 +244,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     return result
 
 
-def _held_out_rows(pipe):
+def held_out_rows(pipe):
     """The held-out occupation words' token embeddings as the text encoder's table hands them out (after any
     adaptor that changes the table: the token map)."""
     import torch
@@ -261,7 +257,7 @@ def _held_out_rows(pipe):
         return pipe.text_encoder.get_input_embeddings()(ids).double().cpu().numpy()
 
 
-def _gender_readout(pipe, base: str):
+def gender_readout(pipe, base: str):
     """On a shared-axis model, (the row vector that reads a change's gender coordinate, each word's coordinate),
     from the unadapted table; None on the main testbed, whose words share no axis.
 
@@ -279,6 +275,15 @@ def _gender_readout(pipe, base: str):
         return None
     _, coords, axes, _ = shared_axes(pipe, words)
     return np.linalg.pinv(axes)[:, 0], {o.name: float(coords[i, 0]) for i, o in enumerate(words)}
+
+
+def text_gender_moves(pipe, gender_axis, rows_before) -> dict[str, float]:
+    """Each held-out word's move along the gender axis since `rows_before`, as a share of the rule's move."""
+    from testbed.world import TEST_OCCUPATIONS
+
+    readout, coordinate = gender_axis
+    moves = (held_out_rows(pipe) - rows_before) @ readout
+    return {o: round(float(m / -coordinate[o]), 3) for o, m in zip(TEST_OCCUPATIONS, moves, strict=True)}
 
 
 def soup(name: str, member_stores: list[Path], store: Path) -> dict:
