@@ -268,9 +268,9 @@ def gender_readout(pipe, base: str):
     import numpy as np
 
     from benchmarks.shared_axis_ceiling import shared_axes
-    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+    from testbed.shared_axis import occupation_words
 
-    words = {SHARED_AXES: SHARED_OCCUPATIONS, NEUTRAL_LOOKS: NEUTRAL_LOOK_OCCUPATIONS}.get(base)
+    words = occupation_words(base)
     if words is None:
         return None
     _, coords, axes, _ = shared_axes(pipe, words)

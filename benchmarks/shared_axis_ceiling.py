@@ -198,10 +198,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
-    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+    from testbed.shared_axis import occupation_words
 
     base = MODELS[args.model]
-    words = NEUTRAL_LOOK_OCCUPATIONS if base == NEUTRAL_LOOKS else SHARED_OCCUPATIONS
+    words = occupation_words(base)
     configure_threads(1)
     pipe = load_pipeline(base, device="cpu")
     fingerprint = weights_fingerprint(resolve_model_path(base))

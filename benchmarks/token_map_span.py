@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import NEUTRAL_LOOKS, WIDE  # noqa: E402
+from benchmarks.fairness_dft import WIDE  # noqa: E402
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 from benchmarks.shared_axis_ceiling import MODELS, shared_axes  # noqa: E402
 
@@ -67,12 +67,11 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="neutral-looks")
     args = parser.parse_args()
     from adaptors.generation import load_pipeline, resolve_model_path
-    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+    from testbed.shared_axis import occupation_words
 
     base = MODELS[args.model]
     pipe = load_pipeline(base, device="cpu")
-    words = NEUTRAL_LOOK_OCCUPATIONS if base == NEUTRAL_LOOKS else SHARED_OCCUPATIONS
-    figures = fitted_map_figures(pipe, words)
+    figures = fitted_map_figures(pipe, occupation_words(base))
     key = args.model.replace("-", "_")
     result = {"benchmark": "token_map_span", **environment(1),
               key: {**figures, "base_weights": weights_fingerprint(resolve_model_path(base))}}  # fmt: skip

@@ -41,6 +41,7 @@ import torch
 from torch.nn.utils import parametrize
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from common.settings import TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES
 from testbed.architecture import build_tokenizer
 from testbed.world import ATTRIBUTES, HELD_OUT_LOOKALIKES, LOOKALIKE_OCCUPATIONS, OCCUPATIONS, Occupation, look_index
 
@@ -80,6 +81,12 @@ def _neutral_look_table() -> tuple[Occupation, ...]:
 
 # the same 64 words as SHARED_OCCUPATIONS, in the same order; only the lookalikes' shares differ
 NEUTRAL_LOOK_OCCUPATIONS: tuple[Occupation, ...] = _neutral_look_table()
+
+
+def occupation_words(base_model: str) -> tuple[Occupation, ...] | None:
+    """The word table the shared-axis model of this name (as FAIRDIFF_BASE_MODEL takes it) was built from;
+    None for any other model, whose words share no axes."""
+    return {TESTBED_SHARED_AXES: SHARED_OCCUPATIONS, TESTBED_NEUTRAL_LOOKS: NEUTRAL_LOOK_OCCUPATIONS}.get(base_model)
 
 
 def shared_tokenizer() -> CLIPTokenizer:

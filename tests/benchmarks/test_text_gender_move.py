@@ -9,11 +9,11 @@ def test_a_move_by_a_share_of_the_rule_reads_as_that_share(model):
     from adaptors.generation import load_pipeline
     from benchmarks.fairness_dft import gender_readout, held_out_rows, text_gender_moves
     from benchmarks.shared_axis_ceiling import shared_axes
-    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+    from testbed.shared_axis import occupation_words
     from testbed.world import TEST_OCCUPATIONS
 
     pipe = load_pipeline(model, device="cpu")
-    words = NEUTRAL_LOOK_OCCUPATIONS if model == "testbed-neutral-looks" else SHARED_OCCUPATIONS
+    words = occupation_words(model)
     axis, before = gender_readout(pipe, model), held_out_rows(pipe)
     ids, coords, axes, _ = shared_axes(pipe, words)
     share = {"senator": 0.5, "secretary": 1.0, "mechanic": -0.25, "librarian": 0.0}

@@ -7,9 +7,9 @@ import pytest
 def test_the_least_squares_rule_map_reaches_held_out_words_better_when_confined_to_the_span(model):
     from adaptors.generation import load_pipeline
     from benchmarks.token_map_span import fitted_map_figures
-    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS
+    from testbed.shared_axis import occupation_words
 
-    words = NEUTRAL_LOOK_OCCUPATIONS if model == "testbed-neutral-looks" else SHARED_OCCUPATIONS
+    words = occupation_words(model)
     figures = fitted_map_figures(load_pipeline(model, device="cpu"), words)
     assert figures["span_dim"] < figures["training_tokens"] < figures["embedding_dim"]
     free, confined = figures["free"], figures["confined_to_span"]
