@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 PRESERVE_REGIONS = ("flipped", "all")
 TOKEN_MAP_READS = ("span", "varying")
+TOKEN_MAP_FORMS = ("free", "symmetric")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class DFTConfig:
     # what the token map reads: "span" of the training prompts' tokens, or only the "varying" words, orthogonal
     # to the tokens every prompt shares (the template), which it then leaves as they are
     token_map_read: str = "span"
+    # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out (TokenMapTrainable)
+    token_map_form: str = "free"
     rank: int = 8
     num_tokens: int = 5
     iterations: int = 100
@@ -100,7 +103,7 @@ class DFTConfig:
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
                    "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS,
-                   "token_map_read": TOKEN_MAP_READS}  # fmt: skip
+                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
         require_positive(cfg, "checkpoint_every")
@@ -115,8 +118,9 @@ class DFTConfig:
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
-        if cfg.token_map_read != "span" and cfg.text_encoder_modules != "token_map":
-            raise ValueError("hyperparameters.token_map_read: only for text_encoder_modules token_map")
+        for key, default in (("token_map_read", "span"), ("token_map_form", "free")):
+            if getattr(cfg, key) != default and cfg.text_encoder_modules != "token_map":
+                raise ValueError(f"hyperparameters.{key}: only for text_encoder_modules token_map")
         if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
             # the noise stands in for unseen words, but it is added after the map has read the table, so the map
             # would never see it: a run with it would only look regularised
@@ -321,7 +325,8 @@ def train_dft(
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
-                               cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read)  # fmt: skip
+                               cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
+                               cfg.token_map_form)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip

@@ -172,28 +172,53 @@ class TokenMapTrainable(Trainable):
     gets an arbitrary change (on the neutral-looks testbed the 48 training words span 24 of the 64
     dimensions, and each held-out word brings its own look from outside them). M' starts at zero (as
     PEFT starts an embedding LoRA).
+
+    `form="symmetric"` ties the two: e -> e - U U^T e with U = P U', so the map can only shrink a token's
+    components along the directions it learns, on either side of zero. The free map reads one direction and
+    writes another; on the neutral-looks testbed it often learnt to push the female-leaning words only and
+    left the male-leaning held-out words where they were (fairness_dft.json, `text_gender_move` of the
+    `_token_map_span_*` runs). Taking a direction out moves every word towards the middle in proportion to
+    how far it leans, which is the form of the exact rule.
     """
 
-    def __init__(self, pipe, rank: int, seed: int, prompts: list[str], varying_only: bool = False) -> None:
+    def __init__(
+        self, pipe, rank: int, seed: int, prompts: list[str], varying_only: bool = False, form: str = "free"
+    ) -> None:
         self.pipe = pipe
         embedding = pipe.text_encoder.get_input_embeddings()
         dim = embedding.weight.shape[1]
         self.basis = prompt_span(pipe, prompts, varying_only)  # P: dim x k
+        self.form = form
         g = torch.Generator().manual_seed(seed)
-        self.read = torch.nn.Parameter(torch.zeros(rank, self.basis.shape[1], device=pipe.device))  # M'
-        self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
-        self.params = [self.read, self.write]
+        if form == "symmetric":
+            # U' (k x rank), small enough that the first images are the base model's, large enough that the
+            # gradient, which is linear in U, is not zero at the start
+            start = torch.randn(self.basis.shape[1], rank, generator=g) * SYMMETRIC_INIT_NORM / self.basis.shape[1] ** 0.5
+            self.directions = torch.nn.Parameter(start.to(pipe.device))
+            self.params = [self.directions]
+        else:
+            self.read = torch.nn.Parameter(torch.zeros(rank, self.basis.shape[1], device=pipe.device))  # M'
+            self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
+            self.params = [self.read, self.write]
         self._enabled = True
         self._hook = embedding.register_forward_hook(self._apply)
 
     def read_matrix(self) -> torch.Tensor:
-        """M = M' P^T (rank x dim): what the map reads from a token embedding."""
+        """M = M' P^T (rank x dim): what the map reads from a token embedding (U^T for the symmetric form)."""
+        if self.form == "symmetric":
+            return (self.basis @ self.directions).T
         return self.read @ self.basis.T
+
+    def write_matrix(self) -> torch.Tensor:
+        """B (dim x rank): where the map writes what it read (-U for the symmetric form)."""
+        if self.form == "symmetric":
+            return -(self.basis @ self.directions)
+        return self.write
 
     def _apply(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
         if not self._enabled:
             return None
-        return output + (output @ self.read_matrix().to(output.dtype).T) @ self.write.to(output.dtype).T
+        return output + (output @ self.read_matrix().to(output.dtype).T) @ self.write_matrix().to(output.dtype).T
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return _encode(self.pipe, prompts)
@@ -217,7 +242,7 @@ class TokenMapTrainable(Trainable):
         changes nothing.
         """
         te = self.pipe.text_encoder
-        rank = self.read.shape[0]
+        rank = self.read_matrix().shape[0]
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=r".*(token_embedding|layers\.0\.self_attn\.q_proj)")
         te.add_adapter(config, adapter_name=_EXPORT_ADAPTER)
         try:
@@ -229,7 +254,7 @@ class TokenMapTrainable(Trainable):
                     if "lora_embedding_A" in name:
                         p.copy_((self.read_matrix() @ table.T).to(p.dtype))
                     elif "lora_embedding_B" in name:
-                        p.copy_(self.write.to(p.dtype))
+                        p.copy_(self.write_matrix().to(p.dtype))
                     else:
                         p.zero_()
             manifest.kind = LoraAdaptor.kind
@@ -241,6 +266,7 @@ class TokenMapTrainable(Trainable):
         self._hook.remove()
 
 
+SYMMETRIC_INIT_NORM = 0.3  # each direction's starting length: it takes 9% of a token's component along it out
 SPAN_TOLERANCE = 1e-2  # singular values below this share of the largest are rounding, not a direction
 
 
@@ -286,6 +312,7 @@ def make_trainable(
     unet_modules: str = "attention",
     prompts: list[str] | None = None,
     token_map_read: str = "span",
+    token_map_form: str = "free",
 ) -> Trainable:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -296,5 +323,5 @@ def make_trainable(
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
         if not prompts:
             raise ValueError("prompts: the token map needs the training prompts to find the span it reads")
-        return TokenMapTrainable(pipe, rank, seed, prompts, varying_only=token_map_read == "varying")
+        return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read == "varying", token_map_form)
     return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

@@ -59,7 +59,9 @@ def test_registered():
      ({"train": "both", "text_encoder_modules": "token_map"}, "text_encoder_modules"),
      ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise"),
      ({"token_map_read": "varying"}, "token_map_read"), ({"text_encoder_modules": "token_map", "token_map_read": "words"},
-                                                          "token_map_read")],
+                                                          "token_map_read"),
+     ({"token_map_form": "symmetric"}, "token_map_form"), ({"text_encoder_modules": "token_map", "token_map_form": "tied"},
+                                                            "token_map_form")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -262,7 +264,8 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
 
 
-def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path):
+@pytest.mark.parametrize("form", ["free", "symmetric"])
+def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path, form):
     """The token map trained on the doctor and nurse prompts also changes the encoding of a word neither
     has (a per-word embedding LoRA could not: the word's row gets no gradient), and the published LoRA
     reproduces the trained model's images, switched by the worker's code and loaded by plain diffusers."""
@@ -271,7 +274,7 @@ def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diff
     before = generate(pipe, spec)
     with torch.no_grad():
         base_encoding = pipe.encode_prompt([held_out], pipe.device, 1, False)[0]
-    _run(_job(text_encoder_modules="token_map", rank=2, iterations=2, lr=0.05), pipe, classifier, tmp_path)
+    _run(_job(text_encoder_modules="token_map", token_map_form=form, rank=2, iterations=2, lr=0.05), pipe, classifier, tmp_path)
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # training left no hook behind
     adaptor = load_adaptor(tmp_path / "out")
     assert isinstance(adaptor, LoraAdaptor) and not any(loaded_adapters(pipe).values())
@@ -340,6 +343,30 @@ def test_token_map_reading_only_the_varying_words_leaves_the_template_and_the_em
         trainable.remove()
     with pytest.raises(ValueError, match="prompts"):
         make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, DOCTOR], token_map_read="varying")
+
+
+def test_symmetric_token_map_takes_the_directions_it_learns_out_of_every_token(pipe):
+    trainable = make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE],
+                               token_map_form="symmetric")  # fmt: skip
+    try:
+        assert trainable.params == [trainable.directions]  # one matrix: what it reads is where it writes
+        start = trainable.write_matrix() @ trainable.read_matrix()
+        assert torch.allclose(start, start.T, atol=1e-6) and torch.linalg.eigvalsh(start.double()).max() < 1e-6
+        with torch.no_grad():
+            trainable.directions.zero_()
+            trainable.directions[0, 0] = 1.0
+        u = trainable.basis[:, 0]  # a unit direction in the prompts' span
+        ids = pipe.tokenizer([DOCTOR, NURSE], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        with torch.no_grad():
+            mapped = pipe.text_encoder.get_input_embeddings()(ids)
+        unmapped = table[ids]
+        assert (mapped @ u).abs().max() < 1e-5  # nothing of u is left in any token
+        expected = unmapped - (unmapped @ u)[..., None] * u
+        assert torch.allclose(mapped, expected, atol=1e-5)  # and nothing else moved
+        assert (unmapped @ u).abs().max() > 1e-2  # (the tokens did have some of it)
+    finally:
+        trainable.remove()
 
 
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
