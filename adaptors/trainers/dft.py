@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 PRESERVE_REGIONS = ("flipped", "all")
 TOKEN_MAP_READS = ("span", "varying")
-TOKEN_MAP_FORMS = ("free", "symmetric")
+TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
 
 
 @dataclass
@@ -60,7 +60,8 @@ class DFTConfig:
     # what the token map reads: "span" of the training prompts' tokens, or only the "varying" words, orthogonal
     # to the tokens every prompt shares (the template), which it then leaves as they are
     token_map_read: str = "span"
-    # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out (TokenMapTrainable)
+    # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out; "centred":
+    # e -> e - U (U^T e - c), which moves them to learnt values (TokenMapTrainable)
     token_map_form: str = "free"
     rank: int = 8
     num_tokens: int = 5

@@ -179,6 +179,8 @@ class TokenMapTrainable(Trainable):
     left the male-leaning held-out words where they were (fairness_dft.json, `text_gender_move` of the
     `_token_map_span_*` runs). Taking a direction out moves every word towards the middle in proportion to
     how far it leans, which is the form of the exact rule.
+    `form="centred"` moves those components to learnt values c instead of zero, e -> e - U (U^T e - c),
+    for targets away from the middle (age 75% young: the rule puts every word's age coordinate at 0.25).
     """
 
     def __init__(
@@ -190,12 +192,16 @@ class TokenMapTrainable(Trainable):
         self.basis = prompt_span(pipe, prompts, varying_only)  # P: dim x k
         self.form = form
         g = torch.Generator().manual_seed(seed)
-        if form == "symmetric":
+        self.centre: torch.nn.Parameter | None = None
+        if form in ("symmetric", "centred"):
             # U' (k x rank), small enough that the first images are the base model's, large enough that the
             # gradient, which is linear in U, is not zero at the start
             start = torch.randn(self.basis.shape[1], rank, generator=g) * SYMMETRIC_INIT_NORM / self.basis.shape[1] ** 0.5
             self.directions = torch.nn.Parameter(start.to(pipe.device))
             self.params = [self.directions]
+            if form == "centred":
+                self.centre = torch.nn.Parameter(torch.zeros(rank, device=pipe.device))
+                self.params.append(self.centre)
         else:
             self.read = torch.nn.Parameter(torch.zeros(rank, self.basis.shape[1], device=pipe.device))  # M'
             self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
@@ -205,20 +211,23 @@ class TokenMapTrainable(Trainable):
 
     def read_matrix(self) -> torch.Tensor:
         """M = M' P^T (rank x dim): what the map reads from a token embedding (U^T for the symmetric form)."""
-        if self.form == "symmetric":
+        if self.form != "free":
             return (self.basis @ self.directions).T
         return self.read @ self.basis.T
 
     def write_matrix(self) -> torch.Tensor:
         """B (dim x rank): where the map writes what it read (-U for the symmetric form)."""
-        if self.form == "symmetric":
+        if self.form != "free":
             return -(self.basis @ self.directions)
         return self.write
 
     def _apply(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
         if not self._enabled:
             return None
-        return output + (output @ self.read_matrix().to(output.dtype).T) @ self.write_matrix().to(output.dtype).T
+        read = output @ self.read_matrix().to(output.dtype).T
+        if self.centre is not None:
+            read = read - self.centre.to(output.dtype)
+        return output + read @ self.write_matrix().to(output.dtype).T
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return _encode(self.pipe, prompts)
@@ -252,7 +261,8 @@ class TokenMapTrainable(Trainable):
                     if _EXPORT_ADAPTER not in name:
                         continue
                     if "lora_embedding_A" in name:
-                        p.copy_((self.read_matrix() @ table.T).to(p.dtype))
+                        read = self.read_matrix() @ table.T
+                        p.copy_((read if self.centre is None else read - self.centre[:, None]).to(p.dtype))
                     elif "lora_embedding_B" in name:
                         p.copy_(self.write_matrix().to(p.dtype))
                     else:

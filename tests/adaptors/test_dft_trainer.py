@@ -264,7 +264,7 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["free", "symmetric"])
+@pytest.mark.parametrize("form", ["free", "symmetric", "centred"])
 def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path, form):
     """The token map trained on the doctor and nurse prompts also changes the encoding of a word neither
     has (a per-word embedding LoRA could not: the word's row gets no gradient), and the published LoRA
@@ -365,6 +365,24 @@ def test_symmetric_token_map_takes_the_directions_it_learns_out_of_every_token(p
         expected = unmapped - (unmapped @ u)[..., None] * u
         assert torch.allclose(mapped, expected, atol=1e-5)  # and nothing else moved
         assert (unmapped @ u).abs().max() > 1e-2  # (the tokens did have some of it)
+    finally:
+        trainable.remove()
+
+
+def test_centred_token_map_puts_every_token_at_the_learnt_coordinate(pipe):
+    trainable = make_trainable(pipe, "text_encoder", 1, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE],
+                               token_map_form="centred")  # fmt: skip
+    try:
+        assert trainable.params == [trainable.directions, trainable.centre]
+        with torch.no_grad():
+            trainable.directions.zero_()
+            trainable.directions[1, 0] = 1.0
+            trainable.centre.fill_(0.05)
+        u = trainable.basis[:, 1]
+        ids = pipe.tokenizer([DOCTOR, ""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            mapped = pipe.text_encoder.get_input_embeddings()(ids)
+        assert torch.allclose(mapped @ u, torch.full(ids.shape, 0.05), atol=1e-5)  # the empty prompt's tokens too
     finally:
         trainable.remove()
 
