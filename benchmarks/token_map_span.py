@@ -6,7 +6,8 @@ with no training and no images, what that confinement is for: on a shared-axis m
 is known (each occupation word moves by minus its gender coordinate along the gender axis; the prompt's
 other tokens stay), so the least-squares map that applies it to the training prompts' tokens can be
 computed in closed form, free, confined to their span, or confined to the words that vary between them
-(`token_map_read: varying`), and set against the rule on the held-out words.
+(`token_map_read: varying`), and set against the rule on the held-out words. `projection_of_the_axis` is
+the symmetric map (`token_map_form: symmetric`) that takes the unit gender axis out of every token.
 `relative_error` is |map change - rule change| / |rule change| per held-out word; `gender_move` is the map's
 change of the word's gender coordinate (the rule's is minus the coordinate).
 
@@ -47,6 +48,11 @@ def fitted_map_figures(pipe, words: tuple) -> dict:
     varying = prompt_span(pipe, prompts, varying_only=True).double().numpy()  # token_map_read: varying
     fits = {"free": np.linalg.pinv(x) @ y, "confined_to_span": basis @ np.linalg.pinv(x @ basis) @ y,
             "confined_to_varying": varying @ np.linalg.pinv(x @ varying) @ y}  # fmt: skip
+    # the symmetric token map's form (token_map_form: symmetric) at its best guess: the unit gender axis, as the
+    # span can read it, taken out of every token; not a fit, so its training error is what the form costs
+    axis = basis @ (basis.T @ axes[0])
+    axis /= np.linalg.norm(axis)
+    fits["projection_of_the_axis"] = -np.outer(axis, axis)
     out: dict = {"training_tokens": len(seen), "embedding_dim": int(table.shape[1]), "span_dim": int(basis.shape[1]),
                  "varying_dim": int(varying.shape[1])}  # fmt: skip
     readout = np.linalg.pinv(axes)[:, 0]  # the gender coordinate of a change
