@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 PRESERVE_REGIONS = ("flipped", "all")
 TOKEN_MAP_READS = ("span", "varying")
 TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -72,6 +74,9 @@ class DFTConfig:
     images_per_prompt: int = 8
     prompts_per_iteration: int = 3
     lr: float = 0.0  # 0: 1e-2 for LoRA, 2e-2 for prefix tokens
+    # "cosine": the rate falls from lr to zero over the iterations, so the last steps, which the EMA publishes,
+    # are small ones: each iteration's batch is a few images per prompt and a constant rate keeps jumping
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     adjusted: bool = True
     confidence: float = 0.8
@@ -104,7 +109,7 @@ class DFTConfig:
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
                    "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS,
-                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS}  # fmt: skip
+                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
         require_positive(cfg, "checkpoint_every")
@@ -335,6 +340,13 @@ def train_dft(
         trainable.remove()
 
 
+def learning_rate(cfg: DFTConfig, iteration: int) -> float:
+    """The rate of this (0-based) iteration's step."""
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * iteration / cfg.iterations))
+    return cfg.lr
+
+
 def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, staging_dir, checkpoint_dir,
            progress, should_stop) -> AdaptorManifest:  # fmt: skip
     t0 = time.time()
@@ -380,6 +392,8 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         skipped = not np.isfinite(grad_norm)
         if not skipped:
+            for group in opt.param_groups:  # from the iteration alone, so a resumed job continues the schedule
+                group["lr"] = learning_rate(cfg, it)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()

@@ -20,7 +20,7 @@ from adaptors.prefix import PrefixAdaptor
 from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
-from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region
+from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region, learning_rate
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
 from adaptors.trainers.trainable import make_trainable, prompt_span
@@ -60,12 +60,20 @@ def test_registered():
      ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise"),
      ({"token_map_read": "varying"}, "token_map_read"), ({"text_encoder_modules": "token_map", "token_map_read": "words"},
                                                           "token_map_read"),
-     ({"token_map_form": "symmetric"}, "token_map_form"), ({"text_encoder_modules": "token_map", "token_map_form": "tied"},
+     ({"lr_schedule": "linear"}, "lr_schedule"), ({"token_map_form": "symmetric"}, "token_map_form"), ({"text_encoder_modules": "token_map", "token_map_form": "tied"},
                                                             "token_map_form")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
         DFTConfig.from_hyperparameters(bad)
+
+
+def test_cosine_schedule_falls_from_the_rate_to_near_zero_by_the_last_iteration():
+    cfg = DFTConfig.from_hyperparameters({"lr": 0.04, "iterations": 10, "lr_schedule": "cosine"})
+    rates = [learning_rate(cfg, it) for it in range(10)]
+    assert rates[0] == pytest.approx(0.04) and rates[5] == pytest.approx(0.02)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and 0 < rates[-1] < 0.002
+    assert learning_rate(DFTConfig.from_hyperparameters({"lr": 0.04, "iterations": 10}), 9) == pytest.approx(0.04)
 
 
 def test_learning_rate_default_depends_on_what_is_trained():
