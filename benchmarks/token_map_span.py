@@ -7,7 +7,8 @@ is known (each occupation word moves by minus its gender coordinate along the ge
 other tokens stay), so the least-squares map that applies it to the training prompts' tokens can be
 computed in closed form, free, confined to their span, or confined to the words that vary between them
 (`token_map_read: varying`), and set against the rule on the held-out words. `projection_of_the_axis` is
-the symmetric map (`token_map_form: symmetric`) that takes the unit gender axis out of every token.
+the symmetric map (`token_map_form: symmetric`) that takes the unit gender axis out of every token, and
+`measured_axis_cosine` how close to that axis `token_map_init: measured` starts it.
 `relative_error` is |map change - rule change| / |rule change| per held-out word; `gender_move` is the map's
 change of the word's gender coordinate (the rule's is minus the coordinate).
 
@@ -31,8 +32,8 @@ from benchmarks.shared_axis_ceiling import MODELS, shared_axes  # noqa: E402
 
 
 def fitted_map_figures(pipe, words: tuple) -> dict:
-    from adaptors.trainers.trainable import prompt_span
-    from testbed.world import TEST_OCCUPATIONS, prompt_set
+    from adaptors.trainers.trainable import measured_directions, prompt_span, varying_word_embeddings
+    from testbed.world import PROMPT_SETS, TEST_OCCUPATIONS, prompt_set
 
     prompts = list(prompt_set(WIDE))
     ids, coords, axes, _ = shared_axes(pipe, words)
@@ -65,6 +66,12 @@ def fitted_map_figures(pipe, words: tuple) -> dict:
             "gender_move": {o: round(float(d @ readout), 3) for o, d in held.items()},
         }
     out["rule_gender_move"] = {o: round(float(rule[o] @ readout), 3) for o in TEST_OCCUPATIONS}
+    # where `token_map_init: measured` starts the symmetric map, from the training words' true shares (the
+    # finetune measures them from the base model's images): how close its first direction is to the axis
+    share_of = {o.name: o.p_female for o in words}
+    leaning = np.array([[share_of[o] - 0.5] for o in PROMPT_SETS[WIDE]])  # in prompt_set(WIDE)'s order
+    found, _ = measured_directions(varying_word_embeddings(pipe, prompts) @ basis, leaning)
+    out["measured_axis_cosine"] = round(float(abs((basis @ found[:, 0]) @ axis)), 4)
     return out
 
 

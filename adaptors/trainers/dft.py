@@ -50,6 +50,7 @@ PRESERVE_REGIONS = ("flipped", "all")
 TOKEN_MAP_READS = ("span", "varying")
 TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
 LR_SCHEDULES = ("constant", "cosine")
+TOKEN_MAP_INITS = ("random", "measured")
 
 
 @dataclass
@@ -65,6 +66,9 @@ class DFTConfig:
     # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out; "centred":
     # e -> e - U (U^T e - c), which moves them to learnt values (TokenMapTrainable)
     token_map_form: str = "free"
+    # "measured": the map starts at the rule the base model's own images of the training prompts suggest
+    # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
+    token_map_init: str = "random"
     rank: int = 8
     num_tokens: int = 5
     iterations: int = 100
@@ -109,7 +113,8 @@ class DFTConfig:
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
                    "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS,
-                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES}  # fmt: skip
+                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES,
+                   "token_map_init": TOKEN_MAP_INITS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
         require_positive(cfg, "checkpoint_every")
@@ -124,7 +129,7 @@ class DFTConfig:
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
-        for key, default in (("token_map_read", "span"), ("token_map_form", "free")):
+        for key, default in (("token_map_read", "span"), ("token_map_form", "free"), ("token_map_init", "random")):
             if getattr(cfg, key) != default and cfg.text_encoder_modules != "token_map":
                 raise ValueError(f"hyperparameters.{key}: only for text_encoder_modules token_map")
         if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
@@ -330,14 +335,35 @@ def train_dft(
     target = {a: dict(d) for a, d in job.fairness_target.items()}
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
+    leanings = measured_leanings(pipe, classifier, list(job.prompts), shares, cfg) if cfg.token_map_init == "measured" else None
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
                                cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
-                               cfg.token_map_form)  # fmt: skip
+                               cfg.token_map_form, leanings)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip
     finally:
         trainable.remove()
+
+
+def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np.ndarray], cfg: DFTConfig) -> np.ndarray:
+    """prompts x classes: each training prompt's share of every targeted class in the base model's images
+    (`images_per_prompt` at the training steps), minus the target's share. A prompt with no person found
+    counts as on target, so it pulls the measured rule nowhere."""
+    rows = []
+    for j, prompt in enumerate(prompts):
+        spec = GenerationSpec(prompt=prompt, num_images=cfg.images_per_prompt, seed=cfg.seed + j, steps=cfg.steps,
+                              guidance_scale=cfg.guidance_scale)  # fmt: skip
+        with torch.no_grad():
+            pred = classifier.predict(generate(pipe, spec, max_batch=64))
+        person = (pred.person > 0.5).cpu().numpy()
+        row = []
+        for a, want in shares.items():
+            classes = pred.probs[a].argmax(-1).cpu().numpy()[person]
+            got = np.bincount(classes, minlength=len(want)) / len(classes) if len(classes) else want
+            row.append(got - want)
+        rows.append(np.concatenate(row))
+    return np.stack(rows)
 
 
 def learning_rate(cfg: DFTConfig, iteration: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -181,10 +182,22 @@ class TokenMapTrainable(Trainable):
     how far it leans, which is the form of the exact rule.
     `form="centred"` moves those components to learnt values c instead of zero, e -> e - U (U^T e - c),
     for targets away from the middle (age 75% young: the rule puts every word's age coordinate at 0.25).
+
+    `leanings` (prompts x classes, the base model's measured shares minus the target's) start the map at
+    the rule it suggests instead of at random: the directions of the span along which the training words'
+    embeddings vary with how far their images lean (`measured_directions`), each taken out whole (moved to
+    the training words' mean coordinate for `centred`). Then the seed only breaks ties.
     """
 
     def __init__(
-        self, pipe, rank: int, seed: int, prompts: list[str], varying_only: bool = False, form: str = "free"
+        self,
+        pipe,
+        rank: int,
+        seed: int,
+        prompts: list[str],
+        varying_only: bool = False,
+        form: str = "free",
+        leanings: np.ndarray | None = None,
     ) -> None:
         self.pipe = pipe
         embedding = pipe.text_encoder.get_input_embeddings()
@@ -206,8 +219,24 @@ class TokenMapTrainable(Trainable):
             self.read = torch.nn.Parameter(torch.zeros(rank, self.basis.shape[1], device=pipe.device))  # M'
             self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
             self.params = [self.read, self.write]
+        if leanings is not None:
+            self._start_at_measured_rule(prompts, leanings, rank)
         self._enabled = True
         self._hook = embedding.register_forward_hook(self._apply)
+
+    def _start_at_measured_rule(self, prompts: list[str], leanings: np.ndarray, rank: int) -> None:
+        words = varying_word_embeddings(self.pipe, prompts) @ self.basis.double().cpu().numpy()  # prompts x k
+        directions, found = measured_directions(words, leanings)
+        found = min(found, rank)
+        u = torch.as_tensor(directions[:, :found], dtype=self.basis.dtype, device=self.basis.device)  # k x found
+        with torch.no_grad():
+            if self.form == "free":
+                self.read[:found] = u.T
+                self.write[:, :found] = -(self.basis @ u)
+            else:
+                self.directions[:, :found] = u
+                if self.centre is not None:  # every word to the training words' mean coordinate
+                    self.centre[:found] = torch.as_tensor(words.mean(0) @ directions[:, :found], dtype=self.centre.dtype)
 
     def read_matrix(self) -> torch.Tensor:
         """M = M' P^T (rank x dim): what the map reads from a token embedding (U^T for the symmetric form)."""
@@ -290,19 +319,51 @@ def prompt_span(pipe, prompts: list[str], varying_only: bool = False) -> torch.T
     neutral-looks testbed 200 iterations with `preserve_region: all` left every held-out occupation 30-40%
     female (fairness_dft.json, `_token_map_span_r2_region_all_200`). Reading only the varying words fitted
     the training words as well but moved held-out ones less (`_token_map_varying_*`), so it is an option."""
-    ids = pipe.tokenizer(list(prompts) + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+    ids, shared = _prompt_tokens(pipe, prompts)
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     present = torch.unique(ids)
     if not varying_only:
         return _orthonormal_basis(table[present.to(table.device)].double()).to(table.dtype)
-    shared = set(ids[-1].tolist())  # the empty prompt's tokens (BOS, EOS, padding)
-    shared |= set.intersection(*(set(row.tolist()) for row in ids[:-1]))
     varying = [t for t in present.tolist() if t not in shared]
     if not varying:
         raise ValueError("prompts: every token is shared by all prompts; a map that reads only what varies has nothing to read")
     fixed = _orthonormal_basis(table[sorted(shared)].double(), tolerance=1e-9)  # all of it, or some would be read
     rows = table[varying].double()
     return _orthonormal_basis(rows - (rows @ fixed) @ fixed.T).to(table.dtype)
+
+
+def _prompt_tokens(pipe, prompts: list[str]) -> tuple[torch.Tensor, set[int]]:
+    """The token ids of `prompts` and then of the empty prompt, and the tokens every one of them has (the
+    template's words, BOS, EOS, padding)."""
+    ids = pipe.tokenizer(list(prompts) + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+    shared = set(ids[-1].tolist()) | set.intersection(*(set(row.tolist()) for row in ids[:-1]))
+    return ids, shared
+
+
+def varying_word_embeddings(pipe, prompts: list[str]) -> np.ndarray:
+    """prompts x dim: the mean embedding of each prompt's tokens that not every prompt has (its own words)."""
+    ids, shared = _prompt_tokens(pipe, prompts)
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().double().cpu().numpy()
+    rows = []
+    for row in ids[:-1]:
+        own = [t for t in row.tolist() if t not in shared]
+        if not own:
+            raise ValueError(f"prompts: {prompts[len(rows)]!r} has no word the other prompts lack; the rule cannot be measured")
+        rows.append(table[own].mean(0))
+    return np.stack(rows)
+
+
+def measured_directions(words: np.ndarray, leanings: np.ndarray) -> tuple[np.ndarray, int]:
+    """Orthonormal directions (dim x dim, best first) along which `words` (prompts x dim) co-vary with
+    `leanings` (prompts x classes), and how many of them carry any covariance.
+
+    The cross-covariance's left singular vectors: on a world where each look's words lean both ways equally
+    the looks cancel and the first one is the attribute's own axis; in general it is the least-squares guess
+    of it from the training words alone."""
+    cov = (words - words.mean(0)).T @ (leanings - leanings.mean(0))  # dim x classes
+    u, values, _ = np.linalg.svd(cov, full_matrices=True)
+    found = int((values > 1e-9 * max(values.max(initial=0.0), 1e-300)).sum()) if values.size else 0
+    return u, found
 
 
 def _orthonormal_basis(rows: torch.Tensor, tolerance: float = SPAN_TOLERANCE) -> torch.Tensor:
@@ -323,6 +384,7 @@ def make_trainable(
     prompts: list[str] | None = None,
     token_map_read: str = "span",
     token_map_form: str = "free",
+    leanings: np.ndarray | None = None,
 ) -> Trainable:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -333,5 +395,5 @@ def make_trainable(
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
         if not prompts:
             raise ValueError("prompts: the token map needs the training prompts to find the span it reads")
-        return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read == "varying", token_map_form)
+        return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read == "varying", token_map_form, leanings)
     return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

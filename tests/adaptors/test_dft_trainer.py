@@ -20,10 +20,10 @@ from adaptors.prefix import PrefixAdaptor
 from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
-from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region, learning_rate
+from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region, learning_rate, measured_leanings
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
-from adaptors.trainers.trainable import make_trainable, prompt_span
+from adaptors.trainers.trainable import make_trainable, measured_directions, prompt_span
 from common.schemas import FinetuneJob
 
 DOCTOR = "a photo of the face of a doctor, a person"
@@ -60,7 +60,7 @@ def test_registered():
      ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise"),
      ({"token_map_read": "varying"}, "token_map_read"), ({"text_encoder_modules": "token_map", "token_map_read": "words"},
                                                           "token_map_read"),
-     ({"lr_schedule": "linear"}, "lr_schedule"), ({"token_map_form": "symmetric"}, "token_map_form"), ({"text_encoder_modules": "token_map", "token_map_form": "tied"},
+     ({"lr_schedule": "linear"}, "lr_schedule"), ({"token_map_init": "measured"}, "token_map_init"), ({"token_map_form": "symmetric"}, "token_map_form"), ({"text_encoder_modules": "token_map", "token_map_form": "tied"},
                                                             "token_map_form")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
@@ -272,8 +272,8 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
 
 
-@pytest.mark.parametrize("form", ["free", "symmetric", "centred"])
-def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path, form):
+@pytest.mark.parametrize("form, init", [("free", "random"), ("symmetric", "random"), ("centred", "measured")])
+def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path, form, init):
     """The token map trained on the doctor and nurse prompts also changes the encoding of a word neither
     has (a per-word embedding LoRA could not: the word's row gets no gradient), and the published LoRA
     reproduces the trained model's images, switched by the worker's code and loaded by plain diffusers."""
@@ -282,7 +282,8 @@ def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diff
     before = generate(pipe, spec)
     with torch.no_grad():
         base_encoding = pipe.encode_prompt([held_out], pipe.device, 1, False)[0]
-    _run(_job(text_encoder_modules="token_map", token_map_form=form, rank=2, iterations=2, lr=0.05), pipe, classifier, tmp_path)
+    job = _job(text_encoder_modules="token_map", token_map_form=form, token_map_init=init, rank=2, iterations=2, lr=0.05)
+    _run(job, pipe, classifier, tmp_path)
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # training left no hook behind
     adaptor = load_adaptor(tmp_path / "out")
     assert isinstance(adaptor, LoraAdaptor) and not any(loaded_adapters(pipe).values())
@@ -393,6 +394,23 @@ def test_centred_token_map_puts_every_token_at_the_learnt_coordinate(pipe):
         assert torch.allclose(mapped @ u, torch.full(ids.shape, 0.05), atol=1e-5)  # the empty prompt's tokens too
     finally:
         trainable.remove()
+
+
+def test_measured_leanings_are_each_prompts_share_minus_the_target(pipe, classifier):
+    cfg = DFTConfig.from_hyperparameters({"images_per_prompt": 8, "steps": 6})
+    leanings = measured_leanings(pipe, classifier, [DOCTOR, NURSE], {"gender": np.array([0.5, 0.5])}, cfg)
+    assert leanings.shape == (2, 2) and np.allclose(leanings.sum(1), 0)  # female and male shares, each minus 0.5
+    assert leanings[0, 0] < 0 < leanings[1, 0]  # the testbed's doctors come out male, its nurses female
+
+
+def test_measured_directions_find_the_axis_the_words_vary_along_with_their_lean():
+    rng = np.random.default_rng(0)
+    axis = np.eye(6)[2]
+    looks = rng.normal(size=(3, 6))
+    lean = np.array([0.4, -0.4, 0.1, -0.1, 0.3, -0.3])  # each look's two words lean both ways equally
+    words = np.repeat(looks, 2, axis=0) + lean[:, None] * axis
+    directions, found = measured_directions(words, np.stack([lean, -lean], 1))
+    assert found == 1 and abs(directions[:, 0] @ axis) > 1 - 1e-9
 
 
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):

@@ -28,3 +28,6 @@ def test_the_least_squares_rule_map_reaches_held_out_words_better_when_confined_
     assert projection["training_relative_error"] > 0.2
     for word, move in figures["rule_gender_move"].items():
         assert 0.6 < projection["gender_move"][word] / move < 1.4
+    # token_map_init: measured starts the map near the axis, from the training words and their shares alone; where
+    # every look's words average the same shares (neutral looks) the looks cancel and it starts on the axis
+    assert figures["measured_axis_cosine"] > (0.99 if model == "testbed-neutral-looks" else 0.75)
