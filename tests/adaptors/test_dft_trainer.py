@@ -60,8 +60,9 @@ def test_registered():
      ({"text_encoder_modules": "token_map", "prompt_noise": 0.5}, "prompt_noise"),
      ({"token_map_read": "varying"}, "token_map_read"), ({"text_encoder_modules": "token_map", "token_map_read": "words"},
                                                           "token_map_read"),
-     ({"lr_schedule": "linear"}, "lr_schedule"), ({"token_map_init": "measured"}, "token_map_init"), ({"token_map_form": "symmetric"}, "token_map_form"), ({"text_encoder_modules": "token_map", "token_map_form": "tied"},
-                                                            "token_map_form")],
+     ({"lr_schedule": "linear"}, "lr_schedule"), ({"token_map_init": "measured"}, "token_map_init"),
+     ({"token_map_form": "symmetric"}, "token_map_form"),
+     ({"text_encoder_modules": "token_map", "token_map_form": "tied"}, "token_map_form")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -273,7 +274,9 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
 
 
 @pytest.mark.parametrize("form, init", [("free", "random"), ("symmetric", "random"), ("centred", "measured")])
-def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(pipe, classifier, tmp_path, form, init):
+def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(
+    pipe, classifier, tmp_path, form, init
+):
     """The token map trained on the doctor and nurse prompts also changes the encoding of a word neither
     has (a per-word embedding LoRA could not: the word's row gets no gradient), and the published LoRA
     reproduces the trained model's images, switched by the worker's code and loaded by plain diffusers."""
