@@ -355,13 +355,12 @@ def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np
         spec = GenerationSpec(prompt=prompt, num_images=cfg.images_per_prompt, seed=cfg.seed + j, steps=cfg.steps,
                               guidance_scale=cfg.guidance_scale)  # fmt: skip
         with torch.no_grad():
-            pred = classifier.predict(generate(pipe, spec, max_batch=64))
-        person = (pred.person > 0.5).cpu().numpy()
+            images = classify(classifier, generate(pipe, spec, max_batch=64))
         row = []
         for a, want in shares.items():
-            classes = pred.probs[a].argmax(-1).cpu().numpy()[person]
-            got = np.bincount(classes, minlength=len(want)) / len(classes) if len(classes) else want
-            row.append(got - want)
+            labels = [image.label(a) for image in images]
+            got = metrics.frequencies(labels, classifier.attributes[a])  # in the order `shares` uses
+            row.append(np.array(list(got.values())) - want if any(labels) else np.zeros_like(want))
         rows.append(np.concatenate(row))
     return np.stack(rows)
 
