@@ -47,10 +47,10 @@ from common.schemas import FinetuneJob
 logger = logging.getLogger(__name__)
 
 PRESERVE_REGIONS = ("flipped", "all")
-TOKEN_MAP_READS = ("span", "varying")
+TOKEN_MAP_READS = ("span", "varying", "positive")
 TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
 LR_SCHEDULES = ("constant", "cosine")
-TOKEN_MAP_INITS = ("random", "measured")
+TOKEN_MAP_INITS = ("random", "measured", "regression")
 
 
 @dataclass
@@ -61,7 +61,8 @@ class DFTConfig:
     text_encoder_modules: str = "attention_mlp"  # Shen et al. also adapt the MLPs; "attention" only
     unet_modules: str = "attention"  # every attention projection (Shen et al.); "cross_attention_kv" only
     # what the token map reads: "span" of the training prompts' tokens, or only the "varying" words, orthogonal
-    # to the tokens every prompt shares (the template), which it then leaves as they are
+    # to the tokens every prompt shares (the template), which it then leaves as they are, or the "positive" span:
+    # orthogonal to the empty negative prompt's tokens only, which it leaves as they are (trainable.prompt_span)
     token_map_read: str = "span"
     # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out; "centred":
     # e -> e - U (U^T e - c), which moves them to learnt values (TokenMapTrainable)
@@ -69,6 +70,11 @@ class DFTConfig:
     # "measured": the map starts at the rule the base model's own images of the training prompts suggest
     # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
     token_map_init: str = "random"
+    # base images per training prompt that `measured` and `regression` read the leans from (0: images_per_prompt)
+    measure_images: int = 0
+    # multiplies the move `regression` starts the map at: its fit moves the held-out words by a similar share of the
+    # rule each (~0.8 on the neutral-looks testbed), so a factor above 1 tests whether that shrinkage is the gap
+    regression_scale: float = 1.0
     rank: int = 8
     num_tokens: int = 5
     iterations: int = 100
@@ -116,7 +122,17 @@ class DFTConfig:
                    "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES,
                    "token_map_init": TOKEN_MAP_INITS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
-        require_positive(cfg, "rank", "num_tokens", "iterations", "steps", "images_per_prompt", "prompts_per_iteration")
+        require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration")
+        if cfg.iterations < 0 or (cfg.iterations == 0 and cfg.token_map_init == "random"):
+            # a measured start is an adaptor in itself; a random one with no training is none
+            raise ValueError("hyperparameters.iterations: must be > 0 (0 only publishes a measured token map's start)")
+        if cfg.regression_scale != 1.0 and cfg.token_map_init != "regression":
+            raise ValueError("hyperparameters.regression_scale: only for token_map_init regression")
+        if cfg.measure_images < 0:
+            raise ValueError("hyperparameters.measure_images: must be >= 0")
+        if cfg.token_map_init == "regression" and cfg.token_map_form != "free":
+            raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
+                             "it needs token_map_form free")  # fmt: skip
         require_positive(cfg, "checkpoint_every")
         require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
         if cfg.steps_jitter >= cfg.steps:
@@ -335,10 +351,11 @@ def train_dft(
     target = {a: dict(d) for a, d in job.fairness_target.items()}
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
-    leanings = measured_leanings(pipe, classifier, list(job.prompts), shares, cfg) if cfg.token_map_init == "measured" else None
+    measure = cfg.token_map_init != "random"
+    leanings = measured_leanings(pipe, classifier, list(job.prompts), shares, cfg) if measure else None
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
                                cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
-                               cfg.token_map_form, leanings)  # fmt: skip
+                               cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip
@@ -347,20 +364,35 @@ def train_dft(
 
 
 def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np.ndarray], cfg: DFTConfig) -> np.ndarray:
-    """prompts x classes: each training prompt's share of every targeted class in the base model's images
-    (`images_per_prompt` at the training steps), minus the target's share. A prompt with no person found
-    counts as on target, so it pulls the measured rule nowhere."""
+    """prompts x classes: how far each training prompt's base images (`measure_images` at the training steps)
+    lean from the target, per targeted class. A prompt with no person found counts as on target, so it pulls
+    the measured rule nowhere.
+
+    For `token_map_init: measured` a lean is the class's share minus the target's. For `regression` it is the
+    log-ratio of the two (centred over the attribute's classes), with half an image added to every count: at a
+    strong guidance scale the share is a steep sigmoid of how far a word leans, so the share saturates (a word
+    drawn 20% female comes out 5%) and a linear read fitted to it cannot say which saturated words lean further,
+    while the log-odds keep growing with the lean, so moving a word by its fitted log-odds is one rule to the middle."""
     rows = []
+    n = cfg.measure_images or cfg.images_per_prompt
     for j, prompt in enumerate(prompts):
-        spec = GenerationSpec(prompt=prompt, num_images=cfg.images_per_prompt, seed=cfg.seed + j, steps=cfg.steps,
+        spec = GenerationSpec(prompt=prompt, num_images=n, seed=cfg.seed + j, steps=cfg.steps,
                               guidance_scale=cfg.guidance_scale)  # fmt: skip
         with torch.no_grad():
             images = classify(classifier, generate(pipe, spec, max_batch=64))
         row = []
         for a, want in shares.items():
             labels = [image.label(a) for image in images]
-            got = metrics.frequencies(labels, classifier.attributes[a])  # in the order `shares` uses
-            row.append(np.array(list(got.values())) - want if any(labels) else np.zeros_like(want))
+            if not any(labels):
+                row.append(np.zeros_like(want))
+                continue
+            got = np.array(list(metrics.frequencies(labels, classifier.attributes[a]).values()))  # `shares`' order
+            if cfg.token_map_init == "regression":
+                found = sum(1 for label in labels if label)
+                odds = np.log((got * found + 0.5) / (found + 0.5 * len(want))) - np.log(np.maximum(want, 1e-3))
+                row.append(odds - odds.mean())
+            else:
+                row.append(got - want)
         rows.append(np.concatenate(row))
     return np.stack(rows)
 

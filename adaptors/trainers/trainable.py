@@ -39,8 +39,13 @@ TEXT_ENCODER_MODULES: dict[str, list[str] | str] = {
 # "cross_attention_kv": only the projections that read the text (a PEFT regex, matched in full); a low-rank
 # edit there can remove a direction of the text embedding for every prompt at once, as closed-form concept
 # editing does, instead of learning a change per training prompt
-UNET_MODULES: dict[str, list[str] | str] = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
-                                            "cross_attention_kv": r".*attn2\.(to_k|to_v)"}  # fmt: skip
+UNET_MODULES: dict[str, list[str] | str] = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "cross_attention_kv": r".*attn2\.(to_k|to_v)",
+    # where the text's contribution enters the UNet's own features: there an attribute is drawn by one pathway
+    # that every occupation shares, so an edit can be one rule for words whose embeddings share no axis
+    "cross_attention_out": r".*attn2\.(to_v|to_out\.0)",
+}
 TRAIN_CHOICES = ("text_encoder", "unet", "both", "prefix")
 
 
@@ -197,14 +202,16 @@ class TokenMapTrainable(Trainable):
         rank: int,
         seed: int,
         prompts: list[str],
-        varying_only: bool = False,
+        read: str = "span",
         form: str = "free",
         leanings: np.ndarray | None = None,
+        init: str = "measured",
+        regression_scale: float = 1.0,
     ) -> None:
         self.pipe = pipe
         embedding = pipe.text_encoder.get_input_embeddings()
         dim = embedding.weight.shape[1]
-        self.basis = prompt_span(pipe, prompts, varying_only)  # P: dim x k
+        self.basis = prompt_span(pipe, prompts, read == "varying", read == "positive")  # P: dim x k
         self.form = form
         g = torch.Generator().manual_seed(seed)
         self.centre: torch.nn.Parameter | None = None
@@ -221,7 +228,9 @@ class TokenMapTrainable(Trainable):
             self.read = torch.nn.Parameter(torch.zeros(rank, self.basis.shape[1], device=pipe.device))  # M'
             self.write = torch.nn.Parameter((torch.randn(dim, rank, generator=g) / rank**0.5).to(pipe.device))  # B
             self.params = [self.read, self.write]
-        if leanings is not None:
+        if leanings is not None and init == "regression":
+            self._start_at_regressed_rule(prompts, leanings, rank, regression_scale)
+        elif leanings is not None:
             self._start_at_measured_rule(prompts, leanings, rank)
         self._enabled = True
         self._hook = embedding.register_forward_hook(self._apply)
@@ -237,6 +246,22 @@ class TokenMapTrainable(Trainable):
                 self.write[:, :found] = -(self.basis @ u)
             else:  # the centre stays at zero: it moves every token, the template's and the padding too
                 self.directions[:, :found] = u
+
+    def _start_at_regressed_rule(self, prompts: list[str], leanings: np.ndarray, rank: int, scale: float) -> None:
+        if self.form != "free":
+            raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
+                             "it needs token_map_form free")  # fmt: skip
+        basis = self.basis.double().cpu().numpy()
+        words = varying_word_embeddings(self.pipe, prompts) @ basis  # prompts x k
+        ids, _ = _prompt_tokens(self.pipe, prompts)
+        table = self.pipe.text_encoder.get_input_embeddings().weight.detach().double().cpu().numpy()
+        empty = table[sorted(set(ids[-1].tolist()))] @ basis  # the empty prompt's tokens, which must read zero
+        read, write = regressed_map(words, leanings, rank, unread=empty)
+        with torch.no_grad():
+            self.read.zero_()
+            self.write.zero_()
+            self.read[: read.shape[1]] = torch.as_tensor(read.T, dtype=self.read.dtype)
+            self.write[:, : write.shape[1]] = -scale * (self.basis @ torch.as_tensor(write, dtype=self.basis.dtype))
 
     def read_matrix(self) -> torch.Tensor:
         """M = M' P^T (rank x dim): what the map reads from a token embedding (U^T for the symmetric form)."""
@@ -307,9 +332,12 @@ class TokenMapTrainable(Trainable):
 
 SYMMETRIC_INIT_NORM = 0.3  # each direction's starting length: it takes 9% of a token's component along it out
 SPAN_TOLERANCE = 1e-2  # singular values below this share of the largest are rounding, not a direction
+# `regressed_map`'s ridge, as a share of the words' mean variance: on the neutral-looks testbed, with leans that
+# are the share's sign, 1e-3 to 1e-2 move the held-out words by 0.88 to 1.04 of the exact rule; 0 explodes
+REGRESSION_RIDGE = 3e-3
 
 
-def prompt_span(pipe, prompts: list[str], varying_only: bool = False) -> torch.Tensor:
+def prompt_span(pipe, prompts: list[str], varying_only: bool = False, positive_only: bool = False) -> torch.Tensor:
     """An orthonormal basis (dim x k) of the token embeddings in `prompts` and the empty negative prompt.
 
     `varying_only`: of the tokens that differ between prompts, orthogonal to every token all of them share
@@ -318,10 +346,18 @@ def prompt_span(pipe, prompts: list[str], varying_only: bool = False) -> torch.T
     the template's words, one push common to every prompt of the template, held-out ones included: on the
     neutral-looks testbed 200 iterations with `preserve_region: all` left every held-out occupation 30-40%
     female (fairness_dft.json, `_token_map_span_r2_region_all_200`). Reading only the varying words fitted
-    the training words as well but moved held-out ones less (`_token_map_varying_*`), so it is an option."""
+    the training words as well but moved held-out ones less (`_token_map_varying_*`), so it is an option.
+
+    `positive_only`: orthogonal to the empty prompt's tokens alone, so the map leaves the negative prompt as it
+    was and still reads the template's words. A map that moves the negative prompt moves the unconditional
+    branch, and classifier-free guidance pushes every prompt the opposite way."""
     ids, shared = _prompt_tokens(pipe, prompts)
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     present = torch.unique(ids)
+    if positive_only:  # the span orthogonal to the empty prompt's tokens (BOS, EOS, padding): the negative prompt
+        negative = _orthonormal_basis(table[torch.unique(ids[-1]).to(table.device)].double(), tolerance=1e-9)
+        rows = table[present.to(table.device)].double()
+        return _orthonormal_basis(rows - (rows @ negative) @ negative.T).to(table.dtype)
     if not varying_only:
         return _orthonormal_basis(table[present.to(table.device)].double()).to(table.dtype)
     varying = [t for t in present.tolist() if t not in shared]
@@ -366,6 +402,45 @@ def measured_directions(words: np.ndarray, leanings: np.ndarray) -> tuple[np.nda
     return u, found
 
 
+def regressed_map(
+    words: np.ndarray, leanings: np.ndarray, rank: int, ridge: float = REGRESSION_RIDGE, unread: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(read, write), each dim x r (r <= rank): the oblique map x -> x - write @ read.T @ x that moves each word
+    by how far the regression of its lean on the words says it leans.
+
+    Taking a direction out (`measured_directions`, the symmetric form) moves a word by its whole component along
+    that direction, its look's share of it included, so a word whose look happens to lie along the axis is moved
+    too far or too little (on the neutral-looks testbed the true axis moves the held-out words by 0.70 to 1.15 of
+    the exact rule). The read here is instead the ridge regression of the leans on the words, which answers
+    "how far does this word lean" from the training words' own variation, and the write is the words'
+    regression on that reading, which says where a word that leans that much sits. Ridge (a share `ridge` of the
+    words' mean variance) because leans read at a strong guidance scale are nearly the sign of the share, which
+    no linear read fits exactly: unregularised, the fit explodes along directions with little variance."""
+    # `unread` (rows x dim): embeddings the read must leave at zero. The empty prompt's tokens (BOS, EOS, the
+    # padding) are the whole negative prompt: moving them moves the unconditional branch, and classifier-free
+    # guidance then pushes every prompt the other way (one run without this put all four held-out occupations
+    # on the male side while moving their words by the rule's share each)
+    free = np.eye(words.shape[1])
+    if unread is not None and len(unread):
+        _, values, vt = np.linalg.svd(unread, full_matrices=True)
+        free = vt[int((values > 1e-9 * values.max()).sum()) :].T  # dim x free: the directions left to read
+    # through the origin, not about the words' mean: the map has no offset (one would move every token, the
+    # template's and the padding too), so a word's reading itself must be its lean, the mean word's included
+    words_all, words = words, words @ free
+    gram = words.T @ words
+    scale = ridge * max(float(np.trace(gram)) / max(gram.shape[0], 1), 1e-300)
+    coef = np.linalg.solve(gram + scale * np.eye(gram.shape[0]), words.T @ leanings)  # dim x classes
+    # the classes' fitted leans share few directions (two classes: one); keep the strongest `rank`
+    _, values, vt = np.linalg.svd(words @ coef, full_matrices=False)
+    keep = min(rank, int((values > 1e-9 * max(values.max(initial=0.0), 1e-300)).sum()))
+    read = free @ coef @ vt[:keep].T  # dim x r
+    # the write is how the words move with their reading (about the mean, the slope of that relation)
+    x = words_all - words_all.mean(0)
+    z = x @ read
+    write = x.T @ z @ np.linalg.pinv(z.T @ z)  # dim x r
+    return read, write
+
+
 def _orthonormal_basis(rows: torch.Tensor, tolerance: float = SPAN_TOLERANCE) -> torch.Tensor:
     """dim x k: the directions the rows span, dropping singular values below `tolerance` of the largest."""
     _, values, vt = torch.linalg.svd(rows, full_matrices=False)
@@ -385,6 +460,8 @@ def make_trainable(
     token_map_read: str = "span",
     token_map_form: str = "free",
     leanings: np.ndarray | None = None,
+    token_map_init: str = "measured",
+    regression_scale: float = 1.0,
 ) -> Trainable:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -395,5 +472,6 @@ def make_trainable(
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
         if not prompts:
             raise ValueError("prompts: the token map needs the training prompts to find the span it reads")
-        return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read == "varying", token_map_form, leanings)
+        return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read, token_map_form, leanings,
+                                 token_map_init, regression_scale)  # fmt: skip
     return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

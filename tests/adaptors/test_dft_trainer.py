@@ -23,7 +23,7 @@ from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region, learning_rate, measured_leanings
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
-from adaptors.trainers.trainable import make_trainable, measured_directions, prompt_span
+from adaptors.trainers.trainable import make_trainable, measured_directions, prompt_span, regressed_map
 from common.schemas import FinetuneJob
 
 DOCTOR = "a photo of the face of a doctor, a person"
@@ -62,6 +62,11 @@ def test_registered():
                                                           "token_map_read"),
      ({"lr_schedule": "linear"}, "lr_schedule"), ({"token_map_init": "measured"}, "token_map_init"),
      ({"token_map_form": "symmetric"}, "token_map_form"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_form": "symmetric"},
+      "token_map_init"),
+     ({"iterations": 0}, "iterations"), ({"text_encoder_modules": "token_map", "measure_images": -1}, "measure_images"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "measured", "regression_scale": 1.25}, "regression_scale"),
+     ({"token_map_read": "positive"}, "token_map_read"),
      ({"text_encoder_modules": "token_map", "token_map_form": "tied"}, "token_map_form")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
@@ -252,11 +257,13 @@ def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lo
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
 
 
-def test_cross_attention_kv_trains_only_the_projections_that_read_the_text(pipe, classifier, tmp_path: Path):
-    _run(_job(train="unet", unet_modules="cross_attention_kv", iterations=1, lr=0.05), pipe, classifier, tmp_path)
+@pytest.mark.parametrize("modules, projections", [("cross_attention_kv", {"to_k", "to_v"}),
+                                                   ("cross_attention_out", {"to_v", "to_out"})])  # fmt: skip
+def test_cross_attention_modules_train_only_the_projections_they_name(pipe, classifier, tmp_path, modules, projections):
+    _run(_job(train="unet", unet_modules=modules, iterations=1, lr=0.05), pipe, classifier, tmp_path)
     keys = list(load_adaptor(tmp_path / "out").tensors)
     assert keys and all(k.startswith("unet.") and ".attn2.to_" in k for k in keys)
-    assert {k.split(".attn2.")[1].split(".")[0] for k in keys} == {"to_k", "to_v"}
+    assert {k.split(".attn2.")[1].split(".")[0] for k in keys} == projections
     assert not any(loaded_adapters(pipe).values())
 
 
@@ -357,6 +364,23 @@ def test_token_map_reading_only_the_varying_words_leaves_the_template_and_the_em
         make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, DOCTOR], token_map_read="varying")
 
 
+def test_token_map_reading_the_positive_span_leaves_the_negative_prompt_alone_and_reads_the_template(pipe):
+    trainable = make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE],
+                               token_map_read="positive")  # fmt: skip
+    try:
+        with torch.no_grad():
+            trainable.read.normal_()
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        ids = pipe.tokenizer([DOCTOR, ""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            mapped = pipe.text_encoder.get_input_embeddings()(ids)
+        assert torch.allclose(mapped[1], table[ids[1]], atol=1e-5)  # the empty prompt, whole
+        photo = table[pipe.tokenizer.get_vocab()["photo</w>"]]  # a template word, which `varying` would not read
+        assert (trainable.read_matrix() @ photo).abs().max() > 1e-2 * photo.norm()
+    finally:
+        trainable.remove()
+
+
 def test_symmetric_token_map_takes_the_directions_it_learns_out_of_every_token(pipe):
     trainable = make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE],
                                token_map_form="symmetric")  # fmt: skip
@@ -379,6 +403,25 @@ def test_symmetric_token_map_takes_the_directions_it_learns_out_of_every_token(p
         assert (unmapped @ u).abs().max() > 1e-2  # (the tokens did have some of it)
     finally:
         trainable.remove()
+
+
+def test_regression_start_moves_the_words_and_leaves_the_negative_prompt_as_it_was(pipe):
+    """The regressed start reads the training words and not the empty prompt's tokens: the negative prompt, which
+    classifier-free guidance steers away from, is unchanged, while the prompts' own words move."""
+    lean = np.array([[-0.4, 0.4], [0.45, -0.45], [-0.3, 0.3]])
+    prompts = [DOCTOR, NURSE, "a photo of the face of a pilot, a person"]
+    trainable = make_trainable(pipe, "text_encoder", 1, 5, 0, 0.1, "token_map", prompts=prompts, leanings=lean,
+                               token_map_init="regression")  # fmt: skip
+    try:
+        ids = pipe.tokenizer(prompts + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        with torch.no_grad():
+            mapped = pipe.text_encoder.get_input_embeddings()(ids)
+        assert torch.allclose(mapped[-1], table[ids[-1]], atol=1e-6)  # the empty prompt
+        assert (mapped[:-1] - table[ids[:-1]]).abs().max() > 1e-3  # the words
+    finally:
+        trainable.remove()
+    assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
 
 
 def test_centred_token_map_puts_every_token_at_the_learnt_coordinate(pipe):
@@ -414,6 +457,27 @@ def test_measured_directions_find_the_axis_the_words_vary_along_with_their_lean(
     words = np.repeat(looks, 2, axis=0) + lean[:, None] * axis
     directions, found = measured_directions(words, np.stack([lean, -lean], 1))
     assert found == 1 and abs(directions[:, 0] @ axis) > 1 - 1e-9
+
+
+def test_the_regressed_map_moves_a_new_word_by_its_own_lean_where_taking_the_axis_out_moves_its_look_too():
+    """Words are a look plus a share times one axis, and the looks lean along the axis a little. Taking the
+    measured axis out also takes out each look's component along it; the regressed read ignores the looks, so
+    a word the fit never saw (a new share on a known look) lands at the middle."""
+    rng = np.random.default_rng(0)
+    dim = 12
+    axis = rng.normal(size=dim)
+    looks = rng.normal(size=(5, dim)) * 0.5 + 0.4 * axis
+    shares = np.array([-0.4, -0.1, 0.15, 0.35])  # each look's four words average the middle
+    words = (looks[:, None] + shares[:, None] * axis).reshape(-1, dim)
+    lean = np.tile(shares, 5)
+    read, write = regressed_map(words, np.stack([lean, -lean], 1), rank=2, ridge=1e-9)
+    assert read.shape == (dim, 1) and write.shape == (dim, 1)  # two classes that mirror each other: one direction
+    readout = np.linalg.pinv(np.concatenate([looks, axis[None]]).T)[-1]  # a row's share along the axis
+    new_word = looks[2] + 0.3 * axis
+    assert abs((new_word - (new_word @ read) @ write.T) @ readout) < 1e-6
+    u = (words - words.mean(0)).T @ lean
+    u /= np.linalg.norm(u)
+    assert abs((new_word - (new_word @ u) * u) @ readout) > 0.1
 
 
 def test_prefix_method_trains_prefix_tokens(pipe, classifier, tmp_path: Path):
