@@ -251,12 +251,8 @@ class TokenMapTrainable(Trainable):
         if self.form != "free":
             raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
                              "it needs token_map_form free")  # fmt: skip
-        basis = self.basis.double().cpu().numpy()
-        words = varying_word_embeddings(self.pipe, prompts) @ basis  # prompts x k
-        ids, _ = _prompt_tokens(self.pipe, prompts)
-        table = self.pipe.text_encoder.get_input_embeddings().weight.detach().double().cpu().numpy()
-        empty = table[sorted(set(ids[-1].tolist()))] @ basis  # the empty prompt's tokens, which must read zero
-        read, write = regressed_map(words, leanings, rank, unread=empty)
+        words = varying_word_embeddings(self.pipe, prompts) @ self.basis.double().cpu().numpy()  # prompts x k
+        read, write = regressed_map(words, leanings, rank)
         with torch.no_grad():
             self.read.zero_()
             self.write.zero_()
@@ -403,7 +399,7 @@ def measured_directions(words: np.ndarray, leanings: np.ndarray) -> tuple[np.nda
 
 
 def regressed_map(
-    words: np.ndarray, leanings: np.ndarray, rank: int, ridge: float = REGRESSION_RIDGE, unread: np.ndarray | None = None
+    words: np.ndarray, leanings: np.ndarray, rank: int, ridge: float = REGRESSION_RIDGE
 ) -> tuple[np.ndarray, np.ndarray]:
     """(read, write), each dim x r (r <= rank): the oblique map x -> x - write @ read.T @ x that moves each word
     by how far the regression of its lean on the words says it leans.
@@ -416,26 +412,17 @@ def regressed_map(
     regression on that reading, which says where a word that leans that much sits. Ridge (a share `ridge` of the
     words' mean variance) because leans read at a strong guidance scale are nearly the sign of the share, which
     no linear read fits exactly: unregularised, the fit explodes along directions with little variance."""
-    # `unread` (rows x dim): embeddings the read must leave at zero. The empty prompt's tokens (BOS, EOS, the
-    # padding) are the whole negative prompt: moving them moves the unconditional branch, and classifier-free
-    # guidance then pushes every prompt the other way (one run without this put all four held-out occupations
-    # on the male side while moving their words by the rule's share each)
-    free = np.eye(words.shape[1])
-    if unread is not None and len(unread):
-        _, values, vt = np.linalg.svd(unread, full_matrices=True)
-        free = vt[int((values > 1e-9 * values.max()).sum()) :].T  # dim x free: the directions left to read
     # through the origin, not about the words' mean: the map has no offset (one would move every token, the
     # template's and the padding too), so a word's reading itself must be its lean, the mean word's included
-    words_all, words = words, words @ free
     gram = words.T @ words
     scale = ridge * max(float(np.trace(gram)) / max(gram.shape[0], 1), 1e-300)
     coef = np.linalg.solve(gram + scale * np.eye(gram.shape[0]), words.T @ leanings)  # dim x classes
     # the classes' fitted leans share few directions (two classes: one); keep the strongest `rank`
     _, values, vt = np.linalg.svd(words @ coef, full_matrices=False)
     keep = min(rank, int((values > 1e-9 * max(values.max(initial=0.0), 1e-300)).sum()))
-    read = free @ coef @ vt[:keep].T  # dim x r
+    read = coef @ vt[:keep].T  # dim x r
     # the write is how the words move with their reading (about the mean, the slope of that relation)
-    x = words_all - words_all.mean(0)
+    x = words - words.mean(0)
     z = x @ read
     write = x.T @ z @ np.linalg.pinv(z.T @ z)  # dim x r
     return read, write

@@ -406,12 +406,12 @@ def test_symmetric_token_map_takes_the_directions_it_learns_out_of_every_token(p
 
 
 def test_regression_start_moves_the_words_and_leaves_the_negative_prompt_as_it_was(pipe):
-    """The regressed start reads the training words and not the empty prompt's tokens: the negative prompt, which
-    classifier-free guidance steers away from, is unchanged, while the prompts' own words move."""
+    """The regressed start on the positive span reads the training words and not the empty prompt's tokens: the
+    negative prompt, which classifier-free guidance steers away from, is unchanged, while the prompts' words move."""
     lean = np.array([[-0.4, 0.4], [0.45, -0.45], [-0.3, 0.3]])
     prompts = [DOCTOR, NURSE, "a photo of the face of a pilot, a person"]
     trainable = make_trainable(pipe, "text_encoder", 1, 5, 0, 0.1, "token_map", prompts=prompts, leanings=lean,
-                               token_map_init="regression")  # fmt: skip
+                               token_map_init="regression", token_map_read="positive")  # fmt: skip
     try:
         ids = pipe.tokenizer(prompts + [""], padding="max_length", truncation=True, return_tensors="pt").input_ids
         table = pipe.text_encoder.get_input_embeddings().weight.detach()
