@@ -51,6 +51,7 @@ TOKEN_MAP_READS = ("span", "varying", "positive")
 TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
 LR_SCHEDULES = ("constant", "cosine")
 TOKEN_MAP_INITS = ("random", "measured", "regression")
+TOKEN_MAP_KEEPS = ("none", "specials", "shared")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class DFTConfig:
     # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out; "centred":
     # e -> e - U (U^T e - c), which moves them to learnt values (TokenMapTrainable)
     token_map_form: str = "free"
+    # tokens the map leaves as they are (trainable.kept_token_ids): "none"; "specials" (BOS, EOS, padding: the
+    # empty negative prompt is only these); "shared" (those and the template's words every training prompt has)
+    token_map_keep: str = "none"
     # "measured": the map starts at the rule the base model's own images of the training prompts suggest
     # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
     token_map_init: str = "random"
@@ -120,7 +124,7 @@ class DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
                    "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS,
                    "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES,
-                   "token_map_init": TOKEN_MAP_INITS}  # fmt: skip
+                   "token_map_init": TOKEN_MAP_INITS, "token_map_keep": TOKEN_MAP_KEEPS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration")
         if cfg.iterations < 0 or (cfg.iterations == 0 and cfg.token_map_init == "random"):
@@ -145,7 +149,8 @@ class DFTConfig:
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
-        for key, default in (("token_map_read", "span"), ("token_map_form", "free"), ("token_map_init", "random")):
+        for key, default in (("token_map_read", "span"), ("token_map_form", "free"), ("token_map_init", "random"),
+                             ("token_map_keep", "none")):
             if getattr(cfg, key) != default and cfg.text_encoder_modules != "token_map":
                 raise ValueError(f"hyperparameters.{key}: only for text_encoder_modules token_map")
         if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
@@ -355,7 +360,8 @@ def train_dft(
     leanings = measured_leanings(pipe, classifier, list(job.prompts), shares, cfg) if measure else None
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
                                cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
-                               cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale)  # fmt: skip
+                               cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale,
+                               cfg.token_map_keep)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip

@@ -207,9 +207,11 @@ class TokenMapTrainable(Trainable):
         leanings: np.ndarray | None = None,
         init: str = "measured",
         regression_scale: float = 1.0,
+        keep: str = "none",
     ) -> None:
         self.pipe = pipe
         embedding = pipe.text_encoder.get_input_embeddings()
+        self.kept_ids = kept_token_ids(pipe, prompts, keep).to(embedding.weight.device)
         dim = embedding.weight.shape[1]
         self.basis = prompt_span(pipe, prompts, read == "varying", read == "positive")  # P: dim x k
         self.form = form
@@ -277,6 +279,8 @@ class TokenMapTrainable(Trainable):
         read = output @ self.read_matrix().to(output.dtype).T
         if self.centre is not None:
             read = read - self.centre.to(output.dtype)
+        if self.kept_ids.numel():
+            read = read * ~torch.isin(args[0], self.kept_ids)[..., None]
         return output + read @ self.write_matrix().to(output.dtype).T
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -312,7 +316,9 @@ class TokenMapTrainable(Trainable):
                         continue
                     if "lora_embedding_A" in name:
                         read = self.read_matrix() @ table.T
-                        p.copy_((read if self.centre is None else read - self.centre[:, None]).to(p.dtype))
+                        read = read if self.centre is None else read - self.centre[:, None]
+                        read[:, self.kept_ids] = 0.0  # the tokens the map leaves as they are
+                        p.copy_(read.to(p.dtype))
                     elif "lora_embedding_B" in name:
                         p.copy_(self.write_matrix().to(p.dtype))
                     else:
@@ -362,6 +368,23 @@ def prompt_span(pipe, prompts: list[str], varying_only: bool = False, positive_o
     fixed = _orthonormal_basis(table[sorted(shared)].double(), tolerance=1e-9)  # all of it, or some would be read
     rows = table[varying].double()
     return _orthonormal_basis(rows - (rows @ fixed) @ fixed.T).to(table.dtype)
+
+
+def kept_token_ids(pipe, prompts: list[str], keep: str) -> torch.Tensor:
+    """The token ids a token map leaves exactly as they are, whatever it reads from them.
+
+    "specials": the sequence markers (BOS, and EOS, which the testbed's tokenizer also pads with). The empty
+    negative prompt is nothing else, so the map leaves the unconditional branch alone; `token_map_read:
+    positive` did that by reading nothing those tokens span, which also took the words' gender direction
+    partly out of what the map could read. "shared": also every token all training prompts share (the
+    template's words), so the map moves the varying words alone, as the exact rule does (it moves the
+    occupation words' rows and nothing else). "none": every token."""
+    if keep == "none":
+        return torch.zeros(0, dtype=torch.long)
+    specials = set(pipe.tokenizer.all_special_ids)
+    if keep == "shared":
+        specials |= _prompt_tokens(pipe, prompts)[1]
+    return torch.tensor(sorted(specials), dtype=torch.long)
 
 
 def _prompt_tokens(pipe, prompts: list[str]) -> tuple[torch.Tensor, set[int]]:
@@ -449,6 +472,7 @@ def make_trainable(
     leanings: np.ndarray | None = None,
     token_map_init: str = "measured",
     regression_scale: float = 1.0,
+    token_map_keep: str = "none",
 ) -> Trainable:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -460,5 +484,5 @@ def make_trainable(
         if not prompts:
             raise ValueError("prompts: the token map needs the training prompts to find the span it reads")
         return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read, token_map_form, leanings,
-                                 token_map_init, regression_scale)  # fmt: skip
+                                 token_map_init, regression_scale, token_map_keep)  # fmt: skip
     return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

@@ -66,7 +66,8 @@ def test_registered():
       "token_map_init"),
      ({"iterations": 0}, "iterations"), ({"text_encoder_modules": "token_map", "measure_images": -1}, "measure_images"),
      ({"text_encoder_modules": "token_map", "token_map_init": "measured", "regression_scale": 1.25}, "regression_scale"),
-     ({"token_map_read": "positive"}, "token_map_read"),
+     ({"token_map_read": "positive"}, "token_map_read"), ({"token_map_keep": "specials"}, "token_map_keep"),
+     ({"text_encoder_modules": "token_map", "token_map_keep": "bos"}, "token_map_keep"),
      ({"text_encoder_modules": "token_map", "token_map_form": "tied"}, "token_map_form")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
@@ -280,9 +281,10 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
 
 
-@pytest.mark.parametrize("form, init", [("free", "random"), ("symmetric", "random"), ("centred", "measured")])
+@pytest.mark.parametrize("form, init, keep", [("free", "random", "none"), ("symmetric", "random", "none"),
+                                              ("centred", "measured", "none"), ("free", "random", "specials")])
 def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(
-    pipe, classifier, tmp_path, form, init
+    pipe, classifier, tmp_path, form, init, keep
 ):
     """The token map trained on the doctor and nurse prompts also changes the encoding of a word neither
     has (a per-word embedding LoRA could not: the word's row gets no gradient), and the published LoRA
@@ -292,7 +294,8 @@ def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diff
     before = generate(pipe, spec)
     with torch.no_grad():
         base_encoding = pipe.encode_prompt([held_out], pipe.device, 1, False)[0]
-    job = _job(text_encoder_modules="token_map", token_map_form=form, token_map_init=init, rank=2, iterations=2, lr=0.05)
+    job = _job(text_encoder_modules="token_map", token_map_form=form, token_map_init=init, token_map_keep=keep, rank=2,
+               iterations=2, lr=0.05)  # fmt: skip
     _run(job, pipe, classifier, tmp_path)
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # training left no hook behind
     adaptor = load_adaptor(tmp_path / "out")
@@ -306,6 +309,8 @@ def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diff
     word = pipe.tokenizer.get_vocab()["senator</w>"]
     change = (b @ a[:, word]).norm() / table[word].norm()
     assert change > 1e-3, change  # the held-out word moves
+    specials = pipe.tokenizer.all_special_ids
+    assert (a[:, specials].abs().max() == 0) == (keep == "specials")  # kept tokens are published unmoved
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     with torch.no_grad():
@@ -377,6 +382,31 @@ def test_token_map_reading_the_positive_span_leaves_the_negative_prompt_alone_an
         assert torch.allclose(mapped[1], table[ids[1]], atol=1e-5)  # the empty prompt, whole
         photo = table[pipe.tokenizer.get_vocab()["photo</w>"]]  # a template word, which `varying` would not read
         assert (trainable.read_matrix() @ photo).abs().max() > 1e-2 * photo.norm()
+    finally:
+        trainable.remove()
+
+
+@pytest.mark.parametrize("keep", ["specials", "shared"])
+def test_a_token_map_that_keeps_tokens_moves_neither_them_nor_the_empty_prompt_whatever_it_reads(pipe, keep):
+    """Kept tokens are masked where the map writes, not taken out of what it reads: the read still has the
+    words' whole span (unlike `token_map_read: positive`), and BOS, EOS and padding, hence the empty negative
+    prompt, come out as they went in. "shared" also keeps the template's words, so only the occupation moves."""
+    trainable = make_trainable(pipe, "text_encoder", 2, 5, 0, 0.1, "token_map", prompts=[DOCTOR, NURSE], token_map_keep=keep)
+    try:
+        with torch.no_grad():
+            trainable.read.normal_()
+        table = pipe.text_encoder.get_input_embeddings().weight.detach()
+        assert torch.equal(trainable.basis, prompt_span(pipe, [DOCTOR, NURSE]))  # reads what `keep: none` reads
+        ids = pipe.tokenizer([DOCTOR, ""], padding="max_length", truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            moved = (pipe.text_encoder.get_input_embeddings()(ids) - table[ids]).norm(dim=-1)
+        assert (trainable.read_matrix() @ table[pipe.tokenizer.bos_token_id]).abs().max() > 1e-3  # BOS is read...
+        assert moved[1].max() == 0  # ...but the empty prompt is unchanged, every position
+        doctor = ids[0] == pipe.tokenizer.get_vocab()["doctor</w>"]
+        photo = ids[0] == pipe.tokenizer.get_vocab()["photo</w>"]
+        specials = torch.isin(ids[0], torch.tensor(pipe.tokenizer.all_special_ids))
+        assert moved[0][doctor].min() > 1e-3 and moved[0][specials].max() == 0
+        assert (moved[0][photo].min() > 1e-3) == (keep == "specials")  # the template moves unless kept
     finally:
         trainable.remove()
 
