@@ -149,8 +149,12 @@ class DFTConfig:
                 raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
         if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
             raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
-        for key, default in (("token_map_read", "span"), ("token_map_form", "free"), ("token_map_init", "random"),
-                             ("token_map_keep", "none")):
+        for key, default in (
+            ("token_map_read", "span"),
+            ("token_map_form", "free"),
+            ("token_map_init", "random"),
+            ("token_map_keep", "none"),
+        ):
             if getattr(cfg, key) != default and cfg.text_encoder_modules != "token_map":
                 raise ValueError(f"hyperparameters.{key}: only for text_encoder_modules token_map")
         if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:

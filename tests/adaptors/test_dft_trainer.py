@@ -281,8 +281,15 @@ def test_last_outputs_trains_only_the_last_layers_residual_writes_and_stock_diff
     assert not torch.allclose(generate(pipe, spec), before, atol=1e-4)
 
 
-@pytest.mark.parametrize("form, init, keep", [("free", "random", "none"), ("symmetric", "random", "none"),
-                                              ("centred", "measured", "none"), ("free", "random", "specials")])
+@pytest.mark.parametrize(
+    "form, init, keep",
+    [
+        ("free", "random", "none"),
+        ("symmetric", "random", "none"),
+        ("centred", "measured", "none"),
+        ("free", "random", "specials"),
+    ],
+)
 def test_token_map_is_one_map_for_every_word_published_as_a_lora_that_stock_diffusers_loads(
     pipe, classifier, tmp_path, form, init, keep
 ):
