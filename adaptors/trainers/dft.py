@@ -79,6 +79,11 @@ class DFTConfig:
     # multiplies the move `regression` starts the map at: its fit moves the held-out words by a similar share of the
     # rule each (~0.8 on the neutral-looks testbed), so a factor above 1 tests whether that shrinkage is the gap
     regression_scale: float = 1.0
+    # the guidance scale of those base images (0: guidance_scale). Guidance multiplies a prompt's log-odds, so
+    # at 5 a strongly stereotyped word's images are all one class and its lean saturates at what 32 images can
+    # show; at 1 (the conditional model alone) the log-odds are the data's, and a map that zeroes them zeroes
+    # them at every scale, the unconditional branch being the same for every prompt
+    measure_guidance_scale: float = 0.0
     rank: int = 8
     num_tokens: int = 5
     iterations: int = 100
@@ -134,6 +139,9 @@ class DFTConfig:
             raise ValueError("hyperparameters.regression_scale: only for token_map_init regression")
         if cfg.measure_images < 0:
             raise ValueError("hyperparameters.measure_images: must be >= 0")
+        if cfg.measure_guidance_scale != 0 and (cfg.measure_guidance_scale < 1 or cfg.token_map_init == "random"):
+            raise ValueError("hyperparameters.measure_guidance_scale: must be 0 or >= 1, and only for a measured "
+                             "or regression token_map_init")  # fmt: skip
         if cfg.token_map_init == "regression" and cfg.token_map_form != "free":
             raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
                              "it needs token_map_form free")  # fmt: skip
@@ -387,7 +395,7 @@ def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np
     n = cfg.measure_images or cfg.images_per_prompt
     for j, prompt in enumerate(prompts):
         spec = GenerationSpec(prompt=prompt, num_images=n, seed=cfg.seed + j, steps=cfg.steps,
-                              guidance_scale=cfg.guidance_scale)  # fmt: skip
+                              guidance_scale=cfg.measure_guidance_scale or cfg.guidance_scale)  # fmt: skip
         with torch.no_grad():
             images = classify(classifier, generate(pipe, spec, max_batch=64))
         row = []

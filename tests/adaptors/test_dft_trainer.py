@@ -66,7 +66,10 @@ def test_registered():
       "token_map_init"),
      ({"iterations": 0}, "iterations"), ({"text_encoder_modules": "token_map", "measure_images": -1}, "measure_images"),
      ({"text_encoder_modules": "token_map", "token_map_init": "measured", "regression_scale": 1.25}, "regression_scale"),
-     ({"token_map_read": "positive"}, "token_map_read"), ({"token_map_keep": "specials"}, "token_map_keep"),
+     ({"token_map_read": "positive"}, "token_map_read"),
+     ({"text_encoder_modules": "token_map", "measure_guidance_scale": 1.0}, "measure_guidance_scale"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "regression", "measure_guidance_scale": 0.5},
+      "measure_guidance_scale"), ({"token_map_keep": "specials"}, "token_map_keep"),
      ({"text_encoder_modules": "token_map", "token_map_keep": "bos"}, "token_map_keep"),
      ({"text_encoder_modules": "token_map", "token_map_form": "tied"}, "token_map_form")],
 )  # fmt: skip
@@ -484,6 +487,18 @@ def test_measured_leanings_are_each_prompts_share_minus_the_target(pipe, classif
     leanings = measured_leanings(pipe, classifier, [DOCTOR, NURSE], {"gender": np.array([0.5, 0.5])}, cfg)
     assert leanings.shape == (2, 2) and np.allclose(leanings.sum(1), 0)  # female and male shares, each minus 0.5
     assert leanings[0, 0] < 0 < leanings[1, 0]  # the testbed's doctors come out male, its nurses female
+
+
+def test_leans_measured_without_guidance_are_the_same_sign_and_less_saturated(pipe, classifier):
+    """Guidance multiplies a prompt's log-odds: at 5 the testbed's doctors are all men and the lean sits at what
+    the image count can show; the conditional model alone (scale 1) still leans the same way, by less."""
+    hp = {"text_encoder_modules": "token_map", "token_map_init": "regression", "steps": 6, "measure_images": 32}
+    shares = {"gender": np.array([0.5, 0.5])}
+    guided = measured_leanings(pipe, classifier, [DOCTOR, NURSE], shares, DFTConfig.from_hyperparameters(hp))
+    plain = measured_leanings(pipe, classifier, [DOCTOR, NURSE], shares,
+                              DFTConfig.from_hyperparameters({**hp, "measure_guidance_scale": 1.0}))  # fmt: skip
+    assert np.all(np.sign(plain[:, 0]) == np.sign(guided[:, 0])) and guided[0, 0] < 0 < guided[1, 0]
+    assert np.all(np.abs(plain[:, 0]) < np.abs(guided[:, 0]) - 0.3), (plain, guided)
 
 
 def test_measured_directions_find_the_axis_the_words_vary_along_with_their_lean():
