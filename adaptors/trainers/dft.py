@@ -18,8 +18,10 @@ own method (the same trainer with `train="prefix"`).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -368,8 +370,9 @@ def train_dft(
     target = {a: dict(d) for a, d in job.fairness_target.items()}
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
-    measure = cfg.token_map_init != "random"
-    leanings = measured_leanings(pipe, classifier, list(job.prompts), shares, cfg) if measure else None
+    leanings = None
+    if cfg.token_map_init != "random":
+        leanings = stored_leanings(checkpoint_dir, pipe, classifier, list(job.prompts), shares, cfg, progress, should_stop)
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
                                cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
                                cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale,
@@ -381,7 +384,48 @@ def train_dft(
         trainable.remove()
 
 
-def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np.ndarray], cfg: DFTConfig) -> np.ndarray:
+LEANINGS_FILE = "measured_leanings.json"
+
+
+def stored_leanings(
+    folder: Path,
+    pipe,
+    classifier,
+    prompts: list[str],
+    shares: dict[str, np.ndarray],
+    cfg: DFTConfig,
+    progress: ProgressFn,
+    should_stop: StopFn,
+) -> np.ndarray:
+    """`measured_leanings`, kept beside the checkpoint: a resumed job reads them back instead of generating its
+    base images again (on real SD, prompts x `measure_images` images: the longest part of a short job).
+
+    The file records what the measurement depends on, so one made with other settings is measured anew."""
+    key = {"prompts": prompts, "shares": {a: v.tolist() for a, v in shares.items()}, "seed": cfg.seed,
+           "images": cfg.measure_images or cfg.images_per_prompt, "steps": cfg.steps, "init": cfg.token_map_init,
+           "guidance_scale": cfg.measure_guidance_scale or cfg.guidance_scale}  # fmt: skip
+    path = folder / LEANINGS_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return np.asarray(saved["leanings"], dtype=np.float64)
+    leanings = measured_leanings(pipe, classifier, prompts, shares, cfg, progress, should_stop)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps({"key": key, "leanings": leanings.tolist()}))
+    os.replace(staging, path)
+    return leanings
+
+
+def measured_leanings(
+    pipe,
+    classifier,
+    prompts: list[str],
+    shares: dict[str, np.ndarray],
+    cfg: DFTConfig,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> np.ndarray:
     """prompts x classes: how far each training prompt's base images (`measure_images` at the training steps)
     lean from the target, per targeted class. A prompt with no person found counts as on target, so it pulls
     the measured rule nowhere.
@@ -394,6 +438,8 @@ def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np
     rows = []
     n = cfg.measure_images or cfg.images_per_prompt
     for j, prompt in enumerate(prompts):
+        if should_stop is not None and should_stop():
+            raise GenerationCancelled(f"training stopped while measuring the base model's images ({j}/{len(prompts)})")
         spec = GenerationSpec(prompt=prompt, num_images=n, seed=cfg.seed + j, steps=cfg.steps,
                               guidance_scale=cfg.measure_guidance_scale or cfg.guidance_scale)  # fmt: skip
         with torch.no_grad():
@@ -412,6 +458,8 @@ def measured_leanings(pipe, classifier, prompts: list[str], shares: dict[str, np
             else:
                 row.append(got - want)
         rows.append(np.concatenate(row))
+        if progress is not None:  # the first minutes of a measured job, before any iteration
+            progress({"phase": "measuring base images", "step": j + 1, "total": len(prompts), "prompt": prompt})
     return np.stack(rows)
 
 

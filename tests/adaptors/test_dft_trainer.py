@@ -20,7 +20,7 @@ from adaptors.prefix import PrefixAdaptor
 from adaptors.store import AdaptorStore
 from adaptors.trainers import TRAINERS, get_trainer
 from adaptors.trainers.alignment import alignment_targets
-from adaptors.trainers.dft import DFTConfig, DFTLosses, attribute_region, learning_rate, measured_leanings
+from adaptors.trainers.dft import LEANINGS_FILE, DFTConfig, DFTLosses, attribute_region, learning_rate, measured_leanings
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
 from adaptors.trainers.trainable import make_trainable, measured_directions, prompt_span, regressed_map
@@ -246,6 +246,33 @@ def test_stop_then_resume_equals_an_uninterrupted_run(pipe, classifier, tmp_path
     assert whole[1]["loss"] == pytest.approx(resumed[0]["loss"], abs=1e-4)
     straight = load_adaptor(tmp_path / "straight").tensors
     assert all(torch.allclose(straight[k], adaptor.tensors[k], atol=1e-5) for k in straight)
+
+
+def test_a_measured_start_reports_its_measuring_and_a_resumed_job_reads_it_back(pipe, classifier, tmp_path: Path):
+    """The base images a measured start reads are the first work of such a job: each prompt's batch is a progress
+    point, a cancel stops between them, and the leans are kept beside the checkpoint, so a job resumed after a
+    crash neither generates them again nor starts from other ones."""
+    job = _job(text_encoder_modules="token_map", token_map_init="regression", rank=1, measure_images=2)
+    ckpt = tmp_path / "out.ckpt"
+    seen: list[dict] = []
+    with pytest.raises(GenerationCancelled, match="measuring"):
+        _run(job, pipe, classifier, tmp_path, stop=lambda: len(seen) >= 1, seen=seen)
+    assert [(p["phase"], p["step"], p["total"]) for p in seen] == [("measuring base images", 1, 2)]
+    assert not (ckpt / LEANINGS_FILE).exists()  # half a measurement is not kept
+
+    first: list[dict] = []
+    with pytest.raises(GenerationCancelled):
+        _run(job, pipe, classifier, tmp_path, stop=lambda: any("iteration" in p for p in first), seen=first)
+    assert [p["step"] for p in first if p.get("phase")] == [1, 2] and [p["iteration"] for p in first if "iteration" in p] == [1]
+    stored = json.loads((ckpt / LEANINGS_FILE).read_text())["leanings"]
+
+    resumed: list[dict] = []
+    _run(job, pipe, classifier, tmp_path, seen=resumed)
+    assert not any(p.get("phase") for p in resumed) and [p["iteration"] for p in resumed] == [2]
+    assert json.loads((ckpt / LEANINGS_FILE).read_text())["leanings"] == stored
+    _run(_job(text_encoder_modules="token_map", token_map_init="regression", rank=1, measure_images=2, seed=1), pipe,
+         classifier, tmp_path, seen=(other := []))  # fmt: skip
+    assert [p["step"] for p in other if p.get("phase")] == [1, 2]  # other settings: measured anew
 
 
 def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lora(pipe, classifier, tmp_path: Path):
