@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,144 +38,15 @@ from adaptors.generation import GenerationCancelled, GenerationSpec, default_siz
 from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
-from adaptors.trainers.hparams import parse_hyperparameters, require_positive, require_unit_interval
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, token_lengths, varying_positions
 from adaptors.trainers.sampling import sample
-from adaptors.trainers.trainable import TEXT_ENCODER_MODULES, TRAIN_CHOICES, UNET_MODULES, Trainable, make_trainable
+from adaptors.trainers.trainable import Trainable, make_trainable
 from common import bias as metrics
 from common.adaptor_manifest import AdaptorManifest
+from common.finetune_config import DFTConfig
 from common.schemas import FinetuneJob
 
 logger = logging.getLogger(__name__)
-
-PRESERVE_REGIONS = ("flipped", "all")
-TOKEN_MAP_READS = ("span", "varying", "positive")
-TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
-LR_SCHEDULES = ("constant", "cosine")
-TOKEN_MAP_INITS = ("random", "measured", "regression")
-TOKEN_MAP_KEEPS = ("none", "specials", "shared")
-
-
-@dataclass
-class DFTConfig:
-    """Hyperparameters (a job's `hyperparameters` override any of them); defaults suit the testbed on a CPU."""
-
-    train: str = "text_encoder"
-    text_encoder_modules: str = "attention_mlp"  # Shen et al. also adapt the MLPs; "attention" only
-    unet_modules: str = "attention"  # every attention projection (Shen et al.); "cross_attention_kv" only
-    # what the token map reads: "span" of the training prompts' tokens, or only the "varying" words, orthogonal
-    # to the tokens every prompt shares (the template), which it then leaves as they are, or the "positive" span:
-    # orthogonal to the empty negative prompt's tokens only, which it leaves as they are (trainable.prompt_span)
-    token_map_read: str = "span"
-    # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out; "centred":
-    # e -> e - U (U^T e - c), which moves them to learnt values (TokenMapTrainable)
-    token_map_form: str = "free"
-    # tokens the map leaves as they are (trainable.kept_token_ids): "none"; "specials" (BOS, EOS, padding: the
-    # empty negative prompt is only these); "shared" (those and the template's words every training prompt has)
-    token_map_keep: str = "none"
-    # "measured": the map starts at the rule the base model's own images of the training prompts suggest
-    # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
-    token_map_init: str = "random"
-    # base images per training prompt that `measured` and `regression` read the leans from (0: images_per_prompt)
-    measure_images: int = 0
-    # multiplies the move `regression` starts the map at: its fit moves the held-out words by a similar share of the
-    # rule each (~0.8 on the neutral-looks testbed), so a factor above 1 tests whether that shrinkage is the gap
-    regression_scale: float = 1.0
-    # the guidance scale of those base images (0: guidance_scale). Guidance multiplies a prompt's log-odds, so
-    # at 5 a strongly stereotyped word's images are all one class and its lean saturates at what 32 images can
-    # show; at 1 (the conditional model alone) the log-odds are the data's, and a map that zeroes them zeroes
-    # them at every scale, the unconditional branch being the same for every prompt
-    measure_guidance_scale: float = 0.0
-    rank: int = 8
-    num_tokens: int = 5
-    iterations: int = 100
-    steps: int = 10
-    steps_jitter: int = 0
-    guidance_scale: float = 5.0
-    images_per_prompt: int = 8
-    prompts_per_iteration: int = 3
-    lr: float = 0.0  # 0: 1e-2 for LoRA, 2e-2 for prefix tokens
-    # "cosine": the rate falls from lr to zero over the iterations, so the last steps, which the EMA publishes,
-    # are small ones: each iteration's batch is a few images per prompt and a constant rate keeps jumping
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    adjusted: bool = True
-    confidence: float = 0.8
-    target_draws: int = 100
-    preserve_pixel_weight: float = 30.0
-    preserve_feature_weight: float = 1.0
-    flip_weight: float = 0.0
-    region_share: float = 0.3  # 0: no region-aware preservation
-    # where the pixel term spares the attribute's region: on the images meant to flip ("flipped"), or
-    # on every image ("all"), so that moving the attribute of the prompt as a whole costs no pixels
-    preserve_region: str = "flipped"
-    person_weight: float = 0.1
-    distribution_weight: float = 0.0
-    prompt_mixing: float = 0.0  # share of prompts replaced by a mixture with another training prompt (LoRA only)
-    prompt_noise: float = 0.0  # Gaussian noise on the varying tokens, in units of the embedding table's std
-    # > 1 softens the cross-entropy of a saturated classifier (Shen et al.: 1). On the testbed, whose
-    # classifier puts ~0.999 on its class, T=1 made each flipped image cost 5-8 nats and training
-    # oscillated; T=8 with a larger step kept every held-out occupation (fairness_dft benchmark).
-    ce_temperature: float = 8.0
-    ema_decay: float = 0.9
-    max_grad_norm: float = 0.0
-    checkpoint_every: int = 10
-    seed: int = 0
-    eval_images: int = 16
-    eval_steps: int = 20
-    eval_seed: int = 10_000
-    init_scale: float = 0.1
-
-    @classmethod
-    def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
-        choices = {"train": TRAIN_CHOICES, "text_encoder_modules": tuple(TEXT_ENCODER_MODULES),
-                   "unet_modules": tuple(UNET_MODULES), "preserve_region": PRESERVE_REGIONS,
-                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES,
-                   "token_map_init": TOKEN_MAP_INITS, "token_map_keep": TOKEN_MAP_KEEPS}  # fmt: skip
-        cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
-        require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration")
-        if cfg.iterations < 0 or (cfg.iterations == 0 and cfg.token_map_init == "random"):
-            # a measured start is an adaptor in itself; a random one with no training is none
-            raise ValueError("hyperparameters.iterations: must be > 0 (0 only publishes a measured token map's start)")
-        if cfg.regression_scale != 1.0 and cfg.token_map_init != "regression":
-            raise ValueError("hyperparameters.regression_scale: only for token_map_init regression")
-        if cfg.measure_images < 0:
-            raise ValueError("hyperparameters.measure_images: must be >= 0")
-        if cfg.measure_guidance_scale != 0 and (cfg.measure_guidance_scale < 1 or cfg.token_map_init == "random"):
-            raise ValueError("hyperparameters.measure_guidance_scale: must be 0 or >= 1, and only for a measured "
-                             "or regression token_map_init")  # fmt: skip
-        if cfg.token_map_init == "regression" and cfg.token_map_form != "free":
-            raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
-                             "it needs token_map_form free")  # fmt: skip
-        require_positive(cfg, "checkpoint_every")
-        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
-        if cfg.steps_jitter >= cfg.steps:
-            raise ValueError("hyperparameters.steps_jitter: must be smaller than steps")
-        require_unit_interval(cfg, "prompt_mixing")
-        if cfg.prompt_noise < 0:
-            raise ValueError("hyperparameters.prompt_noise: must be >= 0")
-        for key in ("prompt_mixing", "prompt_noise"):
-            if getattr(cfg, key) > 0 and cfg.train == "prefix":
-                raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
-        if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
-            raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
-        for key, default in (
-            ("token_map_read", "span"),
-            ("token_map_form", "free"),
-            ("token_map_init", "random"),
-            ("token_map_keep", "none"),
-        ):
-            if getattr(cfg, key) != default and cfg.text_encoder_modules != "token_map":
-                raise ValueError(f"hyperparameters.{key}: only for text_encoder_modules token_map")
-        if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
-            # the noise stands in for unseen words, but it is added after the map has read the table, so the map
-            # would never see it: a run with it would only look regularised
-            raise ValueError("hyperparameters.prompt_noise: is added after the token map and never reaches it; not for token_map")
-        if cfg.ce_temperature <= 0:
-            raise ValueError("hyperparameters.ce_temperature: must be > 0")
-        if cfg.lr <= 0:
-            cfg.lr = 2e-2 if cfg.train == "prefix" else 1e-2
-        return cfg
 
 
 def _shares(job: FinetuneJob, classifier: AttributeClassifier) -> dict[str, np.ndarray]:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,39 +28,13 @@ from adaptors.classifiers import AttributeClassifier
 from adaptors.generation import GenerationCancelled, GenerationSpec
 from adaptors.ida import IdaAdaptor, ida_directions
 from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
-from adaptors.trainers.hparams import parse_hyperparameters, require_positive
 from common import bias as metrics
 from common.adaptor_manifest import AdaptorManifest
+from common.finetune_config import IDAConfig
 from common.schemas import FinetuneJob
 
 logger = logging.getLogger(__name__)
 Weights = dict[str, dict[str, float]]
-
-
-@dataclass
-class IDAConfig:
-    solver: str = "ida"
-    images_per_iteration: int = 128
-    max_iterations: int = 8
-    kl_threshold: float = 0.005
-    step: float = 20.0
-    steps: int = 20
-    guidance_scale: float = 5.0
-    warmup_steps: int = 0
-    pg_samples: int = 8
-    pg_sigma: float = 4.0
-    seed: int = 0
-    eval_images: int = 64
-    eval_seed: int = 50_000
-    max_batch: int = 64
-
-    @classmethod
-    def from_hyperparameters(cls, hp: dict[str, Any]) -> IDAConfig:
-        cfg = parse_hyperparameters(cls, hp, "ida", {"solver": ("ida", "policy_gradient")})
-        require_positive(cfg, "images_per_iteration", "max_iterations", "steps", "pg_samples", "eval_images", "max_batch")
-        if cfg.step <= 0 or cfg.pg_sigma <= 0:
-            raise ValueError("hyperparameters.step and pg_sigma: must be > 0")
-        return cfg
 
 
 def kl_to_target(report, target: dict[str, dict[str, float]]) -> float:

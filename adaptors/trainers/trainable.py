@@ -46,7 +46,6 @@ UNET_MODULES: dict[str, list[str] | str] = {
     # that every occupation shares, so an edit can be one rule for words whose embeddings share no axis
     "cross_attention_out": r".*attn2\.(to_v|to_out\.0)",
 }
-TRAIN_CHOICES = ("text_encoder", "unet", "both", "prefix")
 
 
 class Trainable:

@@ -23,7 +23,15 @@ from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.dft import LEANINGS_FILE, DFTConfig, DFTLosses, attribute_region, learning_rate, measured_leanings
 from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, varying_positions
 from adaptors.trainers.sampling import sample, step_scales
-from adaptors.trainers.trainable import make_trainable, measured_directions, prompt_span, regressed_map
+from adaptors.trainers.trainable import (
+    TEXT_ENCODER_MODULES,
+    UNET_MODULES,
+    make_trainable,
+    measured_directions,
+    prompt_span,
+    regressed_map,
+)
+from common.finetune_config import TEXT_ENCODER_MODULE_CHOICES, UNET_MODULE_CHOICES
 from common.schemas import FinetuneJob
 
 DOCTOR = "a photo of the face of a doctor, a person"
@@ -41,6 +49,10 @@ def _job(method: str = "dft", target: dict | None = None, prompts: list[str] | N
 def _run(job, pipe, classifier, tmp_path: Path, name: str = "out", stop=lambda: False, seen=None):
     return get_trainer(job.method)(job, pipe, classifier, tmp_path / name, tmp_path / f"{name}.ckpt",
                                    (seen if seen is not None else []).append, stop)  # fmt: skip
+
+
+def test_the_torch_free_config_accepts_exactly_the_module_names_the_trainable_maps():
+    assert tuple(TEXT_ENCODER_MODULES) == TEXT_ENCODER_MODULE_CHOICES and tuple(UNET_MODULES) == UNET_MODULE_CHOICES
 
 
 def test_registered():

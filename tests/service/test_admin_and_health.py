@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 
@@ -102,6 +103,21 @@ def test_finetune_bad_held_out_prompts(client: TestClient, admin: dict[str, str]
 def test_finetune_unknown_method(client: TestClient, admin: dict[str, str]) -> None:
     assert_error(finetune(client, admin, method="dreambooth", prompt_set="testbed-train"), 422, "method",
                  "unknown_method")  # fmt: skip
+
+
+@pytest.mark.parametrize("method, hp, param", [
+    ("dft", {"learning_rate": 0.01}, "hyperparameters"),  # unknown: the message lists the known ones
+    ("dft", {"lr": "fast"}, "hyperparameters.lr"),
+    ("dft", {"token_map_keep": "specials"}, "hyperparameters.token_map_keep"),  # only for the token map
+    ("prefix", {"train": "unet"}, "hyperparameters.train"),
+    ("ida", {"step": -1}, "hyperparameters.step"),
+])  # fmt: skip
+def test_finetune_bad_hyperparameters_are_refused_before_any_job_is_queued(
+    client: TestClient, admin: dict[str, str], store: JobStore, method: str, hp: dict, param: str
+) -> None:
+    resp = finetune(client, admin, method=method, prompt_set="testbed-train", hyperparameters=hp)
+    assert_error(resp, 422, param, "invalid_hyperparameters")
+    assert client.get("/v1/admin/finetunes", headers=admin).json()["data"] == []
 
 
 def test_finetune_unknown_prompt_set(client: TestClient, admin: dict[str, str]) -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from common import adaptor_manifest
 from common.celery_config import FINETUNE_TASK, TRAINING_QUEUE
+from common.finetune_config import check_hyperparameters
 from common.jobs import JobStore
 from common.schemas import FieldError, FinetuneJob, JobKind, JobState, validate_target
 from common.settings import Settings
@@ -75,6 +76,10 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
             param="method",
             code="unknown_method",
         )
+    try:  # the method's own checks, torch-free: a bad hyperparameter is refused here, not minutes later on a worker
+        check_hyperparameters(body.method, dict(body.hyperparameters))
+    except ValueError as exc:
+        raise InvalidField(str(exc), param=str(exc).split(":", 1)[0], code="invalid_hyperparameters") from exc
     base_model = body.base_model or settings.base_model
     if base_model != settings.base_model and store.model_info(base_model) is None:
         raise InvalidField(
