@@ -54,7 +54,8 @@ class DFTConfig:
     # the guidance scale of those base images (0: guidance_scale). Guidance multiplies a prompt's log-odds, so
     # at 5 a strongly stereotyped word's images are all one class and its lean saturates at what 32 images can
     # show; at 1 (the conditional model alone) the log-odds are the data's, and a map that zeroes them zeroes
-    # them at every scale, the unconditional branch being the same for every prompt
+    # them at every scale, the unconditional branch being the same for every prompt (measured: 1 was worse on the
+    # neutral-looks testbed, its 32-image shares too noisy; docs/dft-findings.md)
     measure_guidance_scale: float = 0.0
     rank: int = 8
     num_tokens: int = 5
