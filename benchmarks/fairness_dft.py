@@ -110,8 +110,13 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
                       prompt_set=train_set, eval_prompts=prompt_set(HELD_OUT),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
     curve: list[dict] = []
+
+    def record(point: dict) -> None:  # the training iterations; a measured start's measuring points are not
+        if "iteration" in point:
+            curve.append(point)
+
     t0 = time.time()
-    get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / name, store / f"{name}.ckpt", curve.append, lambda: False)
+    get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / name, store / f"{name}.ckpt", record, lambda: False)
     seconds = time.time() - t0
     every = max(1, len(curve) // 30)
     return {
