@@ -109,16 +109,11 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
     job = FinetuneJob(method="dft", base_model=run.base, fairness_target=target, prompts=prompt_set(train_set),
                       prompt_set=train_set, eval_prompts=prompt_set(HELD_OUT),
                       hyperparameters={**BASE_HP, **hp}, name=name)  # fmt: skip
-    curve: list[dict] = []
-
-    def record(point: dict) -> None:  # the training iterations; a measured start's measuring points are not
-        if "iteration" in point:
-            curve.append(point)
-
+    points: list[dict] = []
     t0 = time.time()
-    get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / name, store / f"{name}.ckpt", record, lambda: False)
+    get_trainer("dft")(job, pipe, TestbedAttributeClassifier(), store / name, store / f"{name}.ckpt", points.append,
+                       lambda: False)  # fmt: skip
     seconds = time.time() - t0
-    every = max(1, len(curve) // 30)
     return {
         "seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -126,6 +121,18 @@ def train(name: str, store: Path, extra_hp: dict) -> dict:
         "prompt_set": train_set,
         "base_model": run.base,
         "base_weights": weights_fingerprint(resolve_model_path(run.base)),
+        **training_curve(points),
+    }
+
+
+def training_curve(points: list[dict]) -> dict:
+    """The loss curve (about 30 points), median gradient norm and skipped steps of a run's progress points.
+
+    Only the training iterations count: a measured start first reports its base images as progress points of
+    their own, with no loss."""
+    curve = [p for p in points if "iteration" in p]
+    every = max(1, len(curve) // 30)
+    return {
         "loss_curve": [{k: p[k] for k in ("iteration", "loss", "align", "preserve", "grad_norm")} for p in curve[::every]],
         "grad_norm_median": _median([p["grad_norm"] for p in curve if p["grad_norm"] is not None]),
         "skipped_steps": sum(1 for p in curve if p["skipped"]),
