@@ -25,7 +25,6 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from adaptors.trainers.sampling import sample
 from adaptors.trainers.trainable import Trainable, make_trainable
 from common import bias as metrics
 from common.adaptor_manifest import AdaptorManifest
-from common.finetune_config import DFTConfig
+from common.finetune_config import DFTConfig, check_hyperparameters
 from common.schemas import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -234,9 +233,9 @@ def train_dft(
     checkpoint_dir: Path,
     progress: ProgressFn,
     should_stop: StopFn,
-    defaults: dict[str, Any] | None = None,
 ) -> AdaptorManifest:
-    cfg = DFTConfig.from_hyperparameters(dict(job.hyperparameters), job.method, **(defaults or {}))
+    cfg = check_hyperparameters(job.method, dict(job.hyperparameters))  # `dft`, or `prefix` with its own rule
+    assert isinstance(cfg, DFTConfig)
     shares = _shares(job, classifier)
     target = {a: dict(d) for a, d in job.fairness_target.items()}
     eval_prompts = list(job.eval_prompts or job.prompts)
@@ -438,7 +437,5 @@ def dft(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_sto
 
 @register_trainer("prefix")
 def prefix(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop) -> AdaptorManifest:
-    """Soft prefix tokens only: `dft` with train='prefix' fixed."""
-    if job.hyperparameters.get("train", "prefix") != "prefix":
-        raise ValueError("hyperparameters.train: method 'prefix' trains prefix tokens only; use method 'dft'")
-    return train_dft(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop, {"train": "prefix"})
+    """Soft prefix tokens only: `dft` with train='prefix' fixed (common.finetune_config.check_hyperparameters)."""
+    return train_dft(job, pipe, classifier, staging_dir, checkpoint_dir, progress, should_stop)
