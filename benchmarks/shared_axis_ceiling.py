@@ -91,11 +91,14 @@ def measure(
     below_scale: float | None = None,
     train_images: int = TRAIN_IMAGES,
     words: tuple | None = None,
+    read: str = "exact",
 ) -> dict:
     """Apply the rule at this scale to the loaded pipeline's rows, read the images, put the rows back.
 
     `below_scale`: the scale for words whose coordinate lies below the goal (for gender, the
-    male-leaning ones), when the two sides need different pushes; None: `scale` for both."""
+    male-leaning ones), when the two sides need different pushes; None: `scale` for both.
+    `read`: "exact" moves each word by its own coordinate; "regressed" by the coordinate the regression
+    start's fit reads from its row (`regressed_gender_move`)."""
     import torch
 
     from testbed.world import TRAIN_OCCUPATIONS
@@ -109,8 +112,13 @@ def measure(
         move[:, COLUMNS[attr]] = np.where(gap > 0, scale if below_scale is None else below_scale, scale) * gap
     rows = pipe.text_encoder.get_input_embeddings().weight
     saved = rows[ids].detach().clone()
+    shift = move @ axes
+    if read == "regressed":
+        if rule != "gender" or below_scale is not None:
+            raise ValueError("--read regressed: the gender rule at one scale only")
+        shift = scale * regressed_gender_move(pipe, saved.double().numpy(), words)
     with torch.no_grad():
-        rows[ids] += torch.from_numpy(move @ axes).to(rows.dtype)
+        rows[ids] += torch.from_numpy(shift).to(rows.dtype)
     try:
         held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
         train = oracle_summary(held_out_images(pipe, None, train_images, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
@@ -120,6 +128,7 @@ def measure(
 
     result = {
         "rule": rule,
+        "read": read,
         "scale": scale,
         **({"below_goal_scale": below_scale} if below_scale is not None else {}),
         "held_out_bias": {a: _mean(held, "bias", a) for a in attrs},
@@ -183,6 +192,24 @@ def two_sided_fit(measured: dict[float, dict]) -> dict:
     }
 
 
+def regressed_gender_move(pipe, rows: np.ndarray, words: tuple | None) -> np.ndarray:
+    """The move (rows x dim) of the token map's regression start (token_map_init regression, rank 1, the wide set)
+    fitted to the training words' true gender coordinates instead of leans measured from images: the best that
+    start can do with perfect leans. Only the occupation words move, as with token_map_keep shared."""
+    import re
+
+    from adaptors.trainers.trainable import prompt_span, regressed_map, varying_word_embeddings
+    from testbed.shared_axis import SHARED_OCCUPATIONS, stereotype_coordinates
+    from testbed.world import prompt_set
+
+    prompts = list(prompt_set("testbed-train-wide"))
+    table = {o.name: stereotype_coordinates(o)[0] for o in (SHARED_OCCUPATIONS if words is None else words)}
+    coordinate = np.array([next(c for name, c in table.items() if re.search(rf"\b{name}\b", p)) for p in prompts])
+    basis = prompt_span(pipe, prompts).double().numpy()
+    read, write = regressed_map(varying_word_embeddings(pipe, prompts) @ basis, np.stack([coordinate, -coordinate], 1), 1)
+    return -np.outer(rows @ (basis @ read[:, 0]), basis @ write[:, 0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rule", choices=sorted(RULES), default="gender")
@@ -190,6 +217,9 @@ def main() -> None:
     parser.add_argument("--below-scale", type=float, help="a different scale for words below the goal (male-leaning)")
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES, help="images per training occupation (one seed)")
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
+    parser.add_argument("--read", choices=("exact", "regressed"), default="exact",
+                        help="regressed: each word's coordinate as the regression start reads it from its row, "
+                             "fitted to the training words' true shares (keys regressed_scale_*)")  # fmt: skip
     parser.add_argument(
         "--model",
         choices=sorted(MODELS),
@@ -209,10 +239,12 @@ def main() -> None:
     prefix = ("" if args.model == "shared-axes" else "neutral_looks_") + ("" if args.rule == "gender" else f"{args.rule}_")
     measured: dict[float, dict] = {}
     below = "" if args.below_scale is None else f"_below_{args.below_scale:g}"
+    read = "" if args.read == "exact" else f"{args.read}_"
     for scale in args.scales:
-        measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images, words)
-        result[f"{prefix}scale_{scale:g}{below}"] = {**measured[scale], "base_weights": fingerprint}
-    if args.rule == "gender" and args.below_scale is None and len(measured) > 1:
+        measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images,
+                                  words, args.read)  # fmt: skip
+        result[f"{prefix}{read}scale_{scale:g}{below}"] = {**measured[scale], "base_weights": fingerprint}
+    if args.rule == "gender" and args.below_scale is None and args.read == "exact" and len(measured) > 1:
         result[f"{prefix}gender_two_sided_fit"] = {**two_sided_fit(measured), "base_weights": fingerprint}
     publish("shared_axis_ceiling", result, merge=True)
 

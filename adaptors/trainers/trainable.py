@@ -254,11 +254,18 @@ class TokenMapTrainable(Trainable):
                              "it needs token_map_form free")  # fmt: skip
         words = varying_word_embeddings(self.pipe, prompts) @ self.basis.double().cpu().numpy()  # prompts x k
         read, write = regressed_map(words, leanings, rank)
+        write = -scale * write
+        # the same map with both factors of equal length per direction. As fitted, the read is ~500 times the
+        # write (the leans are log-odds of order 1, the words' rows of order 0.1), and Adam moves every entry
+        # by about the rate whatever its size: at lr 3e-3 each step changed the write by ~60% of its entries
+        # and the read by ~0.1%, so training scrambled the start's write instead of refining the map
+        balance = np.sqrt(np.linalg.norm(write, axis=0) / np.maximum(np.linalg.norm(read, axis=0), 1e-300))
+        read, write = read * balance, write / np.maximum(balance, 1e-300)
         with torch.no_grad():
             self.read.zero_()
             self.write.zero_()
             self.read[: read.shape[1]] = torch.as_tensor(read.T, dtype=self.read.dtype)
-            self.write[:, : write.shape[1]] = -scale * (self.basis @ torch.as_tensor(write, dtype=self.basis.dtype))
+            self.write[:, : write.shape[1]] = self.basis @ torch.as_tensor(write, dtype=self.basis.dtype)
 
     def read_matrix(self) -> torch.Tensor:
         """M = M' P^T (rank x dim): what the map reads from a token embedding (U^T for the symmetric form)."""

@@ -30,6 +30,7 @@ from adaptors.trainers.trainable import (
     measured_directions,
     prompt_span,
     regressed_map,
+    varying_word_embeddings,
 )
 from common.finetune_config import TEXT_ENCODER_MODULE_CHOICES, UNET_MODULE_CHOICES
 from common.schemas import FinetuneJob
@@ -501,6 +502,28 @@ def test_regression_start_moves_the_words_and_leaves_the_negative_prompt_as_it_w
     finally:
         trainable.remove()
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks
+
+
+def test_regression_start_is_the_fitted_map_with_factors_of_equal_length(pipe):
+    """The start applies regressed_map's rule exactly, but split so that read and write have the same length:
+    as fitted the read is hundreds of times the write, and Adam's steps, about the rate for every entry, then
+    rewrote the write within a few iterations."""
+    lean = np.array([[-0.4, 0.4], [0.45, -0.45], [-0.3, 0.3]])
+    prompts = [DOCTOR, NURSE, "a photo of the face of a pilot, a person"]
+    trainable = make_trainable(pipe, "text_encoder", 1, 5, 0, 0.1, "token_map", prompts=prompts, leanings=lean,
+                               token_map_init="regression", regression_scale=1.25)  # fmt: skip
+    try:
+        basis = trainable.basis.double()
+        words = varying_word_embeddings(pipe, prompts) @ basis.numpy()
+        read, write = regressed_map(words, lean, 1)
+        expected = -1.25 * (basis @ torch.as_tensor(write)) @ (basis @ torch.as_tensor(read)).T  # dim x dim
+        got = (trainable.write_matrix() @ trainable.read_matrix()).double()
+        assert torch.allclose(got, expected, atol=1e-6 * expected.abs().max().item())
+        # what the balancing is for: here ~8, on the neutral-looks wide set with log-odds leans ~600
+        assert np.linalg.norm(read) / np.linalg.norm(write) > 5
+        assert torch.isclose(trainable.read[0].norm(), trainable.write[:, 0].norm(), rtol=1e-4)
+    finally:
+        trainable.remove()
 
 
 def test_centred_token_map_puts_every_token_at_the_learnt_coordinate(pipe):
