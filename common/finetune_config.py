@@ -48,14 +48,15 @@ class DFTConfig:
     token_map_init: str = "random"
     # base images per training prompt that `measured` and `regression` read the leans from (0: images_per_prompt)
     measure_images: int = 0
-    # multiplies the move `regression` starts the map at: its fit moves the held-out words by a similar share of the
-    # rule each (~0.8 on the neutral-looks testbed), so a factor above 1 tests whether that shrinkage is the gap
+    # multiplies the move `regression` starts the map at. With leans from 32 images at guidance 5 the fit moved the
+    # neutral-looks testbed's held-out words by ~0.8 of the rule, and 1.25 made up for it; with the words' true
+    # shares, or leans from 256 images at guidance 1, it moves them by ~1 and 1 is right (docs/dft-findings.md)
     regression_scale: float = 1.0
     # the guidance scale of those base images (0: guidance_scale). Guidance multiplies a prompt's log-odds, so
     # at 5 a strongly stereotyped word's images are all one class and its lean saturates at what 32 images can
     # show; at 1 (the conditional model alone) the log-odds are the data's, and a map that zeroes them zeroes
-    # them at every scale, the unconditional branch being the same for every prompt (measured: 1 was worse on the
-    # neutral-looks testbed, its 32-image shares too noisy; docs/dft-findings.md)
+    # them at every scale, the unconditional branch being the same for every prompt (on the neutral-looks testbed
+    # 1 was worse at 32 images, too noisy, and the best start with no held-out choice at 256; docs/dft-findings.md)
     measure_guidance_scale: float = 0.0
     rank: int = 8
     num_tokens: int = 5
