@@ -22,7 +22,9 @@ With several scales of the gender rule in one invocation, `gender_two_sided_fit`
 with a scale per side that the training occupations choose, and what it does to the held-out ones.
 Rules and scales not asked for keep their previous figures in benchmarks/results/shared_axis_ceiling.json.
 `--model neutral-looks` measures the neutral-looks variant (testbed.shared_axis), where every look's words
-average the same shares, under keys prefixed `neutral_looks_`.
+average the same shares, under keys prefixed `neutral_looks_`. `--read regressed` moves each word by the gender
+coordinate the token map's regression start reads from its row when fitted to the training words' true shares
+(keys `regressed_scale_*`): what that start reaches with perfect leans.
 """
 
 from __future__ import annotations

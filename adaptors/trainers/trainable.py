@@ -255,7 +255,7 @@ class TokenMapTrainable(Trainable):
         words = varying_word_embeddings(self.pipe, prompts) @ self.basis.double().cpu().numpy()  # prompts x k
         read, write = regressed_map(words, leanings, rank)
         write = -scale * write
-        # the same map with both factors of equal length per direction. As fitted, the read is ~500 times the
+        # the same map with both factors of equal length per direction. As fitted, the read is ~600 times the
         # write (the leans are log-odds of order 1, the words' rows of order 0.1), and Adam moves every entry
         # by about the rate whatever its size: at lr 3e-3 each step changed the write by ~60% of its entries
         # and the read by ~0.1%, so training scrambled the start's write instead of refining the map
