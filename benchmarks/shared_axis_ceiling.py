@@ -114,11 +114,12 @@ def measure(
         move[:, COLUMNS[attr]] = np.where(gap > 0, scale if below_scale is None else below_scale, scale) * gap
     rows = pipe.text_encoder.get_input_embeddings().weight
     saved = rows[ids].detach().clone()
-    shift = move @ axes
     if read == "regressed":
         if rule != "gender" or below_scale is not None:
             raise ValueError("--read regressed: the gender rule at one scale only")
         shift = scale * regressed_gender_move(pipe, saved.double().numpy(), words)
+    else:
+        shift = move @ axes
     with torch.no_grad():
         rows[ids] += torch.from_numpy(shift).to(rows.dtype)
     try:
@@ -198,15 +199,14 @@ def regressed_gender_move(pipe, rows: np.ndarray, words: tuple | None) -> np.nda
     """The move (rows x dim) of the token map's regression start (token_map_init regression, rank 1, the wide set)
     fitted to the training words' true gender coordinates instead of leans measured from images: the best that
     start can do with perfect leans. Only the occupation words move, as with token_map_keep shared."""
-    import re
-
     from adaptors.trainers.trainable import prompt_span, regressed_map, varying_word_embeddings
     from testbed.shared_axis import SHARED_OCCUPATIONS, stereotype_coordinates
-    from testbed.world import prompt_set
+    from testbed.world import PROMPT_SETS, prompt_for
 
-    prompts = list(prompt_set("testbed-train-wide"))
+    occupations = PROMPT_SETS["testbed-train-wide"]
+    prompts = [prompt_for(o) for o in occupations]
     table = {o.name: stereotype_coordinates(o)[0] for o in (SHARED_OCCUPATIONS if words is None else words)}
-    coordinate = np.array([next(c for name, c in table.items() if re.search(rf"\b{name}\b", p)) for p in prompts])
+    coordinate = np.array([table[o] for o in occupations])
     basis = prompt_span(pipe, prompts).double().numpy()
     read, write = regressed_map(varying_word_embeddings(pipe, prompts) @ basis, np.stack([coordinate, -coordinate], 1), 1)
     return -np.outer(rows @ (basis @ read[:, 0]), basis @ write[:, 0])
