@@ -246,7 +246,7 @@ def train_dft(
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
                                cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
                                cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale,
-                               cfg.token_map_keep)  # fmt: skip
+                               cfg.token_map_keep, cfg.token_map_train)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip

@@ -207,6 +207,7 @@ class TokenMapTrainable(Trainable):
         init: str = "measured",
         regression_scale: float = 1.0,
         keep: str = "none",
+        train: str = "both",
     ) -> None:
         self.pipe = pipe
         embedding = pipe.text_encoder.get_input_embeddings()
@@ -233,6 +234,9 @@ class TokenMapTrainable(Trainable):
             self._start_at_regressed_rule(prompts, leanings, rank, regression_scale)
         elif leanings is not None:
             self._start_at_measured_rule(prompts, leanings, rank)
+        if train == "write":  # the start's read is kept; training only moves where and how far the map writes
+            self.read.requires_grad_(False)
+            self.params = [self.write]
         self._enabled = True
         self._hook = embedding.register_forward_hook(self._apply)
 
@@ -479,6 +483,7 @@ def make_trainable(
     token_map_init: str = "measured",
     regression_scale: float = 1.0,
     token_map_keep: str = "none",
+    token_map_train: str = "both",
 ) -> Trainable:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -490,5 +495,5 @@ def make_trainable(
         if not prompts:
             raise ValueError("prompts: the token map needs the training prompts to find the span it reads")
         return TokenMapTrainable(pipe, rank, seed, prompts, token_map_read, token_map_form, leanings,
-                                 token_map_init, regression_scale, token_map_keep)  # fmt: skip
+                                 token_map_init, regression_scale, token_map_keep, token_map_train)  # fmt: skip
     return LoraTrainable(pipe, train, rank, seed, text_modules, unet_modules)

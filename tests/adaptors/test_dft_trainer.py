@@ -84,7 +84,12 @@ def test_registered():
      ({"text_encoder_modules": "token_map", "token_map_init": "regression", "measure_guidance_scale": 0.5},
       "measure_guidance_scale"), ({"token_map_keep": "specials"}, "token_map_keep"),
      ({"text_encoder_modules": "token_map", "token_map_keep": "bos"}, "token_map_keep"),
-     ({"text_encoder_modules": "token_map", "token_map_form": "tied"}, "token_map_form")],
+     ({"text_encoder_modules": "token_map", "token_map_form": "tied"}, "token_map_form"),
+     ({"token_map_train": "write"}, "token_map_train"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "measured", "token_map_train": "write"},
+      "token_map_train"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_train": "read"},
+      "token_map_train")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -286,6 +291,22 @@ def test_a_measured_start_reports_its_measuring_and_a_resumed_job_reads_it_back(
     _run(_job(text_encoder_modules="token_map", token_map_init="regression", rank=1, measure_images=2, seed=1), pipe,
          classifier, tmp_path, seen=(other := []))  # fmt: skip
     assert [p["step"] for p in other if p.get("phase")] == [1, 2]  # other settings: measured anew
+
+
+def test_training_only_the_write_keeps_the_regression_starts_read(pipe, classifier, tmp_path: Path):
+    """`token_map_train: write` publishes the start's read unchanged and a trained write: what a held-out word
+    is moved by stays the regression's reading of it."""
+    hp = {"text_encoder_modules": "token_map", "token_map_init": "regression", "rank": 1, "measure_images": 2,
+          "lr": 0.05, "ema_decay": 0.0}  # fmt: skip
+    a = "text_encoder.embeddings.token_embedding.lora_embedding_A"
+    b = "text_encoder.embeddings.token_embedding.lora_embedding_B"
+    published = {}
+    for name, extra in (("start", {"iterations": 0}), ("write", {"token_map_train": "write"}), ("both", {})):
+        _run(_job(**hp, **extra), pipe, classifier, tmp_path, name)
+        published[name] = load_adaptor(tmp_path / name).tensors
+    start, write, both = published["start"], published["write"], published["both"]
+    assert torch.equal(write[a], start[a]) and not torch.allclose(write[b], start[b])
+    assert not torch.allclose(both[a], start[a])
 
 
 def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lora(pipe, classifier, tmp_path: Path):

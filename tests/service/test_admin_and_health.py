@@ -109,6 +109,7 @@ def test_finetune_unknown_method(client: TestClient, admin: dict[str, str]) -> N
     ("dft", {"learning_rate": 0.01}, "hyperparameters"),  # unknown: the message lists the known ones
     ("dft", {"lr": "fast"}, "hyperparameters.lr"),
     ("dft", {"token_map_keep": "specials"}, "hyperparameters.token_map_keep"),  # only for the token map
+    ("dft", {"token_map_train": "write"}, "hyperparameters.token_map_train"),  # only for the token map
     ("prefix", {"train": "unet"}, "hyperparameters.train"),
     ("ida", {"step": -1}, "hyperparameters.step"),
 ])  # fmt: skip
