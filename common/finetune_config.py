@@ -24,7 +24,7 @@ TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
 LR_SCHEDULES = ("constant", "cosine")
 TOKEN_MAP_INITS = ("random", "measured", "regression")
 TOKEN_MAP_KEEPS = ("none", "specials", "shared")
-TOKEN_MAP_TRAINS = ("both", "write")
+TOKEN_MAP_TRAINS = ("both", "write", "scale")
 
 
 @dataclass
@@ -45,8 +45,10 @@ class DFTConfig:
     # empty negative prompt is only these); "shared" (those and the template's words every training prompt has)
     token_map_keep: str = "none"
     # what training changes: "both" factors of the free map, or only its "write" (B), the read (M) staying where
-    # a regression start put it. The read fitted by DFT's objective follows the training words and moved the
-    # neutral-looks testbed's held-out words less than the regression did (docs/dft-findings.md)
+    # a regression start put it, or only a "scale" per direction of the start's map (how far it moves every
+    # word, learnt on the training words instead of chosen). The read fitted by DFT's objective follows the
+    # training words and moved the neutral-looks testbed's held-out words less than the regression did
+    # (docs/dft-findings.md)
     token_map_train: str = "both"
     # "measured": the map starts at the rule the base model's own images of the training prompts suggest
     # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
@@ -125,9 +127,9 @@ class DFTConfig:
         if cfg.token_map_init == "regression" and cfg.token_map_form != "free":
             raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
                              "it needs token_map_form free")  # fmt: skip
-        if cfg.token_map_train == "write" and cfg.token_map_init != "regression":
+        if cfg.token_map_train != "both" and cfg.token_map_init != "regression":
             # from a random or measured start a fixed read is zero or a guess: the regression is the fitted one
-            raise ValueError("hyperparameters.token_map_train: write needs token_map_init regression")
+            raise ValueError(f"hyperparameters.token_map_train: {cfg.token_map_train} needs token_map_init regression")
         require_positive(cfg, "checkpoint_every")
         require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
         if cfg.steps_jitter >= cfg.steps:

@@ -234,9 +234,15 @@ class TokenMapTrainable(Trainable):
             self._start_at_regressed_rule(prompts, leanings, rank, regression_scale)
         elif leanings is not None:
             self._start_at_measured_rule(prompts, leanings, rank)
+        self.gain: torch.nn.Parameter | None = None
         if train == "write":  # the start's read is kept; training only moves where and how far the map writes
             self.read.requires_grad_(False)
             self.params = [self.write]
+        elif train == "scale":  # the start's map, each direction's move multiplied by a learnt factor
+            self.read.requires_grad_(False)
+            self.write.requires_grad_(False)
+            self.gain = torch.nn.Parameter(torch.ones(rank, device=pipe.device))
+            self.params = [self.gain]
         self._enabled = True
         self._hook = embedding.register_forward_hook(self._apply)
 
@@ -281,7 +287,7 @@ class TokenMapTrainable(Trainable):
         """B (dim x rank): where the map writes what it read (-U for the symmetric form)."""
         if self.form != "free":
             return -(self.basis @ self.directions)
-        return self.write
+        return self.write if self.gain is None else self.write * self.gain
 
     def _apply(self, module, args, output: torch.Tensor) -> torch.Tensor | None:
         if not self._enabled:

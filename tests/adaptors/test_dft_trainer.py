@@ -88,6 +88,8 @@ def test_registered():
      ({"token_map_train": "write"}, "token_map_train"),
      ({"text_encoder_modules": "token_map", "token_map_init": "measured", "token_map_train": "write"},
       "token_map_train"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "random", "token_map_train": "scale"},
+      "token_map_train"),
      ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_train": "read"},
       "token_map_train")],
 )  # fmt: skip
@@ -295,18 +297,24 @@ def test_a_measured_start_reports_its_measuring_and_a_resumed_job_reads_it_back(
 
 def test_training_only_the_write_keeps_the_regression_starts_read(pipe, classifier, tmp_path: Path):
     """`token_map_train: write` publishes the start's read unchanged and a trained write: what a held-out word
-    is moved by stays the regression's reading of it."""
+    is moved by stays the regression's reading of it. `scale` trains only how far the start's map moves."""
     hp = {"text_encoder_modules": "token_map", "token_map_init": "regression", "rank": 1, "measure_images": 2,
           "lr": 0.05, "ema_decay": 0.0}  # fmt: skip
     a = "text_encoder.embeddings.token_embedding.lora_embedding_A"
     b = "text_encoder.embeddings.token_embedding.lora_embedding_B"
     published = {}
-    for name, extra in (("start", {"iterations": 0}), ("write", {"token_map_train": "write"}), ("both", {})):
+    runs = (("start", {"iterations": 0}), ("write", {"token_map_train": "write"}), ("scale", {"token_map_train": "scale"}),
+            ("both", {}))  # fmt: skip
+    for name, extra in runs:
         _run(_job(**hp, **extra), pipe, classifier, tmp_path, name)
         published[name] = load_adaptor(tmp_path / name).tensors
-    start, write, both = published["start"], published["write"], published["both"]
+    start, write, scale, both = (published[name] for name, _ in runs)
     assert torch.equal(write[a], start[a]) and not torch.allclose(write[b], start[b])
     assert not torch.allclose(both[a], start[a])
+    # `scale`: the same read, and the same write up to one factor, which training moved off 1
+    assert torch.equal(scale[a], start[a])
+    factor = (scale[b] * start[b]).sum() / (start[b] * start[b]).sum()
+    assert torch.allclose(scale[b], factor * start[b], atol=1e-6) and abs(factor.item() - 1) > 1e-3
 
 
 def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lora(pipe, classifier, tmp_path: Path):
