@@ -50,6 +50,10 @@ class DFTConfig:
     # training words and moved the neutral-looks testbed's held-out words less than the regression did
     # (docs/dft-findings.md)
     token_map_train: str = "both"
+    # with `scale`: fit the regression's read on every other training prompt and learn the scale by DFT on the
+    # rest, words the read never saw, as the held-out ones are. Fitted and trained on the same words, DFT made the
+    # map 6-10% shorter than the held-out words needed (docs/dft-findings.md)
+    token_map_cross_fit: bool = False
     # "measured": the map starts at the rule the base model's own images of the training prompts suggest
     # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
     token_map_init: str = "random"
@@ -130,6 +134,8 @@ class DFTConfig:
         if cfg.token_map_train != "both" and cfg.token_map_init != "regression":
             # from a random or measured start a fixed read is zero or a guess: the regression is the fitted one
             raise ValueError(f"hyperparameters.token_map_train: {cfg.token_map_train} needs token_map_init regression")
+        if cfg.token_map_cross_fit and cfg.token_map_train != "scale":
+            raise ValueError("hyperparameters.token_map_cross_fit: only with token_map_train scale")
         require_positive(cfg, "checkpoint_every")
         require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
         if cfg.steps_jitter >= cfg.steps:

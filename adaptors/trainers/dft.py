@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -243,8 +243,15 @@ def train_dft(
     leanings = None
     if cfg.token_map_init != "random":
         leanings = stored_leanings(checkpoint_dir, pipe, classifier, list(job.prompts), shares, cfg, progress, should_stop)
+    fit_prompts = list(job.prompts)
+    if cfg.token_map_cross_fit:  # the read from every other prompt, the scale trained on the others
+        if len(fit_prompts) < 4:
+            raise ValueError("prompts: token_map_cross_fit needs at least 4 training prompts, 2 on each side")
+        assert leanings is not None
+        fit_prompts, leanings = fit_prompts[::2], leanings[::2]
+        job = replace(job, prompts=list(job.prompts)[1::2])
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
-                               cfg.text_encoder_modules, cfg.unet_modules, list(job.prompts), cfg.token_map_read,
+                               cfg.text_encoder_modules, cfg.unet_modules, fit_prompts, cfg.token_map_read,
                                cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale,
                                cfg.token_map_keep, cfg.token_map_train)  # fmt: skip
     try:

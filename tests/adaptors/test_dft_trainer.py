@@ -90,6 +90,8 @@ def test_registered():
       "token_map_train"),
      ({"text_encoder_modules": "token_map", "token_map_init": "random", "token_map_train": "scale"},
       "token_map_train"),
+     ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_cross_fit": True},
+      "token_map_cross_fit"),
      ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_train": "read"},
       "token_map_train")],
 )  # fmt: skip
@@ -315,6 +317,28 @@ def test_training_only_the_write_keeps_the_regression_starts_read(pipe, classifi
     assert torch.equal(scale[a], start[a])
     factor = (scale[b] * start[b]).sum() / (start[b] * start[b]).sum()
     assert torch.allclose(scale[b], factor * start[b], atol=1e-6) and abs(factor.item() - 1) > 1e-3
+
+
+def test_cross_fit_reads_from_every_other_prompt_and_trains_the_scale_on_the_rest(pipe, classifier, tmp_path: Path):
+    """The published read is the regression on the even prompts' words and leans alone; the odd prompts, which
+    the read never saw, are what DFT learns the scale on (so the scale is learnt as held-out words need it)."""
+    prompts = [DOCTOR, NURSE, "a photo of the face of a pilot, a person", "a photo of the face of a teacher, a person"]
+    hp = {"text_encoder_modules": "token_map", "token_map_init": "regression", "rank": 1, "measure_images": 2,
+          "token_map_train": "scale", "token_map_cross_fit": True, "lr": 0.05}  # fmt: skip
+    seen: list[dict] = []
+    _run(_job(prompts=prompts, **hp), pipe, classifier, tmp_path, seen=seen)
+    leanings = np.asarray(json.loads((tmp_path / "out.ckpt" / LEANINGS_FILE).read_text())["leanings"])
+    expected = make_trainable(pipe, "text_encoder", 1, 5, 0, 0.1, "token_map", prompts=prompts[::2],
+                              leanings=leanings[::2], token_map_init="regression")  # fmt: skip
+    try:
+        table = pipe.text_encoder.get_input_embeddings().weight
+        read = (expected.read_matrix() @ table.T).detach()
+    finally:
+        expected.remove()
+    published = load_adaptor(tmp_path / "out").tensors["text_encoder.embeddings.token_embedding.lora_embedding_A"]
+    assert torch.allclose(published, read.to(published.dtype), atol=1e-5 * read.abs().max().item())
+    with pytest.raises(ValueError, match="at least 4"):
+        _run(_job(prompts=prompts[:3], **hp), pipe, classifier, tmp_path, "short")
 
 
 def test_training_leaves_the_pipeline_as_it_was_and_plain_diffusers_loads_the_lora(pipe, classifier, tmp_path: Path):
