@@ -52,7 +52,8 @@ class DFTConfig:
     token_map_train: str = "both"
     # with `scale`: fit the regression's read on every other training prompt and learn the scale by DFT on the
     # rest, words the read never saw, as the held-out ones are. Fitted and trained on the same words, DFT made the
-    # map 6-10% shorter than the held-out words needed (docs/dft-findings.md)
+    # map 6-10% shorter than the held-out words needed; cross-fitted it still made it ~10% shorter, so the gap is
+    # not the regression's in-sample fit (docs/dft-findings.md)
     token_map_cross_fit: bool = False
     # "measured": the map starts at the rule the base model's own images of the training prompts suggest
     # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
