@@ -53,7 +53,8 @@ class DFTConfig:
     # with `scale`: fit the regression's read on every other training prompt and learn the scale by DFT on the
     # rest, words the read never saw, as the held-out ones are. Fitted and trained on the same words, DFT made the
     # map 6-10% shorter than the held-out words needed; cross-fitted it still made it ~10% shorter, so the gap is
-    # not the regression's in-sample fit (docs/dft-findings.md)
+    # not the regression's in-sample fit. The pixel preservation term does the shortening: with both preservation
+    # weights at 0 the learnt scale stays at the start's (docs/dft-findings.md)
     token_map_cross_fit: bool = False
     # "measured": the map starts at the rule the base model's own images of the training prompts suggest
     # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
@@ -86,6 +87,10 @@ class DFTConfig:
     adjusted: bool = True
     confidence: float = 0.8
     target_draws: int = 100
+    # a gender change on the testbed also moves pixels outside the region the pixel term spares, so the term pulls
+    # towards the stereotyped base image: it made a regression-started token map 6-10% shorter, where the alignment
+    # alone keeps the start's length; 0 (feature weight 0 too) kept every held-out image's occupation there
+    # (docs/dft-findings.md)
     preserve_pixel_weight: float = 30.0
     preserve_feature_weight: float = 1.0
     flip_weight: float = 0.0
