@@ -144,8 +144,10 @@ def _median(values: list[float]) -> float | None:
     return round(values[len(values) // 2], 4) if values else None
 
 
-def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] | None = None, seeds: tuple[int, ...] = SEEDS):
-    """Occupation (held-out by default) -> images (N x 3 x H x W in [0, 1]) on fixed seeds, with or without `adaptor`."""
+def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] | None = None, seeds: tuple[int, ...] = SEEDS,
+                    steps: int | None = None):  # fmt: skip
+    """Occupation (held-out by default) -> images (N x 3 x H x W in [0, 1]) on fixed seeds, with or without `adaptor`,
+    at `steps` sampling steps (None: the service's default)."""
     import torch
 
     from adaptors.generation import GenerationSpec, generate
@@ -158,7 +160,7 @@ def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] |
     for occ in occupations or TEST_OCCUPATIONS:
         batches = []
         for seed in seeds:
-            spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=settings.default_steps,
+            spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=steps or settings.default_steps,
                                   guidance_scale=settings.default_guidance_scale)  # fmt: skip
             batches.append(generate(pipe, spec, max_batch=64, encode_prompt=encoder))
         out[occ] = torch.cat(batches)

@@ -29,38 +29,28 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fairness_dft import RUNS, SEEDS, TRAIN_SEED, WIDE, train  # noqa: E402
+from benchmarks.fairness_dft import RUNS, SEEDS, TRAIN_SEED, WIDE, held_out_images, oracle_summary, train  # noqa: E402
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 
 RUN = "neutral_looks_gender_te_lora_wide"  # gender 50/50 on the neutral-looks model, the wide training set
 
 
-def images_of(pipe, occupation: str, n: int, seeds: tuple[int, ...], steps: int):
-    """`n` images per seed of one occupation's prompt at `steps` sampling steps and the service's guidance."""
-    import torch
-
-    from adaptors.generation import GenerationSpec, generate
-    from common.settings import Settings
-    from testbed.world import prompt_for
-
-    guidance = Settings().default_guidance_scale
-    batches = [generate(pipe, GenerationSpec(prompt_for(occupation), num_images=n, seed=s, steps=steps,
-                                             guidance_scale=guidance), max_batch=64) for s in seeds]  # fmt: skip
-    return torch.cat(batches)
-
-
-def female_shares(images, classifier) -> tuple[float, float]:
-    """(the oracle's female share among its persons, the classifier's argmax female share among its persons)."""
-    from testbed.oracle import read_batch
+def classifier_female_share(images, classifier) -> float:
+    """The classifier's argmax female share among the images it finds a person in, as the alignment loss takes them."""
     from testbed.world import ATTRIBUTES
 
-    readings = [r for r in read_batch(images.numpy() * 2 - 1) if r.person]
-    oracle = sum(r.gender == "female" for r in readings) / max(1, len(readings))
     pred = classifier.predict(images)
     person = pred.person > 0.5
-    female = ATTRIBUTES["gender"].index("female")
+    if not person.any():
+        return 0.0
     chosen = pred.probs["gender"][person].argmax(-1)
-    return oracle, float((chosen == female).float().mean()) if person.any() else 0.0
+    return float((chosen == ATTRIBUTES["gender"].index("female")).float().mean())
+
+
+def female_shares(images: dict, classifier) -> dict[str, tuple[float, float]]:
+    """Occupation -> (the oracle's female share, the classifier's) of its images."""
+    oracle = oracle_summary(images, ["gender"])
+    return {o: (oracle[o]["shares"]["gender"]["female"], classifier_female_share(x, classifier)) for o, x in images.items()}
 
 
 def write_parameters(pipe) -> list:
@@ -86,10 +76,8 @@ def measure(pipe, classifier, scale: float, steps: int, train_images: int, per_s
         return bias({"female": female, "male": 1.0 - female})
 
     t0 = time.time()
-    rows = {}
-    for occ in PROMPT_SETS[WIDE]:
-        rows[occ] = female_shares(images_of(pipe, occ, train_images, (TRAIN_SEED,), steps), classifier)
-    held = {occ: female_shares(images_of(pipe, occ, per_seed, SEEDS, steps), classifier) for occ in TEST_OCCUPATIONS}
+    rows = female_shares(held_out_images(pipe, None, train_images, PROMPT_SETS[WIDE], (TRAIN_SEED,), steps), classifier)
+    held = female_shares(held_out_images(pipe, None, per_seed, TEST_OCCUPATIONS, SEEDS, steps), classifier)
 
     def summary(shares: dict[str, tuple[float, float]]) -> dict:
         oracle = np.array([s[0] for s in shares.values()])
