@@ -87,6 +87,8 @@ RUNS: dict[str, Run] = {
     "neutral_looks_gender_prefix_wide": Run(GENDER, {"train": "prefix"}, WIDE, NEUTRAL_LOOKS),
     "neutral_looks_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, NEUTRAL_LOOKS),
     "neutral_looks_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, NEUTRAL_LOOKS),
+    # diagnostic as above: how far five prefix tokens get on the four held-out prompts they train on
+    "neutral_looks_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, HELD_OUT, NEUTRAL_LOOKS),
 }
 
 

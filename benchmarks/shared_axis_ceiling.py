@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -101,33 +102,14 @@ def measure(
     male-leaning ones), when the two sides need different pushes; None: `scale` for both.
     `read`: "exact" moves each word by its own coordinate; "regressed" by the coordinate the regression
     start's fit reads from its row (`regressed_gender_move`)."""
-    import torch
 
     from testbed.world import TRAIN_OCCUPATIONS
 
     t0 = time.time()
     attrs = list(RULES[rule])
-    ids, coords, axes, residual = shared_axes(pipe, words)
-    move = np.zeros_like(coords)
-    for attr, goal in RULES[rule].items():
-        gap = goal - coords[:, COLUMNS[attr]]
-        move[:, COLUMNS[attr]] = np.where(gap > 0, scale if below_scale is None else below_scale, scale) * gap
-    rows = pipe.text_encoder.get_input_embeddings().weight
-    saved = rows[ids].detach().clone()
-    if read == "regressed":
-        if rule != "gender" or below_scale is not None:
-            raise ValueError("--read regressed: the gender rule at one scale only")
-        shift = scale * regressed_gender_move(pipe, saved.double().numpy(), words)
-    else:
-        shift = move @ axes
-    with torch.no_grad():
-        rows[ids] += torch.from_numpy(shift).to(rows.dtype)
-    try:
+    with moved_rows(pipe, rule, scale, below_scale, words, read) as residual:
         held = oracle_summary(held_out_images(pipe, None, per_seed), attrs)
         train = oracle_summary(held_out_images(pipe, None, train_images, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)
-    finally:
-        with torch.no_grad():
-            rows[ids] = saved
 
     result = {
         "rule": rule,
@@ -156,6 +138,72 @@ def measure(
         "images_per_held_out_occupation": per_seed * len(SEEDS),
         "images_per_training_occupation": train_images,
         "axis_fit_max_residual": residual,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+@contextmanager
+def moved_rows(pipe, rule: str, scale: float, below_scale: float | None, words: tuple | None, read: str):
+    """The pipeline's occupation rows moved by the rule (see `measure`) inside the block, put back after it;
+    yields the axis fit's max residual."""
+    import torch
+
+    ids, coords, axes, residual = shared_axes(pipe, words)
+    move = np.zeros_like(coords)
+    for attr, goal in RULES[rule].items():
+        gap = goal - coords[:, COLUMNS[attr]]
+        move[:, COLUMNS[attr]] = np.where(gap > 0, scale if below_scale is None else below_scale, scale) * gap
+    rows = pipe.text_encoder.get_input_embeddings().weight
+    saved = rows[ids].detach().clone()
+    if read == "regressed":
+        if rule != "gender" or below_scale is not None:
+            raise ValueError("--read regressed: the gender rule at one scale only")
+        shift = scale * regressed_gender_move(pipe, saved.double().numpy(), words)
+    else:
+        shift = move @ axes
+    with torch.no_grad():
+        rows[ids] += torch.from_numpy(shift).to(rows.dtype)
+    try:
+        yield residual
+    finally:
+        with torch.no_grad():
+            rows[ids] = saved
+
+
+# fresh evaluation seeds for `spread`: set k holds seeds FRESH_SEED + 4k .. + 4k + 3, none of them fairness_dft's
+FRESH_SEED = 40_000
+GENDER_TARGET = {"mean": 0.15, "max": 0.30}  # the DFT issue's gender 50/50 target on the held-out occupations
+
+
+def spread(pipe, scale: float, per_seed: int, sets: int, words: tuple | None, read: str) -> dict:
+    """The gender rule at `scale` read on `sets` fresh sets of evaluation seeds, each like fairness_dft's (4 seeds,
+    `per_seed` images each per held-out occupation): how far one held-out figure moves with the evaluation noise
+    alone, and on how many sets the rule meets the gender target. A finetune that had learnt this rule exactly
+    would meet the target on about that share of independent evaluations, so its pass rate bounds what a
+    seed count of finetunes can show."""
+    t0 = time.time()
+    figures = []
+    with moved_rows(pipe, "gender", scale, None, words, read):
+        for k in range(sets):
+            seeds = tuple(FRESH_SEED + 4 * k + i for i in range(len(SEEDS)))
+            held = oracle_summary(held_out_images(pipe, None, per_seed, seeds=seeds), ["gender"])
+            figures.append({
+                "seeds": list(seeds),
+                "bias": _mean(held, "bias", "gender"),
+                "max_bias": max(r["bias"]["gender"] for r in held.values()),
+                "female_share": {o: r["shares"]["gender"]["female"] for o, r in held.items()},
+            })  # fmt: skip
+    met = [f["bias"] <= GENDER_TARGET["mean"] and f["max_bias"] <= GENDER_TARGET["max"] for f in figures]
+    biases = np.array([f["bias"] for f in figures])
+    return {
+        "rule": "gender",
+        "read": read,
+        "scale": scale,
+        "images_per_held_out_occupation": per_seed * len(SEEDS),
+        "bias_mean": round(float(biases.mean()), 4),
+        "bias_sd": round(float(biases.std(ddof=1)), 4) if sets > 1 else None,
+        "target_met": f"{sum(met)} of {sets}",
+        "per_seed_set": figures,
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -222,6 +270,9 @@ def main() -> None:
     parser.add_argument("--read", choices=("exact", "regressed"), default="exact",
                         help="regressed: each word's coordinate as the regression start reads it from its row, "
                              "fitted to the training words' true shares (keys regressed_scale_*)")  # fmt: skip
+    parser.add_argument("--spread", type=int, metavar="SETS",
+                        help="read the gender rule at each scale on SETS fresh sets of evaluation seeds instead "
+                             "(keys ..._spread_SETS)")  # fmt: skip
     parser.add_argument(
         "--model",
         choices=sorted(MODELS),
@@ -242,6 +293,15 @@ def main() -> None:
     measured: dict[float, dict] = {}
     below = "" if args.below_scale is None else f"_below_{args.below_scale:g}"
     read = "" if args.read == "exact" else f"{args.read}_"
+    if args.spread:
+        if args.rule != "gender" or args.below_scale is not None:
+            parser.error("--spread: the gender rule at one scale per side only")
+        for scale in args.scales:
+            key = f"{prefix}{read}scale_{scale:g}_spread_{args.spread}"
+            result[key] = {**spread(pipe, scale, args.images // len(SEEDS), args.spread, words, args.read),
+                           "base_weights": fingerprint}  # fmt: skip
+        publish("shared_axis_ceiling", result, merge=True)
+        return
     for scale in args.scales:
         measured[scale] = measure(pipe, args.rule, scale, args.images // len(SEEDS), args.below_scale, args.train_images,
                                   words, args.read)  # fmt: skip

@@ -57,3 +57,26 @@ def test_the_regression_read_of_the_true_shares_moves_the_held_out_words_close_t
     moves = regressed_gender_move(pipe, held_out_rows(pipe), NEUTRAL_LOOK_OCCUPATIONS) @ readout
     shares = [m / -coordinate[o] for m, o in zip(moves, TEST_OCCUPATIONS, strict=True)]
     assert all(0.85 < s < 1.1 for s in shares), shares
+
+
+def test_spread_reads_the_rule_on_fresh_seed_sets_and_puts_the_rows_back():
+    """`--spread`: each set of evaluation seeds is new (none of fairness_dft's), the rule is read on every set
+    (the base model fails the gender target on each, the exact rule moves every set far from it), and the
+    token table is the committed one afterwards."""
+    import torch
+
+    from adaptors.generation import configure_threads, load_pipeline
+    from benchmarks.fairness_dft import SEEDS
+    from benchmarks.shared_axis_ceiling import spread
+    from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS
+
+    configure_threads(1)
+    pipe = load_pipeline("testbed-neutral-looks", device="cpu")
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    base = spread(pipe, 0.0, per_seed=4, sets=2, words=NEUTRAL_LOOK_OCCUPATIONS, read="exact")
+    rule = spread(pipe, 1.0, per_seed=4, sets=2, words=NEUTRAL_LOOK_OCCUPATIONS, read="exact")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
+    seeds = [s for f in base["per_seed_set"] for s in f["seeds"]]
+    assert len(set(seeds)) == 8 and not set(seeds) & set(SEEDS)
+    assert base["target_met"] == "0 of 2" and base["bias_mean"] > 0.8
+    assert rule["bias_mean"] < base["bias_mean"] - 0.3
