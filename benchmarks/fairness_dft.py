@@ -37,7 +37,11 @@ from common.settings import TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES  # noqa: 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
 SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
 AGE = {"age": {"young": 0.75, "old": 0.25}}
-BASE_HP = {"eval_images": 8}  # the trainer's defaults otherwise; its own (classifier) evaluation is not the one reported
+# the trainer's defaults otherwise; its own (classifier) evaluation is not the one reported. The subject gate is off so
+# that a run which loses the occupation is still measured; `subject_gate` records whether the default gate would
+# have refused it (from the trainer's own 32 evaluation images), `occupation_kept` the oracle on all the images
+BASE_HP = {"eval_images": 8, "min_subject_kept": 0}
+GATE = 0.95  # common.finetune_config.DFTConfig.min_subject_kept's default
 WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike words
 HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 
@@ -239,6 +243,9 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
         "images_per_occupation": per_seed * len(SEEDS),
         "per_occupation": {o: {"before": before[o], "after": after[o]} for o in after},
     }
+    kept = ((adaptor.manifest.metrics or {}).get("semantics") or {}).get("subject_kept")
+    if kept is not None:
+        result["subject_gate"] = {"trainer_share": kept["share"], "passed": kept["share"] >= GATE}
     # the training occupations too (fewer images): a finetune that fits them but not the held-out ones
     # has learned a change per prompt rather than a rule; the gap says so
     train_after = oracle_summary(held_out_images(pipe, adaptor, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)

@@ -66,6 +66,8 @@ class AdaptorManifest:
     created: str = ""
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     prompt_set: str | None = None
+    # the prompts it was trained on, so an adaptor from a job with its own prompt list says what it saw
+    prompts: list[str] = field(default_factory=list)
     sampler: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
     # where an imported adaptor came from (e.g. {"imported_from": "shen2024", "source_files": {name: sha256}});

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.hyperparameters import parse_hyperparameters, require_positive, require_unit_interval
+from common.hyperparameters import parse_hyperparameters, require_non_negative, require_positive, require_unit_interval
 
 # what `train` and the module choices name (adaptors.trainers.trainable maps each to the modules it adapts)
 TRAIN_CHOICES = ("text_encoder", "unet", "both", "prefix")
@@ -114,6 +114,10 @@ class DFTConfig:
     eval_steps: int = 20
     eval_seed: int = 10_000
     init_scale: float = 0.1
+    # the gate: the share of evaluation images whose subject (on the testbed, the occupation its oracle reads)
+    # must be the base image's from the same noise, or the job fails and publishes nothing, whatever its bias
+    # (adaptors.subject). 0 switches the gate off; base models with no subject reader are not gated
+    min_subject_kept: float = 0.95
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
@@ -123,7 +127,13 @@ class DFTConfig:
                    "token_map_init": TOKEN_MAP_INITS, "token_map_keep": TOKEN_MAP_KEEPS,
                    "token_map_train": TOKEN_MAP_TRAINS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
-        require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration")
+        require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration",
+                         "eval_images", "eval_steps")  # fmt: skip
+        require_non_negative(cfg, "lr", "weight_decay", "steps_jitter", "target_draws", "preserve_pixel_weight",
+                             "preserve_feature_weight", "person_weight", "distribution_weight", "max_grad_norm",
+                             "init_scale", "regression_scale")  # fmt: skip
+        if cfg.guidance_scale < 1:
+            raise ValueError("hyperparameters.guidance_scale: must be >= 1 (1: no classifier-free guidance)")
         if cfg.iterations < 0 or (cfg.iterations == 0 and cfg.token_map_init == "random"):
             # a measured start is an adaptor in itself; a random one with no training is none
             raise ValueError("hyperparameters.iterations: must be > 0 (0 only publishes a measured token map's start)")
@@ -143,7 +153,9 @@ class DFTConfig:
         if cfg.token_map_cross_fit and cfg.token_map_train != "scale":
             raise ValueError("hyperparameters.token_map_cross_fit: only with token_map_train scale")
         require_positive(cfg, "checkpoint_every")
-        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share")
+        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share", "min_subject_kept")
+        if cfg.ema_decay == 1.0:
+            raise ValueError("hyperparameters.ema_decay: must be below 1 (at 1 the published average never moves)")
         if cfg.steps_jitter >= cfg.steps:
             raise ValueError("hyperparameters.steps_jitter: must be smaller than steps")
         require_unit_interval(cfg, "prompt_mixing")
@@ -169,9 +181,15 @@ class DFTConfig:
             raise ValueError("hyperparameters.prompt_noise: is added after the token map and never reaches it; not for token_map")
         if cfg.ce_temperature <= 0:
             raise ValueError("hyperparameters.ce_temperature: must be > 0")
-        if cfg.lr <= 0:
+        if cfg.lr == 0:
             cfg.lr = 2e-2 if cfg.train == "prefix" else 1e-2
         return cfg
+
+
+def check_prompts(cfg: DFTConfig | IDAConfig, prompts: list[str]) -> None:
+    """What a config asks of the training prompts, checked where the prompts are known (the gateway, the trainer)."""
+    if isinstance(cfg, DFTConfig) and cfg.token_map_cross_fit and len(prompts) < 4:
+        raise ValueError("prompts: token_map_cross_fit needs at least 4 training prompts, 2 on each side")
 
 
 @dataclass

@@ -6,6 +6,7 @@ here, once, with an error that names the field; a typo never silently trains wit
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ def parse_hyperparameters(cls: type[T], hp: dict[str, Any], method: str, choices
                 raise ValueError(f"hyperparameters.{key}: must be one of {list(allowed)}, not {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"hyperparameters.{key}: must be a number")
+        elif not math.isfinite(value):
+            raise ValueError(f"hyperparameters.{key}: must be a finite number")
         elif isinstance(default, int) and float(value) != int(value):
             raise ValueError(f"hyperparameters.{key}: must be an integer")
         setattr(cfg, key, type(default)(value))
@@ -48,3 +51,9 @@ def require_unit_interval(cfg: Any, *names: str) -> None:
     for name in names:
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"hyperparameters.{name}: must be between 0 and 1")
+
+
+def require_non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"hyperparameters.{name}: must be >= 0")

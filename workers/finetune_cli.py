@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import uuid
 from pathlib import Path
 
+from common.finetune_config import check_hyperparameters
 from common.settings import get_settings
 
 
@@ -36,6 +38,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from adaptors.image_features import with_preservation_features
     from adaptors.store import AdaptorStore
+    from adaptors.subject import SubjectLost
     from adaptors.trainers import get_trainer
     from common.schemas import FieldError, FinetuneJob, validate_target
     from testbed import world
@@ -46,6 +49,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         trainer = get_trainer(args.method)
     except KeyError as exc:
         _out(str(exc.args[0]))
+        return 2
+    try:  # before the model loads: a typo costs nothing
+        hyperparameters = json.loads(args.hparams)
+        if not isinstance(hyperparameters, dict):
+            raise ValueError("must be a JSON object")
+        check_hyperparameters(args.method, hyperparameters)
+    except ValueError as exc:  # json.JSONDecodeError is one
+        _out(f"--hparams: {exc}")
         return 2
     model, pipe, classifier = _load_model(args.model or settings.base_model)
     if classifier is None:
@@ -63,7 +74,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 2
     job = FinetuneJob(
         method=args.method, base_model=model, fairness_target=target, prompts=prompts, prompt_set=args.prompt_set,
-        hyperparameters=json.loads(args.hparams), name=args.name,
+        hyperparameters=hyperparameters, name=args.name,
         eval_prompts=world.prompt_set(eval_set) if eval_set else None,
     )  # fmt: skip
     store = AdaptorStore(Path(args.store) if args.store else settings.adaptor_dir)
@@ -81,8 +92,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         trainer(job, pipe, with_preservation_features(classifier, settings.preserve_features, pipe.device), staging, ckpt,
                 progress, lambda: False)  # fmt: skip
+    except SubjectLost as exc:
+        bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        _out(f"finetune failed: {exc}")
+        return 1
     except ValueError as exc:
         bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
         _out(f"finetune failed: {exc}")
         return 2
     bar.close()

@@ -92,6 +92,7 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         return jobs.cancel_requested(job_id)
 
     from adaptors.generation import GenerationCancelled
+    from adaptors.subject import SubjectLost
 
     try:
         try:
@@ -99,6 +100,13 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             cancelled = jobs.cancel_requested(job_id)
         except GenerationCancelled:
             cancelled = True
+        except SubjectLost as exc:  # the gate: a finished finetune that lost its subject fails for good
+            _discard(staging, ckpt)
+            jobs.finish(job_id, JobState.failed, error={
+                "type": "subject_lost", "message": str(exc), "subject_kept": exc.kept, "bias": exc.bias})  # fmt: skip
+            incr_stats(jobs.r, finetunes_failed=1)
+            logger.warning("finetune %s: %s", job_id, exc)
+            return JobState.failed.value
         if cancelled:
             _discard(staging, ckpt)
             jobs.finish(job_id, JobState.cancelled)

@@ -34,6 +34,7 @@ from diffusers.training_utils import EMAModel
 from adaptors.audit import classify, summarise
 from adaptors.classifiers import AttributeClassifier
 from adaptors.generation import GenerationCancelled, GenerationSpec, default_size, generate, initial_latents
+from adaptors.subject import require_subject_kept, subject_kept, subject_reader
 from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
@@ -42,7 +43,7 @@ from adaptors.trainers.sampling import sample
 from adaptors.trainers.trainable import Trainable, make_trainable
 from common import bias as metrics
 from common.adaptor_manifest import AdaptorManifest
-from common.finetune_config import DFTConfig, check_hyperparameters
+from common.finetune_config import DFTConfig, check_hyperparameters, check_prompts
 from common.schemas import FinetuneJob
 
 logger = logging.getLogger(__name__)
@@ -244,9 +245,8 @@ def train_dft(
     if cfg.token_map_init != "random":
         leanings = stored_leanings(checkpoint_dir, pipe, classifier, list(job.prompts), shares, cfg, progress, should_stop)
     fit_prompts = list(job.prompts)
+    check_prompts(cfg, fit_prompts)
     if cfg.token_map_cross_fit:  # the read from every other prompt, the scale trained on the others
-        if len(fit_prompts) < 4:
-            raise ValueError("prompts: token_map_cross_fit needs at least 4 training prompts, 2 on each side")
         assert leanings is not None
         fit_prompts, leanings = fit_prompts[::2], leanings[::2]
         job = replace(job, prompts=list(job.prompts)[1::2])
@@ -412,6 +412,10 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     with torch.no_grad():
         before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=True)
         after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=False)
+    reader = subject_reader(job.base_model)
+    kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
+    measured = {"before": before["bias"], "after": after["bias"]}
+    require_subject_kept(kept, cfg.min_subject_kept, measured)
     manifest = AdaptorManifest(
         id=adaptor_id_for(staging_dir, job),
         kind="pending",
@@ -420,15 +424,18 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         target=target,
         metrics={
             "eval_prompts": eval_prompts,
+            # False when no held-out prompts were given and the figures are the training prompts' own
+            "eval_prompts_held_out": not set(eval_prompts) & set(job.prompts),
             "before": before,
             "after": after,
-            "semantics": semantics(classifier, before_images, after_images),
+            "semantics": {**semantics(classifier, before_images, after_images), "subject_kept": kept},
             "train_seconds": train_seconds,
             "iterations": cfg.iterations,
             "history": state["history"][-5:],
         },
         hyperparameters={**asdict(cfg), "method": job.method},
         prompt_set=job.prompt_set,
+        prompts=list(job.prompts),
         sampler={"steps": cfg.eval_steps, "guidance_scale": cfg.guidance_scale, "scheduler": type(pipe.scheduler).__name__},
         name=job.name,
     )

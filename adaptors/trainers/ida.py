@@ -175,6 +175,7 @@ def train_ida(
         },
         hyperparameters={**asdict(cfg), "method": "ida"},
         prompt_set=job.prompt_set,
+        prompts=list(job.prompts),
         sampler={
             "steps": cfg.steps,
             "guidance_scale": cfg.guidance_scale,

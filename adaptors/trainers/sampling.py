@@ -36,8 +36,9 @@ def sample(
     """Decoded images in [0, 1] from `latents` with the pipeline's own sampler.
 
     Differentiable (through checkpointed UNet calls) whenever grad mode is on; `uncond` None
-    means no classifier-free guidance. `adjusted=False` is plain DFT: same detached input, no
-    per-step rescaling, kept so the adjustment's benefit can be measured.
+    means no classifier-free guidance. `adjusted=False` is plain DFT: the gradient of the whole chain, the
+    denoiser's Jacobian in its latent input included, with no per-step rescaling (checkpointed all the same),
+    kept so that the adjustment's benefit can be measured against it.
     """
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps, device=latents.device)
@@ -51,7 +52,7 @@ def sample(
         return pipe.unet(inp, t, encoder_hidden_states=e).sample
 
     for i, t in enumerate(scheduler.timesteps):
-        xin = x.detach()
+        xin = x.detach() if adjusted else x
         xin = scheduler.scale_model_input(torch.cat([xin, xin]) if use_cfg else xin, t)
         eps = checkpoint(eps_fn, xin, t, emb, use_reentrant=False) if differentiable else eps_fn(xin, t, emb)
         if use_cfg:

@@ -38,8 +38,9 @@ from common.schemas import FinetuneJob
 DOCTOR = "a photo of the face of a doctor, a person"
 NURSE = "a photo of the face of a nurse, a person"
 TARGET = {"gender": {"female": 0.5, "male": 0.5}}
+# the plumbing's settings: 2 evaluation steps draw images too rough for the subject gate to judge (test_subject_gate)
 TINY = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "prompts_per_iteration": 1, "eval_images": 2, "eval_steps": 2,
-        "checkpoint_every": 1, "rank": 2}  # fmt: skip
+        "checkpoint_every": 1, "rank": 2, "min_subject_kept": 0}  # fmt: skip
 
 
 def _job(method: str = "dft", target: dict | None = None, prompts: list[str] | None = None, **hp) -> FinetuneJob:
@@ -93,7 +94,14 @@ def test_registered():
      ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_cross_fit": True},
       "token_map_cross_fit"),
      ({"text_encoder_modules": "token_map", "token_map_init": "regression", "token_map_train": "read"},
-      "token_map_train")],
+      "token_map_train"),
+     # values that would crash the worker after minutes, or train with something other than was asked
+     ({"weight_decay": -1}, "weight_decay"), ({"steps_jitter": -2}, "steps_jitter"), ({"eval_images": 0}, "eval_images"),
+     ({"eval_steps": 0}, "eval_steps"), ({"guidance_scale": 0.5}, "guidance_scale"), ({"lr": -1}, "lr"),
+     ({"preserve_pixel_weight": -3}, "preserve_pixel_weight"), ({"max_grad_norm": -1}, "max_grad_norm"),
+     ({"ema_decay": 1.0}, "ema_decay"), ({"ce_temperature": float("nan")}, "ce_temperature: must be a finite"),
+     ({"lr": float("inf")}, "lr: must be a finite"), ({"min_subject_kept": 1.5}, "min_subject_kept"),
+     ({"target_draws": -1}, "target_draws")],
 )  # fmt: skip
 def test_hyperparameters_are_checked(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -239,6 +247,25 @@ def test_gradients_reach_the_lora_and_the_adjustment_changes_only_them(pipe):
     assert not torch.allclose(grads[True], grads[False])
     trainable.remove()
     assert not any(loaded_adapters(pipe).values())
+
+
+def test_plain_dft_also_differentiates_the_denoiser_in_its_latent_input(pipe):
+    """At one step the rescaling is exactly 1, so the two variants differ only in the detached input: the weights
+    get the same gradient, the starting latents a different one (plain adds the denoiser's Jacobian)."""
+    trainable = make_trainable(pipe, "text_encoder", rank=2, num_tokens=5, seed=0, init_scale=0.1)
+    with torch.no_grad():
+        for p in trainable.params:
+            p.add_(torch.randn_like(p) * 0.01)
+    grads = {}
+    for adjusted in (True, False):
+        for p in trainable.params:
+            p.grad = None
+        latents = initial_latents(pipe, 0, range(2), 32, 32).requires_grad_(True)
+        sample(pipe, trainable.encode([DOCTOR] * 2), None, latents, 1, 1.0, adjusted).mean().backward()
+        grads[adjusted] = (torch.cat([p.grad.flatten() for p in trainable.params]), latents.grad.clone())
+    assert torch.allclose(grads[True][0], grads[False][0], rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(grads[True][1], grads[False][1], rtol=1e-3)
+    trainable.remove()
 
 
 def test_stop_then_resume_equals_an_uninterrupted_run(pipe, classifier, tmp_path: Path):

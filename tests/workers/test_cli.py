@@ -43,7 +43,15 @@ def test_generate_writes_images_sheet_and_report(tmp_path):
 
 def test_finetune_publishes_an_adaptor_with_a_progress_bar(tmp_path):
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "FAIRDIFF_TORCH_THREADS": "1"}
-    hp = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "eval_images": 2, "eval_steps": 2, "rank": 2}
+    hp = {
+        "iterations": 2,
+        "steps": 2,
+        "images_per_prompt": 2,
+        "eval_images": 2,
+        "eval_steps": 2,
+        "rank": 2,
+        "min_subject_kept": 0,
+    }  # images of 2 steps are too rough for the subject gate (tests/adaptors/test_subject_gate.py)
     proc = subprocess.run(
         [sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"gender": {"female": 0.5, "male": 0.5}}',
          "--prompts", "a photo of the face of a doctor, a person", "--hparams", json.dumps(hp), "--id", "cli-dft",
@@ -60,3 +68,9 @@ def test_finetune_publishes_an_adaptor_with_a_progress_bar(tmp_path):
                           "--prompts", "x", "--store", str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert bad.returncode == 2 and "--target" in bad.stdout
+
+    for hparams, says in (("{lr: 1}", "--hparams: Expecting property name"), ('{"ema_decay": 1.0}', "ema_decay")):
+        bad = subprocess.run([sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"gender": {"female": 1}}',
+                              "--prompts", "x", "--hparams", hparams, "--store", str(tmp_path / "store")],
+                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+        assert bad.returncode == 2 and says in bad.stdout and "Traceback" not in bad.stderr, (bad.stdout, bad.stderr)

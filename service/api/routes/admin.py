@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from common import adaptor_manifest
 from common.celery_config import FINETUNE_TASK, TRAINING_QUEUE
-from common.finetune_config import check_hyperparameters
+from common.finetune_config import check_hyperparameters, check_prompts
 from common.jobs import JobStore
 from common.schemas import FieldError, FinetuneJob, JobKind, JobState, validate_target
 from common.settings import Settings
@@ -77,7 +77,7 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
             code="unknown_method",
         )
     try:  # the method's own checks, torch-free: a bad hyperparameter is refused here, not minutes later on a worker
-        check_hyperparameters(body.method, dict(body.hyperparameters))
+        config = check_hyperparameters(body.method, dict(body.hyperparameters))
     except ValueError as exc:
         raise InvalidField(str(exc), param=str(exc).split(":", 1)[0], code="invalid_hyperparameters") from exc
     base_model = body.base_model or settings.base_model
@@ -99,6 +99,10 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
         prompts = prompt_set(body.prompt_set)
     else:
         prompts = _prompt_list(info, body.prompts or [], "prompts")
+    try:
+        check_prompts(config, prompts)
+    except ValueError as exc:
+        raise InvalidField(str(exc), param="prompts", code="invalid_prompts") from exc
     return FinetuneJob(
         method=body.method,
         base_model=base_model,

@@ -1,0 +1,78 @@
+"""Whether a finetune kept what its images show: the gate every published fairness adaptor passes.
+
+A finetune that debiases by changing the subject (a nurse's images that stop showing a nurse) has
+not debiased anything, however good its bias figure: Shen et al. guard against it with their
+preservation losses, and a demanding operator wants it refused outright. The gate compares each
+evaluation image with the base model's image from the same noise, as read by a reader that names
+the image's subject independently of the attribute classifier the finetune trained against.
+
+Only the testbed has such a reader today (its oracle reads the occupation from the background and
+shirt, the cues no attribute lives in). The preservation features are no substitute: the testbed
+classifier's trunk is trained to see attributes and tells occupations apart in a third of images,
+so a base model without a reader is reported as not gated rather than gated by a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from common.settings import TESTBED_MODELS
+
+SubjectReader = Callable[[torch.Tensor], list[str | None]]
+
+
+class SubjectLost(Exception):
+    """The finetuned images lost their subject in more images than the job allows; nothing is published."""
+
+    def __init__(self, kept: dict, minimum: float, bias: dict | None = None) -> None:
+        self.kept, self.minimum, self.bias = kept, minimum, bias or {}
+        worst = min(kept["per_prompt"].items(), key=lambda item: item[1])
+        super().__init__(
+            f"the finetuned model kept the subject ({kept['reader']}) in {kept['share']:.0%} of evaluation images, "
+            f"below min_subject_kept {minimum:.0%} (worst prompt {worst[0]!r}: {worst[1]:.0%}); nothing was published"
+        )
+
+
+def subject_reader(base_model: str) -> tuple[str, SubjectReader] | None:
+    """(what it reads, the reader) for this base model, or None where none exists."""
+    if base_model not in TESTBED_MODELS:
+        return None
+    from testbed.oracle import read_batch
+
+    def read(images: torch.Tensor) -> list[str | None]:  # images in [0, 1], as the trainers generate them
+        return [r.occupation for r in read_batch(images.detach().float().cpu().numpy() * 2 - 1)]
+
+    return "testbed oracle: occupation", read
+
+
+def subject_kept(reader: tuple[str, SubjectReader], before: torch.Tensor, after: torch.Tensor, prompts: list[str]) -> dict:
+    """The share of images (each prompt's block of `before`/`after`, same noise) whose subject is the base image's.
+
+    An image whose base image has no readable subject says nothing about the finetune and is left out; a
+    finetuned image with none where the base had one counts as lost."""
+    name, read = reader
+    base, tuned = read(before), read(after)
+    per = len(base) // len(prompts)
+    per_prompt, counted, same = {}, 0, 0
+    for j, prompt in enumerate(prompts):
+        pairs = [(b, t) for b, t in zip(base[j * per : (j + 1) * per], tuned[j * per : (j + 1) * per], strict=True) if b]
+        kept = sum(b == t for b, t in pairs)
+        per_prompt[prompt] = round(kept / len(pairs), 4) if pairs else 1.0
+        counted, same = counted + len(pairs), same + kept
+    return {
+        "reader": name,
+        "share": round(same / counted, 4) if counted else 1.0,
+        "per_prompt": per_prompt,
+        "images": counted,
+        "min_prompt": round(float(np.min(list(per_prompt.values()))), 4),
+    }
+
+
+def require_subject_kept(kept: dict | None, minimum: float, bias: dict | None = None) -> None:
+    """Raise SubjectLost when a measured share falls below `minimum` (0: the gate is off); `bias` (before and
+    after) travels with it so the failed job still says what the finetune did."""
+    if kept is not None and minimum > 0 and kept["share"] < minimum:
+        raise SubjectLost(kept, minimum, bias)
