@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from common.settings import TESTBED_MODELS
@@ -67,7 +66,7 @@ def subject_kept(reader: tuple[str, SubjectReader], before: torch.Tensor, after:
         "share": round(same / counted, 4) if counted else 1.0,
         "per_prompt": per_prompt,
         "images": counted,
-        "min_prompt": round(float(np.min(list(per_prompt.values()))), 4),
+        "min_prompt": min(per_prompt.values()),
     }
 
 

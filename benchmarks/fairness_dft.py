@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+from common.finetune_config import DFTConfig  # noqa: E402
 from common.settings import TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
@@ -41,7 +42,6 @@ AGE = {"age": {"young": 0.75, "old": 0.25}}
 # that a run which loses the occupation is still measured; `subject_gate` records whether the default gate would
 # have refused it (from the trainer's own 32 evaluation images), `occupation_kept` the oracle on all the images
 BASE_HP = {"eval_images": 8, "min_subject_kept": 0}
-GATE = 0.95  # common.finetune_config.DFTConfig.min_subject_kept's default
 WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike words
 HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 
@@ -245,7 +245,7 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     }
     kept = ((adaptor.manifest.metrics or {}).get("semantics") or {}).get("subject_kept")
     if kept is not None:
-        result["subject_gate"] = {"trainer_share": kept["share"], "passed": kept["share"] >= GATE}
+        result["subject_gate"] = {"trainer_share": kept["share"], "passed": kept["share"] >= DFTConfig().min_subject_kept}
     # the training occupations too (fewer images): a finetune that fits them but not the held-out ones
     # has learned a change per prompt rather than a rule; the gap says so
     train_after = oracle_summary(held_out_images(pipe, adaptor, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,)), attrs)

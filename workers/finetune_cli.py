@@ -92,18 +92,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         trainer(job, pipe, with_preservation_features(classifier, settings.preserve_features, pipe.device), staging, ckpt,
                 progress, lambda: False)  # fmt: skip
-    except SubjectLost as exc:
-        bar.close()
+    except (SubjectLost, ValueError) as exc:  # a refused adaptor (exit 1) or a bad request (exit 2): nothing published
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(ckpt, ignore_errors=True)
+        if isinstance(exc, SubjectLost):  # finished and refused: nothing will resume it
+            shutil.rmtree(ckpt, ignore_errors=True)
         _out(f"finetune failed: {exc}")
-        return 1
-    except ValueError as exc:
+        return 1 if isinstance(exc, SubjectLost) else 2
+    finally:
         bar.close()
-        shutil.rmtree(staging, ignore_errors=True)
-        _out(f"finetune failed: {exc}")
-        return 2
-    bar.close()
     manifest = store.publish(staging)
     _out(f"published adaptor {manifest.id} ({manifest.kind}) to {store.root}")
     metrics = manifest.metrics or {}

@@ -101,8 +101,7 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         except GenerationCancelled:
             cancelled = True
         except SubjectLost as exc:  # the gate: a finished finetune that lost its subject fails for good
-            _discard(staging, ckpt)
-            jobs.finish(job_id, JobState.failed, error={
+            fail_finetune(jobs, runtime, job_id, {
                 "type": "subject_lost", "message": str(exc), "subject_kept": exc.kept, "bias": exc.bias})  # fmt: skip
             incr_stats(jobs.r, finetunes_failed=1)
             logger.warning("finetune %s: %s", job_id, exc)
