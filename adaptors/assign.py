@@ -1,11 +1,11 @@
 """Exact per-request class assignment and the per-image conditioning that realises it.
 
 The `assign` strategy meets a request's `fairness_target` without any training: the request's
-images are first split into exact per-class counts (largest remainder, so 8 images at 30/70 are
-2/6 and never "about 2.4"), each image index is given its class, and then every image is
-conditioned on its own class inside one batched denoising pass. The split functions are pure
-and torch-free at import time of their callers' needs; the conditioning part is the primitive
-that IDA reuses, so it takes explicit class texts rather than knowing about any one model.
+images are first split into exact per-class counts (each the floor or ceiling of its quota, the
+leftover images drawn from the seed so no class is favoured: 8 images at 30/70 are 2/6 or 3/5,
+2.4 women on average), each image index is given its class, and then every image is conditioned
+on its own class inside one batched denoising pass. The split functions are pure and torch-free;
+the conditioning part is the primitive that IDA reuses, so it takes explicit class texts rather than knowing about any one model.
 
 Two conditioning modes, both per image:
 - "prompt": the image's prompt names its classes ("a photo of the face of an old female
@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import re
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -75,11 +76,10 @@ def _quotas(n: int, shares: Mapping[str, float]) -> dict[str, float]:
 
 
 def largest_remainder(n: int, shares: Mapping[str, float]) -> dict[str, int]:
-    """Exact integer counts summing to `n`, as close to `n * share` as integers allow.
+    """Exact integer counts summing to `n`, as close to `n * share` as integers allow, ties to the first class.
 
-    Every class gets the floor of its quota, and the images left over go to the largest
-    fractional parts; equal fractions go to the class named first, so the split is a pure
-    function of (n, shares) and two workers never disagree on it. Shares need not sum to 1.
+    Deterministic and seed-free, for places that need one fixed split (DFT's alignment targets);
+    a request's split uses `fair_round`, which does not favour any class.
     """
     quotas = _quotas(n, shares)
     counts = {c: math.floor(q) for c, q in quotas.items()}
@@ -88,6 +88,45 @@ def largest_remainder(n: int, shares: Mapping[str, float]) -> dict[str, int]:
     order = sorted(range(len(names)), key=lambda i: (-(quotas[names[i]] % 1.0), i))
     for i in order[:left]:
         counts[names[i]] += 1
+    return counts
+
+
+def _rng(seed: int, *salt: str) -> np.random.Generator:
+    """A generator that depends only on the seed and the names given, so every worker draws the same."""
+    entropy = [int(seed) & 0xFFFFFFFF, 0xFA1D, *(zlib.crc32(s.encode()) for s in salt)]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+def fair_round(n: int, shares: Mapping[str, float], seed: int) -> dict[str, int]:
+    """Exact integer counts summing to `n`, each the floor or ceiling of `n * share`, drawn so no class is favoured.
+
+    Every class gets the floor of its quota; the images left over go to classes drawn by
+    systematic sampling over the fractional parts (one uniform draw from the seed, classes in a
+    seeded order), so a class gets its extra image with probability equal to its fractional
+    quota. Over many requests each class's expected count is exactly `n * share`: a stream of
+    1-image requests at 30/70 is 30% female on average, where largest remainder made it all male.
+    Deterministic for a given (n, shares, seed).
+    """
+    quotas = _quotas(n, shares)
+    counts = {c: math.floor(q) for c, q in quotas.items()}
+    left = n - sum(counts.values())
+    if left <= 0:
+        return counts
+    rng = _rng(seed, *quotas)
+    names = [list(quotas)[i] for i in rng.permutation(len(quotas))]
+    point, edge, chosen = float(rng.random()), 0.0, []
+    for name in names:
+        edge += quotas[name] % 1.0
+        if point < edge and len(chosen) < left:
+            chosen.append(name)
+            point += 1.0
+    for name in sorted(names, key=lambda c: -(quotas[c] % 1.0)):  # float slack: top up from the largest fractions
+        if len(chosen) >= left:
+            break
+        if name not in chosen:
+            chosen.append(name)
+    for name in chosen:
+        counts[name] += 1
     return counts
 
 
@@ -114,25 +153,26 @@ def joint_key(classes: Mapping[str, str], attributes: Sequence[str]) -> str:
     return ",".join(f"{a}={classes[a]}" for a in attributes)
 
 
-def joint_counts(n: int, target: Target) -> dict[tuple[str, ...], int]:
-    """Exact counts over the joint classes, summing to `n`, whose marginals follow each attribute's split.
+def joint_counts(n: int, target: Target, seed: int = 0) -> dict[tuple[str, ...], int]:
+    """Exact counts over the joint classes, summing to `n`, whose marginals follow each attribute's fair split.
 
-    Plain largest remainder over the joint classes can unbalance a marginal (2 images at 50/50 x
-    50/50 would be female/young + female/old), so the leftover images go first to the joint
-    classes whose marginal classes are most behind their own largest-remainder counts, then by
-    largest fractional part, then by class order. Marginals then match their own split within 1
-    (exactly in every case the tests try).
+    Each attribute's counts are drawn by `fair_round`; the joint classes get the floors of their
+    quotas, and each leftover image goes to the joint class whose marginal classes are most
+    behind those counts, then the largest fractional part, then a seeded order (never the
+    order the classes were named in). Marginals then match their own split (within 1 in every
+    case the tests try, exactly in almost all).
     """
     attrs = list(target)
     shares = joint_shares(target)
     quotas = _quotas(n, shares)
     counts = {c: math.floor(q) for c, q in quotas.items()}
-    marginal_goal = {a: largest_remainder(n, target[a]) for a in attrs}
+    marginal_goal = {a: fair_round(n, target[a], seed) for a in attrs}
     marginal = {a: dict.fromkeys(target[a], 0) for a in attrs}
     for combo, k in counts.items():
         for a, c in zip(attrs, combo):
             marginal[a][c] += k
-    order = {combo: i for i, combo in enumerate(quotas)}
+    shuffled = _rng(seed, "joint", *attrs).permutation(len(quotas))
+    order = {combo: int(shuffled[i]) for i, combo in enumerate(quotas)}
     candidates = {combo for combo, q in quotas.items() if q % 1.0 > 0}
     for _ in range(n - sum(counts.values())):
         pool = candidates or set(quotas)
@@ -157,7 +197,7 @@ def joint_assignment(n: int, target: Target, seed: int) -> list[Assignment]:
     """
     attrs = list(target)
     flat: list[tuple[str, ...]] = []
-    for combo, k in joint_counts(n, target).items():
+    for combo, k in joint_counts(n, target, seed).items():
         flat.extend([combo] * k)
     perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA551]))
     order = perm.permutation(len(flat))
