@@ -18,13 +18,16 @@ from collections.abc import Callable
 
 import torch
 
+from adaptors.fairness_gain import FinetuneRefused
 from common.settings import TESTBED_MODELS
 
 SubjectReader = Callable[[torch.Tensor], list[str | None]]
 
 
-class SubjectLost(Exception):
+class SubjectLost(FinetuneRefused):
     """The finetuned images lost their subject in more images than the job allows; nothing is published."""
+
+    error_type = "subject_lost"
 
     def __init__(self, kept: dict, minimum: float, bias: dict | None = None) -> None:
         self.kept, self.minimum, self.bias = kept, minimum, bias or {}
@@ -33,6 +36,10 @@ class SubjectLost(Exception):
             f"the finetuned model kept the subject ({kept['reader']}) in {kept['share']:.0%} of evaluation images, "
             f"below min_subject_kept {minimum:.0%} (worst prompt {worst[0]!r}: {worst[1]:.0%}); nothing was published"
         )
+
+
+    def error(self) -> dict:
+        return {**super().error(), "subject_kept": self.kept, "bias": self.bias}
 
 
 def subject_reader(base_model: str) -> tuple[str, SubjectReader] | None:

@@ -41,7 +41,7 @@ AGE = {"age": {"young": 0.75, "old": 0.25}}
 # the trainer's defaults otherwise; its own (classifier) evaluation is not the one reported. The subject gate is off so
 # that a run which loses the occupation is still measured; `subject_gate` records whether the default gate would
 # have refused it (from the trainer's own 32 evaluation images), `occupation_kept` the oracle on all the images
-BASE_HP = {"eval_images": 8, "min_subject_kept": 0}
+BASE_HP = {"eval_images": 8, "min_subject_kept": 0, "min_fairness_gain": 0}
 WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike words
 HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 

@@ -2,6 +2,12 @@
 
 Torch-free and Redis-free, so the gateway (to answer 409 at once) and the inference worker (to
 decide when the job runs) apply exactly the same rules.
+
+An adaptor is trained for one target, and its manifest records how well it met that target on
+evaluation prompts. `auto` may pick it only when that measured fit qualifies (`fit_to_target`
+at most the deployment's `auto_max_tv`); a fit that was never measured, or measured on the
+training prompts alone, does not qualify, so one poorly trained adaptor cannot silently change
+what every client gets.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from common.bias import total_variation
 from common.schemas import TARGET_TOLERANCE
 
 GUIDANCE_KIND = "ida"  # calibrated guidance weights: applied by the `guidance` strategy, not as an `adaptor`
@@ -48,10 +55,13 @@ def find_matching_adaptor(
     target: Mapping[str, Mapping[str, float]],
     base_models: Collection[str],
     tol: float = TARGET_TOLERANCE,
+    max_tv: float | None = None,
 ) -> Any | None:
     """The stored adaptor trained for exactly this target on this base model, or None.
 
-    Several matches: the newest (by `created`, then by id) wins, so the choice is deterministic
+    With `max_tv`, only an adaptor whose measured held-out fit (`fit_to_target`) is at most
+    `max_tv` counts: that is how `auto` picks. Several matches: the newest (by `created`, then
+    by id) wins, so the choice is deterministic
     and a retrained adaptor supersedes an older one without retiring it.
     """
     matches = []
@@ -61,10 +71,87 @@ def find_matching_adaptor(
         trained = manifest_target(manifest)
         if not trained or not targets_match(trained, target, tol):
             continue
+        if max_tv is not None and not _qualifies(fit_to_target(manifest, None), max_tv):
+            continue
         matches.append(manifest)
     if not matches:
         return None
     return max(matches, key=lambda m: (str(manifest_field(m, "created") or ""), str(manifest_field(m, "id") or "")))
+
+
+def _qualifies(fit: dict[str, Any] | None, max_tv: float) -> bool:
+    return fit is not None and fit.get("tv") is not None and float(fit["tv"]) <= max_tv
+
+
+def _mean_tv(realised: Mapping[str, Mapping[str, float]], target: Mapping[str, Mapping[str, float]]) -> float | None:
+    """Mean over the target's attributes of the total variation between realised and target shares."""
+    if not realised or any(a not in realised for a in target):
+        return None
+    return round(sum(total_variation(realised[a], target[a]) for a in target) / len(target), 4)
+
+
+def fit_to_target(manifest: Any, prompt: str | None) -> dict[str, Any] | None:
+    """How well this adaptor met its own target, as its manifest measured it; None when never measured.
+
+    A finetune (`dft`, `prefix`): mean per-prompt total variation to the target on its evaluation
+    prompts, counted only when they were held out from training. A guidance calibration (`ida`):
+    the total variation on held-out seeds for `prompt` (None for a prompt it was not calibrated on).
+    """
+    metrics = manifest_field(manifest, "metrics") or {}
+    target = manifest_target(manifest) or {}
+    if manifest_field(manifest, "kind") == GUIDANCE_KIND:
+        row = (metrics.get("per_prompt") or {}).get(prompt) if prompt is not None else None
+        tv = _mean_tv(row.get("realised_after") or {}, target) if row else None
+        return None if tv is None else {"tv": tv, "measured_on": "held-out seeds of this prompt", "held_out": True}
+    after = metrics.get("after") or {}
+    tv = after.get("mean_prompt_tv")
+    if tv is None:
+        return None
+    held_out = bool(metrics.get("eval_prompts_held_out"))
+    return {
+        "tv": float(tv) if held_out else None,
+        "measured_tv": float(tv),
+        "measured_on": f"{len(metrics.get('eval_prompts') or [])} evaluation prompts"
+        + (" held out from training" if held_out else " that it was trained on"),
+        "held_out": held_out,
+    }
+
+
+def adaptor_conflict(
+    manifest: Any,
+    target: Mapping[str, Mapping[str, float]] | None,
+    prompt: str,
+    steps: int | None,
+    guidance_scale: float | None,
+    tol: float = TARGET_TOLERANCE,
+) -> tuple[str, str] | None:
+    """(code, message) when an explicitly named adaptor cannot serve this request, else None.
+
+    The request's fairness_target (when it names one) must be the target the adaptor was trained
+    for; a guidance calibration must also have been calibrated for this prompt, steps and CFG scale.
+    """
+    aid = manifest_field(manifest, "id")
+    trained = manifest_target(manifest) or {}
+    if target and not targets_match(trained, target, tol):
+        return ("adaptor_target_mismatch",
+                f"adaptor {aid!r} was trained for fairness_target {dict(trained)}, not the requested one; "
+                "omit fairness_target to use the adaptor's own, or name an adaptor trained for this target")  # fmt: skip
+    if manifest_field(manifest, "kind") != GUIDANCE_KIND:
+        return None
+    hp = manifest_field(manifest, "hyperparameters") or {}
+    if prompt not in hp.get("prompts", manifest_field(manifest, "prompts") or []):
+        return ("adaptor_prompt_mismatch",
+                f"guidance weights {aid!r} were calibrated for other prompts; calibrate this prompt "
+                "(POST /v1/admin/finetunes with method 'ida') or use strategy 'assign'")  # fmt: skip
+    sampler = manifest_field(manifest, "sampler") or {}
+    if steps is not None and sampler.get("steps") not in (None, steps):
+        return ("adaptor_sampler_mismatch",
+                f"guidance weights {aid!r} were calibrated at steps={sampler.get('steps')}, not {steps}")  # fmt: skip
+    gs = sampler.get("guidance_scale")
+    if guidance_scale is not None and gs is not None and abs(float(gs) - guidance_scale) > 1e-6:
+        return ("adaptor_sampler_mismatch",
+                f"guidance weights {aid!r} were calibrated at guidance_scale={gs}, not {guidance_scale}")  # fmt: skip
+    return None
 
 
 def find_calibration(
@@ -75,11 +162,13 @@ def find_calibration(
     steps: int | None,
     guidance_scale: float | None,
     tol: float = TARGET_TOLERANCE,
+    max_tv: float | None = None,
 ) -> Any | None:
     """The newest IDA calibration for this target, base model, prompt and sampler setting, or None.
 
     Guidance weights hold only for the steps and CFG scale they were calibrated at, and only for
-    the prompts they were calibrated on, so every one of those must match.
+    the prompts they were calibrated on, so every one of those must match; with `max_tv`, its
+    measured fit for this prompt must also be at most `max_tv` (how `auto` picks).
     """
     matches = []
     for manifest in manifests:
@@ -93,6 +182,8 @@ def find_calibration(
         if steps is not None and sampler.get("steps") != steps:
             continue
         if guidance_scale is not None and abs(float(sampler.get("guidance_scale", -1.0)) - guidance_scale) > 1e-6:
+            continue
+        if max_tv is not None and not _qualifies(fit_to_target(manifest, prompt), max_tv):
             continue
         matches.append(manifest)
     if not matches:

@@ -118,6 +118,9 @@ class DFTConfig:
     # must be the base image's from the same noise, or the job fails and publishes nothing, whatever its bias
     # (adaptors.subject). 0 switches the gate off; base models with no subject reader are not gated
     min_subject_kept: float = 0.95
+    # the fairness gate: mean per-prompt TV to the target on the evaluation prompts must fall by at least this share
+    # of its value before training, or the job fails with no_fairness_gain and publishes nothing (0: off)
+    min_fairness_gain: float = 0.25
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
@@ -153,7 +156,8 @@ class DFTConfig:
         if cfg.token_map_cross_fit and cfg.token_map_train != "scale":
             raise ValueError("hyperparameters.token_map_cross_fit: only with token_map_train scale")
         require_positive(cfg, "checkpoint_every")
-        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share", "min_subject_kept")
+        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share", "min_subject_kept",
+                              "min_fairness_gain")
         if cfg.ema_decay == 1.0:
             raise ValueError("hyperparameters.ema_decay: must be below 1 (at 1 the published average never moves)")
         if cfg.steps_jitter >= cfg.steps:
@@ -208,6 +212,7 @@ class IDAConfig:
     eval_images: int = 64
     eval_seed: int = 50_000
     max_batch: int = 64
+    min_fairness_gain: float = 0.25  # as DFTConfig's: mean per-prompt TV to the target must fall by this share
 
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any]) -> IDAConfig:
@@ -216,6 +221,7 @@ class IDAConfig:
         for name in ("step", "pg_sigma"):
             if getattr(cfg, name) <= 0:
                 raise ValueError(f"hyperparameters.{name}: must be > 0")
+        require_unit_interval(cfg, "min_fairness_gain")
         return cfg
 
 

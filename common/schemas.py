@@ -123,6 +123,7 @@ class GenerateJob:
     adaptor_id: str | None = None
     audit: bool = True
     enforce: bool = False
+    strict: bool = False  # enforce: "strict" -- a shortfall fails the job (enforcement_incomplete)
     ledger: str | None = None
     ledger_scope: str = "anon"
     extra: dict[str, Any] = field(default_factory=dict)

@@ -68,6 +68,14 @@ class Settings(BaseSettings):
         "`assign`/`enforce` (0: off; 0.3 measured best on the testbed, 0.5 starts to lose the occupation).",
     )
     enforce_max_rounds: int = Field(3, ge=0, le=20, description="Regeneration rounds `enforce` may spend per request.")
+    auto_max_tv: float = Field(
+        0.10,
+        ge=0.0,
+        le=1.0,
+        description="`auto` serves a request with a stored adaptor or calibration only when its measured fit (mean "
+        "per-prompt total variation to its target on held-out evaluation prompts, or on held-out seeds of this "
+        "prompt for guidance weights) is at most this; otherwise it uses the exact `assign`.",
+    )
     max_batch: int = Field(16, ge=1, description="Images denoised together; larger requests run in chunks.")
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
 

@@ -31,7 +31,13 @@ logger = logging.getLogger(__name__)
 STATS_KEY = PREFIX + ":stats"  # hash of worker-side counters: field -> number
 QUEUES = (INFERENCE_QUEUE, TRAINING_QUEUE)
 # Always exported (0 until a worker reports), so dashboards and alerts find them from the start.
-KNOWN_WORKER_STATS = ("adaptor_cache_hits", "adaptor_cache_misses", "adaptor_swaps", "adaptor_cache_bytes")
+KNOWN_WORKER_STATS = (
+    "adaptor_cache_hits", "adaptor_cache_misses", "adaptor_swaps", "adaptor_cache_bytes",
+    # fairness, per strategy where it says so (workers/inference.py _fairness_stats)
+    "images_delivered_assign", "images_delivered_adaptor", "images_delivered_guidance", "images_delivered_none",
+    "requests_audited_assign", "requests_met_assigned_assign", "enforcement_rounds", "enforcement_shortfalls",
+    "no_person_images",
+)  # fmt: skip
 _OBSERVED_FIELD = "metrics_observed"
 
 

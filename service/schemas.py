@@ -7,7 +7,7 @@ dataclasses of `common.schemas`. Workers never see these classes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -79,10 +79,12 @@ class GenerateRequest(BaseModel):
         description="Count delivered classes across requests under this key (scoped to the API key) and assign "
         "each request's images to the classes most behind the target, so single-image streams converge.",
     )
-    enforce: bool = Field(
+    enforce: bool | Literal["strict"] = Field(
         False,
-        description="With `assign`: regenerate images that missed their assigned class (or show no person) "
-        "until the counts are exact or the retry budget is spent; the result says which.",
+        description="Regenerate images that missed their assigned class (or show no person) until the audited "
+        "counts are exact or the retry budget is spent; served by the exact `assign` (with `auto`, whatever "
+        "adaptors exist). `true`: a budget that ends short still succeeds and `enforcement.satisfied` is false, "
+        "with the counts per attribute. `\"strict\"`: such a job fails with `enforcement_incomplete` instead.",
     )
 
 

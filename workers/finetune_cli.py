@@ -38,7 +38,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from adaptors.image_features import with_preservation_features
     from adaptors.store import AdaptorStore
-    from adaptors.subject import SubjectLost
+    from adaptors.fairness_gain import FinetuneRefused
     from adaptors.trainers import get_trainer
     from common.schemas import FieldError, FinetuneJob, validate_target
     from testbed import world
@@ -92,12 +92,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     try:
         trainer(job, pipe, with_preservation_features(classifier, settings.preserve_features, pipe.device), staging, ckpt,
                 progress, lambda: False)  # fmt: skip
-    except (SubjectLost, ValueError) as exc:  # a refused adaptor (exit 1) or a bad request (exit 2): nothing published
+    except (FinetuneRefused, ValueError) as exc:  # a refused adaptor (exit 1) or a bad request (exit 2): nothing published
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, SubjectLost):  # finished and refused: nothing will resume it
+        if isinstance(exc, FinetuneRefused):  # finished and refused: nothing will resume it
             shutil.rmtree(ckpt, ignore_errors=True)
         _out(f"finetune failed: {exc}")
-        return 1 if isinstance(exc, SubjectLost) else 2
+        return 1 if isinstance(exc, FinetuneRefused) else 2
     finally:
         bar.close()
     manifest = store.publish(staging)

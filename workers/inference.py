@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,22 @@ def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, o
         guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
         classifier_scale=settings.assign_classifier_scale,
     )  # fmt: skip
-    return images, per_image, {"applied": True, **report.to_dict()}
+    per_attribute = _delivered_vs_assigned(per_image, assignment)
+    return images, per_image, {"applied": True, **report.to_dict(), "per_attribute": per_attribute}
+
+
+def _delivered_vs_assigned(per_image: list, assignment: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Per targeted attribute: the assigned counts, the audited counts among images with a person, and whether they meet."""
+    assigned = _assigned_counts(assignment)
+    out: dict[str, dict[str, Any]] = {}
+    for attr, want in assigned.items():
+        got = dict.fromkeys(want, 0)
+        for img in per_image:
+            label = img.label(attr) if img.person else None
+            if label is not None:
+                got[label] = got.get(label, 0) + 1
+        out[attr] = {"assigned": want, "delivered": got, "satisfied": got == want}
+    return out
 
 
 def _assigned_counts(assignment: list[dict[str, str]]) -> dict[str, dict[str, int]]:
@@ -114,25 +130,46 @@ def _assigned_counts(assignment: list[dict[str, str]]) -> dict[str, dict[str, in
     return counts
 
 
-def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
-    """Run one generate job to a final state; returns that state's name (for logs and tests)."""
-    from adaptors.generation import GenerationCancelled, GenerationSpec, generate, to_uint8
+class JobFailed(Exception):
+    """A step ended the job: `error` is the job's error body ({type, message, ...})."""
 
-    job, outcome = claim(jobs, job_id, worker, "generate")
-    if job is None:
-        return str(outcome)
-    t_start = time.time()
-    queue_s = max(0.0, t_start - float(job.get("created", t_start)))
-    try:
-        req = GenerateJob.from_dict(job["request"])
-    except (TypeError, ValueError) as exc:
-        jobs.finish(job_id, JobState.failed, error={"type": "invalid_request", "message": str(exc)})
-        return JobState.failed.value
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message", ""))
+        self.error = error
 
-    t0 = time.perf_counter()
-    runtime = runtime or get_runtime()
+
+@dataclass
+class Rendered:
+    """What the render step made: the images, and for `assign` who was assigned what."""
+
+    images: Any
+    assignment: list[dict[str, str]] | None = None
+    audited: list | None = None  # per-image classifications enforcement already made; the audit reuses them
+    enforcement: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class LedgerHold:
+    """A ledger reservation made before rendering and settled (or released) after."""
+
+    lid: str
+    reserved: list[dict[str, str]]
+
+
+def decide_step(runtime: Runtime, req: GenerateJob) -> Decision:
+    """Which strategy serves the request (workers.strategy.decide over the store's manifests)."""
+    explicit = None
+    if req.adaptor_id and runtime.store is not None:
+        try:
+            explicit = runtime.store.manifest(req.adaptor_id)
+        except Exception as exc:
+            kind = _adaptor_error_type(exc)
+            if kind is None:
+                raise
+            raise JobFailed({"type": kind, "message": str(exc)}) from exc
     try:
-        decision: Decision = decide(
+        return decide(
             req.strategy,
             req.fairness_target,
             req.adaptor_id,
@@ -141,122 +178,131 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             req.prompt,
             req.steps,
             req.guidance_scale,
+            exact_required="enforce" if req.enforce else "ledger" if req.ledger else None,
+            max_tv=runtime.settings.auto_max_tv,
+            explicit=explicit,
         )
     except StrategyError as exc:
-        logger.info("generate %s: %s", job_id, exc.message)
-        jobs.finish(job_id, JobState.failed, error=exc.to_dict())
-        return JobState.failed.value
+        raise JobFailed(exc.to_dict()) from exc
 
-    encoder = None
-    directions = None  # set when the adaptor is an IDA calibration: the guidance strategy
+
+def load_step(runtime: Runtime, decision: Decision, prompt: str) -> tuple[Any, Any]:
+    """(prompt encoder, guidance directions) of the decided adaptor, swapped in; (None, None) for the base model."""
     cache = runtime.cache
-    before = _cache_counters(cache)
-    if decision.adaptor_id is not None:
-        if cache is None:
-            jobs.finish(job_id, JobState.failed,
-                        error={"type": "adaptor_unavailable", "message": "this worker has no adaptor store"})  # fmt: skip
-            return JobState.failed.value
-        try:
-            encoder = cache.use(decision.adaptor_id)
-            directions = cache.directions(decision.adaptor_id, req.prompt)
-        except Exception as exc:
-            kind = _adaptor_error_type(exc)
-            if kind is None:
-                raise
-            jobs.finish(job_id, JobState.failed, error={"type": kind, "message": str(exc)})
-            return JobState.failed.value
-    elif cache is not None:
-        cache.use(None)
-    after = _cache_counters(cache)
-    load_s = time.perf_counter() - t0
-
-    spec = GenerationSpec(
-        prompt=req.prompt,
-        num_images=req.num_images,
-        seed=req.seed,
-        steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        negative_prompt=req.negative_prompt,
-        height=req.height,
-        width=req.width,
-    )
-
-    def on_step(step: int, total: int) -> None:
-        if jobs.step_and_check_cancel(job_id, step, total):
-            raise GenerationCancelled(job_id)
-
-    jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
-    assignment = None
-    audited = None  # per-image classifications enforcement already made; the audit reuses them
-    lid: str | None = None
-    reserved: list[dict[str, str]] | None = None
-    enforcement: dict[str, Any] | None = None
-    if req.enforce and decision.used != Strategy.assign.value:
-        enforcement = {"applied": False, "reason": f"enforcement needs strategy 'assign'; this job used {decision.used!r}"}
-    t1 = time.perf_counter()
+    if decision.adaptor_id is None:
+        if cache is not None:
+            cache.use(None)
+        return None, None
+    if cache is None:
+        raise JobFailed({"type": "adaptor_unavailable", "message": "this worker has no adaptor store"})
     try:
-        if decision.used == Strategy.assign.value and req.fairness_target:
-            if req.ledger:
-                lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
-                reserved = ledger.reserve(jobs.r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s)
-            assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, reserved)
-            if req.enforce and runtime.classifier is not None:
-                images, audited, enforcement = _enforce(runtime, spec, assignment, images, on_step)
-        elif directions is not None:
-            from adaptors.assign import generate_directed
-
-            images = generate_directed(runtime.pipe, spec, [directions.rows] * spec.num_images, directions.warmup_steps,
-                                       on_step, runtime.settings.max_batch)  # fmt: skip
-        else:
-            images = generate(runtime.pipe, spec, max_batch=runtime.settings.max_batch, on_step=on_step,
-                              encode_prompt=encoder)  # fmt: skip
-    except BaseException as exc:
-        if lid and reserved:  # release the reservation: nothing was delivered
-            ledger.settle(jobs.r, lid, reserved, [], list(req.fairness_target or {}))
-        if not isinstance(exc, GenerationCancelled):
+        return cache.use(decision.adaptor_id), cache.directions(decision.adaptor_id, prompt)
+    except Exception as exc:
+        kind = _adaptor_error_type(exc)
+        if kind is None:
             raise
-        logger.info("generate %s: cancelled between steps", job_id)
-        jobs.finish(job_id, JobState.cancelled)
-        incr_stats(jobs.r, jobs_cancelled=1)
-        return JobState.cancelled.value
-    generate_s = time.perf_counter() - t1
+        raise JobFailed({"type": kind, "message": str(exc)}) from exc
+
+
+def reserve_step(jobs: JobStore, runtime: Runtime, req: GenerateJob, decision: Decision) -> LedgerHold | None:
+    if not (req.ledger and req.fairness_target and decision.used == Strategy.assign.value):
+        return None
+    lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
+    return LedgerHold(lid, ledger.reserve(jobs.r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s))
+
+
+def render_step(runtime: Runtime, req: GenerateJob, decision: Decision, spec, encoder, directions, hold, on_step) -> Rendered:
+    """The images: `assign` (with `enforce` when asked), guidance directions, or the (adapted) base model."""
+    from adaptors.generation import generate
+
+    t0 = time.perf_counter()
+    max_batch = runtime.settings.max_batch
+    if decision.used == Strategy.assign.value and req.fairness_target:
+        assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, hold.reserved if hold else None)
+        out = Rendered(images, assignment)
+        if req.enforce and runtime.classifier is not None:
+            out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step)
+    elif directions is not None:
+        from adaptors.assign import generate_directed
+
+        out = Rendered(generate_directed(runtime.pipe, spec, [directions.rows] * spec.num_images, directions.warmup_steps,
+                                         on_step, max_batch))  # fmt: skip
+    else:
+        out = Rendered(generate(runtime.pipe, spec, max_batch=max_batch, on_step=on_step, encode_prompt=encoder))
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def check_enforcement_step(req: GenerateJob, rendered: Rendered) -> None:
+    """`enforce: "strict"`: a job whose budget ended short fails with the counts, instead of succeeding short."""
+    report = rendered.enforcement
+    if not (req.strict and report and report.get("applied") and not report.get("satisfied")):
+        return
+    short = "; ".join(
+        f"{a} assigned {v['assigned']} delivered {v['delivered']}"
+        for a, v in report["per_attribute"].items()
+        if not v["satisfied"]
+    )
+    raise JobFailed({
+        "type": "enforcement_incomplete",
+        "message": f"enforcement used its {report['rounds']} rounds and {report['missed']} image(s) still miss their "
+        f"assigned class: {short}",
+        "enforcement": report,
+    })  # fmt: skip
+
+
+def audit_step(runtime: Runtime, req: GenerateJob, rendered: Rendered) -> dict[str, Any] | None:
+    """Every image's attributes and the realised distribution, by the audit classifier (None without one)."""
+    if not req.audit or runtime.classifier is None:
+        return None
+    from adaptors.audit import audit, summarise
+
+    if rendered.audited is not None:
+        return summarise(rendered.audited, runtime.classifier.attributes, req.fairness_target).to_dict()
+    return audit(runtime.classifier, rendered.images, req.fairness_target).to_dict()
+
+
+def settle_step(jobs: JobStore, req: GenerateJob, hold: LedgerHold | None, report: dict[str, Any] | None) -> dict | None:
+    """Count what the audit saw into the ledger, so conditioning misses are made up by later requests."""
+    if hold is None:
+        return None
+    attrs = list(req.fairness_target or {})
+    if report is not None:
+        got = [{a: img["attributes"][a]["class"] for a in attrs} if img["person"] else None for img in report["images"]]
+    else:
+        got = list(hold.reserved)
+    ledger.settle(jobs.r, hold.lid, hold.reserved, got, attrs)
+    return {"key": req.ledger, "delivered": ledger.delivered(jobs.r, hold.lid)}
+
+
+def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
+    """Write the PNGs the result links to; returns how many."""
+    from adaptors.generation import to_uint8
 
     out_dir = runtime.settings.jobs_dir / job_id
     out_dir.mkdir(parents=True, exist_ok=True)
-    for k, px in enumerate(to_uint8(images)):
+    pixels = to_uint8(images)
+    for k, px in enumerate(pixels):
         save_png(px, out_dir / f"{k}.png")
+    return len(pixels)
 
-    t2 = time.perf_counter()
-    report = None
-    if req.audit and runtime.classifier is not None:
-        from adaptors.audit import audit, summarise
 
-        if audited is not None:
-            report = summarise(audited, runtime.classifier.attributes, req.fairness_target).to_dict()
-        else:
-            report = audit(runtime.classifier, images, req.fairness_target).to_dict()
-    audit_s = time.perf_counter() - t2
-    ledger_state = None
-    if lid and reserved is not None:
-        attrs = list(req.fairness_target or {})
-        if report is not None:  # count what the audit saw, so conditioning misses are made up later
-            got = [{a: img["attributes"][a]["class"] for a in attrs} if img["person"] else None for img in report["images"]]
-        else:
-            got = list(reserved)
-        ledger.settle(jobs.r, lid, reserved, got, attrs)
-        ledger_state = {"key": req.ledger, "delivered": ledger.delivered(jobs.r, lid)}
-
-    result: dict[str, Any] = {
+def build_result(job_id: str, n: int, rendered: Rendered, report: dict[str, Any] | None, decision: Decision,
+                 ledger_state: dict | None, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """The job's result record, in the shape service.schemas.GenerateResult declares."""
+    assignment = rendered.assignment
+    images = report["images"] if report else [None] * n
+    return {
         "images": [
             {
                 "url": f"/v1/jobs/{job_id}/images/{k}.png",
                 "seed_index": k,
-                "attributes": report["images"][k]["attributes"] if report else None,
-                "person": report["images"][k]["person"] if report else None,
-                "person_confidence": report["images"][k]["person_confidence"] if report else None,
+                "attributes": images[k]["attributes"] if images[k] else None,
+                "person": images[k]["person"] if images[k] else None,
+                "person_confidence": images[k]["person_confidence"] if images[k] else None,
                 "assigned": assignment[k] if assignment else None,
             }
-            for k in range(len(images))
+            for k in range(n)
         ],
         "realised": report["realised"] if report else None,
         "counts": report["counts"] if report else None,
@@ -265,31 +311,113 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         "target_distance": (report["target_distance"] or None) if report else None,
         "audited": report is not None,
         "assigned_counts": _assigned_counts(assignment) if assignment else None,
-        "enforcement": enforcement,
+        "guarantee": decision.guarantee,
+        "enforcement": rendered.enforcement,
         "ledger": ledger_state,
         "strategy": decision.to_dict(),
         "adaptor": decision.adaptor_id,
-        "timings": {
-            "queue_s": round(queue_s, 4),
-            "load_s": round(load_s, 4),
-            "generate_s": round(generate_s, 4),
-            "audit_s": round(audit_s, 4),
-            "total_s": round(time.time() - t_start, 4),
-        },
+        "timings": {k: round(v, 4) for k, v in timings.items()},
     }
+
+
+def _fairness_stats(decision: Decision, rendered: Rendered, report: dict[str, Any] | None, n: int) -> dict[str, int]:
+    """Counters for /metrics: images per strategy, requests whose audited counts met the assigned ones, shortfalls."""
+    used = decision.used
+    stats = {f"images_delivered_{used}": n}
+    if report is not None:
+        stats["no_person_images"] = sum(1 for img in report["images"] if not img["person"])
+        if rendered.assignment:
+            from adaptors.audit import ImageAttributes
+
+            per_image = rendered.audited or [
+                ImageAttributes(img["person"], img["person_confidence"], img["attributes"]) for img in report["images"]
+            ]
+            met = all(v["satisfied"] for v in _delivered_vs_assigned(per_image, rendered.assignment).values())
+            stats[f"requests_audited_{used}"] = 1
+            stats[f"requests_met_assigned_{used}"] = int(met)
+    if rendered.enforcement and rendered.enforcement.get("applied"):
+        stats["enforcement_rounds"] = int(rendered.enforcement.get("rounds", 0))
+        stats["enforcement_shortfalls"] = int(not rendered.enforcement.get("satisfied"))
+    return stats
+
+
+def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
+    """Run one generate job to a final state; returns that state's name (for logs and tests).
+
+    The steps: claim, decide, load, reserve (ledger), render (+ enforce), publish, audit, settle, result.
+    A step that ends the job raises JobFailed with the error body the job records.
+    """
+    from adaptors.generation import GenerationCancelled, GenerationSpec
+
+    job, outcome = claim(jobs, job_id, worker, "generate")
+    if job is None:
+        return str(outcome)
+    t_start = time.time()
+    try:
+        req = GenerateJob.from_dict(job["request"])
+    except (TypeError, ValueError) as exc:
+        jobs.finish(job_id, JobState.failed, error={"type": "invalid_request", "message": str(exc)})
+        return JobState.failed.value
+    runtime = runtime or get_runtime()
+    cache = runtime.cache
+    before = _cache_counters(cache)
+    spec = GenerationSpec(prompt=req.prompt, num_images=req.num_images, seed=req.seed, steps=req.steps,
+                          guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt,
+                          height=req.height, width=req.width)  # fmt: skip
+
+    def on_step(step: int, total: int) -> None:
+        if jobs.step_and_check_cancel(job_id, step, total):
+            raise GenerationCancelled(job_id)
+
+    hold: LedgerHold | None = None
+    try:
+        t0 = time.perf_counter()
+        decision = decide_step(runtime, req)
+        encoder, directions = load_step(runtime, decision, req.prompt)
+        load_s = time.perf_counter() - t0
+        after = _cache_counters(cache)
+        jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
+        hold = reserve_step(jobs, runtime, req, decision)
+        rendered = render_step(runtime, req, decision, spec, encoder, directions, hold, on_step)
+        check_enforcement_step(req, rendered)
+    except JobFailed as exc:
+        if hold is not None:  # release the reservation: nothing was delivered
+            ledger.settle(jobs.r, hold.lid, hold.reserved, [], list(req.fairness_target or {}))
+        logger.info("generate %s failed: %s", job_id, exc.error.get("message"))
+        jobs.finish(job_id, JobState.failed, error=exc.error)
+        return JobState.failed.value
+    except BaseException as exc:
+        if hold is not None:
+            ledger.settle(jobs.r, hold.lid, hold.reserved, [], list(req.fairness_target or {}))
+        if not isinstance(exc, GenerationCancelled):
+            raise
+        logger.info("generate %s: cancelled between steps", job_id)
+        jobs.finish(job_id, JobState.cancelled)
+        incr_stats(jobs.r, jobs_cancelled=1)
+        return JobState.cancelled.value
+
+    n = publish_step(runtime, job_id, rendered.images)
+    t2 = time.perf_counter()
+    report = audit_step(runtime, req, rendered)
+    audit_s = time.perf_counter() - t2
+    ledger_state = settle_step(jobs, req, hold, report)
+    timings = {"queue_s": max(0.0, t_start - float(job.get("created", t_start))), "load_s": load_s,
+               "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.time() - t_start}  # fmt: skip
+    result = build_result(job_id, n, rendered, report, decision, ledger_state, timings)
     # counted before the job shows as succeeded, so a client that sees it finished also sees it in the stats
     incr_stats(
         jobs.r,
-        images_generated=len(images),
+        images_generated=n,
         jobs_succeeded=1,
         adaptor_cache_hits=after[0] - before[0],
         adaptor_cache_misses=after[1] - before[1],
         adaptor_swaps=after[2] - before[2],
         adaptor_cache_evictions=after[3] - before[3],
         gauges={"adaptor_cache_bytes": int(cache.nbytes)} if cache is not None else None,
+        **_fairness_stats(decision, rendered, report, n),
     )
     jobs.finish(job_id, JobState.succeeded, result=result)
-    logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, len(images), generate_s, decision.used)
+    logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, n, rendered.seconds, decision.used)
     return JobState.succeeded.value
 
 

@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.adaptor_matching import find_calibration, find_matching_adaptor, manifest_field
+from common.adaptor_matching import adaptor_conflict, find_calibration, find_matching_adaptor, fit_to_target, manifest_field
 from common.schemas import Strategy
 
 
@@ -26,17 +26,36 @@ class StrategyError(Exception):
         return {"type": self.type, "message": self.message}
 
 
+EXACT = "exact"
+EXPECTED = "expected"
+
+
 @dataclass(frozen=True)
 class Decision:
-    """What the worker does: `used` is 'adaptor' or 'none'; `reason` is reported to the caller."""
+    """What the worker does: `used` is the strategy run; `reason` and `guarantee` are reported to the caller.
+
+    `guarantee` is "exact" when the request's counts are assigned and delivered per request
+    (`assign`), "expected" when the distribution holds only on average (an adaptor or guidance),
+    and None when no fairness_target is in play. `fit` is the adaptor's measured fit to its target.
+    """
 
     requested: str
     used: str
     reason: str
     adaptor_id: str | None = None
+    guarantee: str | None = None
+    fit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"requested": self.requested, "used": self.used, "reason": self.reason}
+        out: dict[str, Any] = {"requested": self.requested, "used": self.used, "reason": self.reason,
+                               "guarantee": self.guarantee}  # fmt: skip
+        if self.adaptor_id is not None:
+            out["fit"] = self.fit
+        return out
+
+
+def _exact(strategy: str, reason: str) -> Decision:
+    return Decision(strategy, Strategy.assign.value, reason, guarantee=EXACT)
 
 
 def decide(
@@ -48,49 +67,77 @@ def decide(
     prompt: str = "",
     steps: int | None = None,
     guidance_scale: float | None = None,
+    *,
+    exact_required: str | None = None,
+    max_tv: float = 0.10,
+    explicit: Any | None = None,
 ) -> Decision:
     """Pick the strategy actually run. Raises StrategyError for requests this build cannot serve.
 
     `manifests` is only iterated when a search is needed (it may be a lazy store listing).
+    `exact_required` names the request field ('enforce' or 'ledger') that needs per-request exact
+    counts: such a request is served by `assign` or refused, never downgraded to an adaptor.
+    `explicit` is the manifest of `adaptor_id`, when the caller has read it, so a mismatch with
+    the request is refused here with the same rule the gateway applies.
     """
     if adaptor_id:
-        return Decision(strategy, Strategy.adaptor.value, "explicit adaptor_id", adaptor_id)
+        if exact_required:
+            raise StrategyError("strategy_conflict", f"{exact_required} needs exact per-request counts; adaptor_id gives "
+                                "the distribution only in expectation (drop adaptor_id or use strategy 'assign')")  # fmt: skip
+        fit = None
+        if explicit is not None:
+            conflict = adaptor_conflict(explicit, target, prompt, steps, guidance_scale)
+            if conflict is not None:
+                raise StrategyError(*conflict)
+            fit = fit_to_target(explicit, prompt)
+        return Decision(strategy, Strategy.adaptor.value, "explicit adaptor_id", adaptor_id, EXPECTED, fit)
     if strategy == Strategy.none.value:
         return Decision(strategy, Strategy.none.value, "strategy 'none' requested")
     if strategy == Strategy.assign.value:
         if not target:
             raise StrategyError("invalid_request", "strategy 'assign' needs a fairness_target")
-        return Decision(strategy, Strategy.assign.value, "exact per-request counts, each image conditioned on its class")
+        return _exact(strategy, "exact per-request counts, each image conditioned on its class")
     if not target:
         if strategy in (Strategy.adaptor.value, Strategy.guidance.value):
             raise StrategyError("invalid_request", f"strategy {strategy!r} needs a fairness_target or an adaptor_id")
         return Decision(strategy, Strategy.none.value, "no fairness_target given")
+    if exact_required:
+        if strategy != Strategy.auto.value:
+            raise StrategyError("strategy_conflict", f"{exact_required} needs exact per-request counts, which strategy "
+                                f"{strategy!r} does not give; use 'assign' or 'auto'")  # fmt: skip
+        return _exact(strategy, f"{exact_required} needs exact per-request counts: assign serves it whatever adaptors exist")
     listed = list(manifests or [])
     if strategy != Strategy.guidance.value:
-        match = find_matching_adaptor(listed, target, base_models)
+        # `auto` takes an adaptor only when its measured held-out fit qualifies; an explicit 'adaptor' takes any match
+        match = find_matching_adaptor(listed, target, base_models, max_tv=max_tv if strategy == Strategy.auto.value else None)
         if match is not None:
             found = str(manifest_field(match, "id"))
-            return Decision(strategy, Strategy.adaptor.value, f"adaptor {found} was trained for this target", found)
+            fit = fit_to_target(match, prompt)
+            why = f"adaptor {found} was trained for this target"
+            if fit and fit.get("tv") is not None:
+                why += f" and met it within TV {fit['tv']} on held-out prompts (auto needs <= {max_tv})"
+            return Decision(strategy, Strategy.adaptor.value, why, found, EXPECTED, fit)
         if strategy == Strategy.adaptor.value:
             raise StrategyError(
                 "no_matching_adaptor",
                 "no stored adaptor was trained for this fairness_target on this base model; "
                 "train one (POST /v1/admin/finetunes) or name one with adaptor_id",
             )
-    calibration = find_calibration(listed, target, base_models, prompt, steps, guidance_scale)
+    calibration = find_calibration(listed, target, base_models, prompt, steps, guidance_scale,
+                                   max_tv=max_tv if strategy == Strategy.auto.value else None)  # fmt: skip
     if calibration is not None:
         found = str(manifest_field(calibration, "id"))
         return Decision(strategy, Strategy.guidance.value,
-                        f"guidance weights {found} were calibrated for this target, prompt and sampler", found)  # fmt: skip
+                        f"guidance weights {found} were calibrated for this target, prompt and sampler", found,
+                        EXPECTED, fit_to_target(calibration, prompt))  # fmt: skip
     if strategy == Strategy.guidance.value:
         raise StrategyError(
             "no_calibration",
             "no guidance calibration exists for this fairness_target, prompt, steps and guidance_scale; "
             "calibrate one (POST /v1/admin/finetunes with method 'ida') or use strategy 'assign' or 'auto'",
         )
-    return Decision(
+    return _exact(
         strategy,
-        Strategy.assign.value,
-        "no stored adaptor matches this fairness_target and no guidance calibration applies: "
-        "exact per-request counts with per-image conditioning",
+        f"no stored adaptor for this fairness_target has a measured held-out fit within TV {max_tv}, and no "
+        "qualifying guidance calibration applies: exact per-request counts with per-image conditioning",
     )

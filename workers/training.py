@@ -92,7 +92,7 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         return jobs.cancel_requested(job_id)
 
     from adaptors.generation import GenerationCancelled
-    from adaptors.subject import SubjectLost
+    from adaptors.fairness_gain import FinetuneRefused
 
     try:
         try:
@@ -100,9 +100,8 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             cancelled = jobs.cancel_requested(job_id)
         except GenerationCancelled:
             cancelled = True
-        except SubjectLost as exc:  # the gate: a finished finetune that lost its subject fails for good
-            fail_finetune(jobs, runtime, job_id, {
-                "type": "subject_lost", "message": str(exc), "subject_kept": exc.kept, "bias": exc.bias})  # fmt: skip
+        except FinetuneRefused as exc:  # a gate (subject lost, no fairness gain): the finished finetune fails for good
+            fail_finetune(jobs, runtime, job_id, exc.error())
             incr_stats(jobs.r, finetunes_failed=1)
             logger.warning("finetune %s: %s", job_id, exc)
             return JobState.failed.value

@@ -33,6 +33,7 @@ from diffusers.training_utils import EMAModel
 
 from adaptors.audit import classify, summarise
 from adaptors.classifiers import AttributeClassifier
+from adaptors.fairness_gain import fit_summary, require_fairness_gain
 from adaptors.generation import GenerationCancelled, GenerationSpec, default_size, generate, initial_latents
 from adaptors.subject import require_subject_kept, subject_kept, subject_reader
 from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
@@ -96,17 +97,20 @@ def evaluate(pipe, classifier, prompts: list[str], target: dict, cfg: DFTConfig,
     images_t = torch.cat(images)
     labels = classify(classifier, images_t)  # once: the pooled and the per-prompt summaries share it
     report = summarise(labels, classifier.attributes, target)
-    per_prompt = []
-    for j, prompt in enumerate(prompts):
-        rows = labels[j * cfg.eval_images : (j + 1) * cfg.eval_images]
-        per_prompt.append({"prompt": prompt, "bias": summarise(rows, classifier.attributes, target).bias})
+    per_prompt = {
+        prompt: summarise(labels[j * cfg.eval_images : (j + 1) * cfg.eval_images], classifier.attributes, target)
+        for j, prompt in enumerate(prompts)
+    }
+    fit = fit_summary({p: {a: r.realised[a] for a in target} for p, r in per_prompt.items()},
+                      {a: report.realised[a] for a in target}, target)  # fmt: skip
     summary = {
         "realised": {a: report.realised[a] for a in target},
         "bias": {a: report.bias[a] for a in target},
-        "mean_prompt_bias": {a: round(float(np.mean([p["bias"][a] for p in per_prompt])), 4) for a in target},
-        "max_prompt_bias": {a: round(float(np.max([p["bias"][a] for p in per_prompt])), 4) for a in target},
-        "prompt_bias": {p["prompt"]: p["bias"] for p in per_prompt},
+        "mean_prompt_bias": {a: round(float(np.mean([r.bias[a] for r in per_prompt.values()])), 4) for a in target},
+        "max_prompt_bias": {a: round(float(np.max([r.bias[a] for r in per_prompt.values()])), 4) for a in target},
+        "prompt_bias": {p: r.bias for p, r in per_prompt.items()},
         "target_distance": report.target_distance,
+        **fit,  # per prompt and pooled: realised, TV and KL to the target, bias; the per-prompt means
         "no_person": report.no_person,
         "images": len(images_t),
     }
@@ -416,6 +420,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
     measured = {"before": before["bias"], "after": after["bias"]}
     require_subject_kept(kept, cfg.min_subject_kept, measured)
+    require_fairness_gain(before["mean_prompt_tv"], after["mean_prompt_tv"], cfg.min_fairness_gain)
     manifest = AdaptorManifest(
         id=adaptor_id_for(staging_dir, job),
         kind="pending",
@@ -440,7 +445,8 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         name=job.name,
     )
     trainable.export(manifest).save(staging_dir)
-    logger.info("%s adaptor %s: bias %s -> %s", job.method, manifest.id, before["bias"], after["bias"])
+    logger.info("%s adaptor %s: mean per-prompt TV to target %s -> %s", job.method, manifest.id,
+                before["mean_prompt_tv"], after["mean_prompt_tv"])  # fmt: skip
     return manifest
 
 

@@ -25,6 +25,7 @@ import torch
 from adaptors.assign import class_texts_for, generate_directed
 from adaptors.audit import audit
 from adaptors.classifiers import AttributeClassifier
+from adaptors.fairness_gain import fit_summary, prompt_fit, require_fairness_gain
 from adaptors.generation import GenerationCancelled, GenerationSpec
 from adaptors.ida import IdaAdaptor, ida_directions
 from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
@@ -107,6 +108,11 @@ def calibrate_policy_gradient(
     return _unflatten(keys, mean), curve
 
 
+def _pooled(rows: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The mean of equally sized prompts' realised shares."""
+    return {a: {c: sum(r[a][c] for r in rows) / len(rows) for c in rows[0][a]} for a in rows[0]}
+
+
 def _unflatten(keys, values) -> Weights:
     out: Weights = {}
     for (a, c), v in zip(keys, values):
@@ -160,7 +166,15 @@ def train_ida(
             "realised_after": {a: after.realised[a] for a in target},
             "bias_before": {a: before.bias[a] for a in target},
             "bias_after": {a: after.bias[a] for a in target},
+            "tv_before": prompt_fit(before.realised, target)["tv"],
+            "tv_after": prompt_fit(after.realised, target)["tv"],
         }
+    fit = {
+        side: fit_summary({p: row[f"realised_{side}"] for p, row in per_prompt.items()},
+                          _pooled([row[f"realised_{side}"] for row in per_prompt.values()]), target)  # fmt: skip
+        for side in ("before", "after")
+    }
+    require_fairness_gain(fit["before"]["mean_prompt_tv"], fit["after"]["mean_prompt_tv"], cfg.min_fairness_gain)
     manifest = AdaptorManifest(
         id=adaptor_id_for(staging_dir, job),
         kind=IdaAdaptor.kind,
@@ -169,6 +183,11 @@ def train_ida(
         target={a: dict(job.fairness_target[a]) for a in job.fairness_target},
         metrics={
             "per_prompt": per_prompt,
+            # calibrated and measured on the same prompts, on held-out seeds: `auto` reads each prompt's own fit
+            "eval_prompts": list(job.prompts),
+            "eval_prompts_held_out": False,
+            "before": fit["before"],
+            "after": fit["after"],
             "seconds": round(time.time() - t0, 2),
             "images_generated": sample.images,
             "held_out_seed": cfg.eval_seed,

@@ -40,7 +40,7 @@ NURSE = "a photo of the face of a nurse, a person"
 TARGET = {"gender": {"female": 0.5, "male": 0.5}}
 # the plumbing's settings: 2 evaluation steps draw images too rough for the subject gate to judge (test_subject_gate)
 TINY = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "prompts_per_iteration": 1, "eval_images": 2, "eval_steps": 2,
-        "checkpoint_every": 1, "rank": 2, "min_subject_kept": 0}  # fmt: skip
+        "checkpoint_every": 1, "rank": 2, "min_subject_kept": 0, "min_fairness_gain": 0}  # fmt: skip
 
 
 def _job(method: str = "dft", target: dict | None = None, prompts: list[str] | None = None, **hp) -> FinetuneJob:

@@ -15,7 +15,7 @@ from common.schemas import FinetuneJob
 from tests.support.models import load_testbed_classifier, load_testbed_pipeline, seeded_images
 
 TINY = {"iterations": 1, "steps": 2, "images_per_prompt": 2, "prompts_per_iteration": 1, "eval_images": 2, "eval_steps": 2,
-        "rank": 2, "flip_weight": 1.0, "min_subject_kept": 0}  # fmt: skip
+        "rank": 2, "flip_weight": 1.0, "min_subject_kept": 0, "min_fairness_gain": 0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -61,11 +61,29 @@ def test_a_finetune_that_loses_the_occupation_fails_whatever_its_bias(pipe, clas
     assert not staging.exists() or not any(staging.iterdir())  # nothing exported
 
     # the same wreck with the gate off publishes, and says what it did; a gentle step keeps every occupation
-    wrecked = get_trainer("dft")(_job(min_subject_kept=0), pipe, classifier, tmp_path / "w", tmp_path / "wc",
+    wrecked = get_trainer("dft")(_job(min_subject_kept=0, min_fairness_gain=0), pipe, classifier, tmp_path / "w", tmp_path / "wc",
                                  lambda p: None, lambda: False)  # fmt: skip
     assert wrecked.metrics["semantics"]["subject_kept"]["share"] < 0.5
-    gentle = get_trainer("dft")(_job(lr=0.01), pipe, classifier, tmp_path / "g", tmp_path / "gc", lambda p: None,
+    gentle = get_trainer("dft")(_job(lr=0.01, min_fairness_gain=0), pipe, classifier, tmp_path / "g", tmp_path / "gc", lambda p: None,
                                 lambda: False)  # fmt: skip
     assert gentle.metrics["semantics"]["subject_kept"]["share"] >= 0.95
     assert gentle.prompts == [DOCTOR, NURSE]
     assert gentle.metrics["eval_prompts_held_out"] is False  # no held-out prompts given: the training prompts' figures
+
+
+def test_the_fairness_gate_needs_the_per_prompt_distance_to_fall_by_the_share_asked() -> None:
+    from adaptors.fairness_gain import NoFairnessGain, fit_summary, require_fairness_gain
+
+    target = {"gender": {"female": 0.5, "male": 0.5}}
+    # pooled 50/50 hides two prompts that stayed all male and all female: the per-prompt mean is what counts
+    per_prompt = {"mechanic": {"gender": {"female": 0.0, "male": 1.0}}, "librarian": {"gender": {"female": 1.0, "male": 0.0}}}
+    fit = fit_summary(per_prompt, {"gender": {"female": 0.5, "male": 0.5}}, target)
+    assert fit["pooled"]["tv"] == 0.0 and fit["mean_prompt_tv"] == 0.5 and fit["prompts"]["mechanic"]["kl"] > 0.6
+    with pytest.raises(NoFairnessGain) as refused:
+        require_fairness_gain(0.5, fit["mean_prompt_tv"], 0.25)
+    assert refused.value.error()["type"] == "no_fairness_gain"
+    require_fairness_gain(0.5, 0.37, 0.25)  # a 26% fall passes
+    with pytest.raises(NoFairnessGain):
+        require_fairness_gain(0.5, 0.38, 0.25)
+    require_fairness_gain(0.5, 0.5, 0.0)  # 0: off
+    require_fairness_gain(0.01, 0.02, 0.25)  # already at the target: nothing to gain, nothing refused

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from common.adaptor_matching import find_matching_adaptor, targets_match
+from common.adaptor_matching import adaptor_conflict, find_matching_adaptor, fit_to_target, targets_match
 from workers.strategy import StrategyError, decide
 
 HALF = {"gender": {"female": 0.5, "male": 0.5}}
 BASES = {"testbed", "fairdiff-testbed"}
 
 
-def manifest(id_: str, target: dict, base: str = "fairdiff-testbed", created: str = "2026-01-01T00:00:00") -> dict:
-    return {"id": id_, "base_model": base, "target": target, "created": created}
+def manifest(
+    id_: str, target: dict, base: str = "fairdiff-testbed", created: str = "2026-01-01T00:00:00", tv: float | None = 0.05,
+    held_out: bool = True,
+) -> dict:
+    """A finetune's manifest; `tv` is its measured mean per-prompt TV to the target on its evaluation prompts."""
+    metrics = {}
+    if tv is not None:
+        metrics = {"eval_prompts": ["a", "b"], "eval_prompts_held_out": held_out, "after": {"mean_prompt_tv": tv}}
+    return {"id": id_, "base_model": base, "target": target, "created": created, "metrics": metrics}
 
 
 class Obj:
@@ -54,9 +61,12 @@ def test_find_matching_adaptor_prefers_newest_and_reads_objects() -> None:
     assert find_matching_adaptor(ms, HALF, BASES).id == "new"
 
 
-def calibration(id_: str, prompt: str = "p", steps: int = 20, gs: float = 5.0, target: dict = HALF, **kw) -> dict:
+def calibration(
+    id_: str, prompt: str = "p", steps: int = 20, gs: float = 5.0, target: dict = HALF, female_after: float = 0.5, **kw
+) -> dict:
+    per_prompt = {prompt: {"realised_after": {"gender": {"female": female_after, "male": 1 - female_after}}}}
     return {**manifest(id_, target, **kw), "kind": "ida", "hyperparameters": {"prompts": [prompt]},
-            "sampler": {"steps": steps, "guidance_scale": gs}}  # fmt: skip
+            "sampler": {"steps": steps, "guidance_scale": gs}, "metrics": {"per_prompt": per_prompt}}  # fmt: skip
 
 
 def test_guidance_without_a_calibration_fails_clearly() -> None:
@@ -114,4 +124,56 @@ def test_adaptor_strategy_without_match_is_an_error() -> None:
 def test_explicit_adaptor_id_wins_and_none_means_none() -> None:
     explicit = decide("auto", HALF, "abc", None, BASES)
     assert (explicit.used, explicit.adaptor_id, explicit.reason) == ("adaptor", "abc", "explicit adaptor_id")
+    assert explicit.guarantee == "expected"
     assert decide("none", HALF, None, [manifest("good", HALF)], BASES).used == "none"
+
+
+def test_auto_takes_an_adaptor_only_when_its_measured_held_out_fit_qualifies() -> None:
+    poor = manifest("poor", HALF, tv=0.31)
+    unmeasured = manifest("unmeasured", HALF, tv=None)
+    on_training_prompts = manifest("not-held-out", HALF, tv=0.02, held_out=False)
+    for m in (poor, unmeasured, on_training_prompts):
+        d = decide("auto", HALF, None, [m], BASES, max_tv=0.10)
+        assert (d.used, d.guarantee) == ("assign", "exact"), m["id"]
+    good = decide("auto", HALF, None, [poor, manifest("good", HALF, tv=0.08)], BASES, max_tv=0.10)
+    assert (good.used, good.adaptor_id, good.guarantee) == ("adaptor", "good", "expected")
+    assert good.fit["tv"] == 0.08 and good.to_dict()["fit"]["held_out"] is True
+    # the operator's bound decides; an explicit strategy 'adaptor' takes any adaptor trained for the target
+    assert decide("auto", HALF, None, [poor], BASES, max_tv=0.5).adaptor_id == "poor"
+    assert decide("adaptor", HALF, None, [poor], BASES, max_tv=0.10).adaptor_id == "poor"
+
+
+def test_auto_takes_a_calibration_only_when_its_fit_for_this_prompt_qualifies() -> None:
+    off = calibration("off", female_after=0.8)
+    assert decide("auto", HALF, None, [off], BASES, "p", 20, 5.0, max_tv=0.10).used == "assign"
+    near = calibration("near", female_after=0.45)
+    d = decide("auto", HALF, None, [off, near], BASES, "p", 20, 5.0, max_tv=0.10)
+    assert (d.used, d.adaptor_id, d.fit["tv"]) == ("guidance", "near", 0.05)
+
+
+@pytest.mark.parametrize("field", ["enforce", "ledger"])
+def test_enforce_and_ledger_are_served_exactly_or_refused_never_downgraded(field: str) -> None:
+    good = [manifest("good", HALF, tv=0.01), calibration("cal")]
+    d = decide("auto", HALF, None, good, BASES, "p", 20, 5.0, exact_required=field)
+    assert (d.used, d.guarantee) == ("assign", "exact") and field in d.reason
+    for strategy in ("adaptor", "guidance"):
+        with pytest.raises(StrategyError) as err:
+            decide(strategy, HALF, None, good, BASES, "p", 20, 5.0, exact_required=field)
+        assert err.value.type == "strategy_conflict"
+    with pytest.raises(StrategyError) as err:
+        decide("auto", HALF, "good", None, BASES, exact_required=field)
+    assert err.value.type == "strategy_conflict"
+
+
+def test_an_explicit_adaptor_for_another_target_or_prompt_is_refused() -> None:
+    skewed = manifest("skewed", {"gender": {"female": 0.2, "male": 0.8}})
+    assert adaptor_conflict(skewed, HALF, "p", 20, 5.0)[0] == "adaptor_target_mismatch"
+    assert adaptor_conflict(skewed, None, "p", 20, 5.0) is None  # no target given: the adaptor's own applies
+    cal = calibration("cal", prompt="p")
+    assert adaptor_conflict(cal, HALF, "q", 20, 5.0)[0] == "adaptor_prompt_mismatch"
+    assert adaptor_conflict(cal, HALF, "p", 10, 5.0)[0] == "adaptor_sampler_mismatch"
+    assert adaptor_conflict(cal, HALF, "p", 20, 5.0) is None
+    with pytest.raises(StrategyError) as err:
+        decide("auto", HALF, "skewed", None, BASES, "p", explicit=skewed)
+    assert err.value.type == "adaptor_target_mismatch"
+    assert fit_to_target(cal, "q") is None and fit_to_target(cal, "p")["tv"] == 0.0

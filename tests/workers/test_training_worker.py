@@ -22,9 +22,10 @@ from tests.support.processes import ManagedProcess, wait_until
 pytestmark = pytest.mark.integration
 
 TARGET = {"gender": {"female": 0.5, "male": 0.5}}
-# images of 2 evaluation steps are too rough for the subject gate to judge: it is off here and tested on its own below
+# images of 2 evaluation steps are too rough for the subject gate to judge, and 2 iterations gain nothing: both
+# gates are off here and each is tested on its own below
 TINY = {"iterations": 2, "steps": 2, "images_per_prompt": 2, "eval_images": 2, "eval_steps": 2, "checkpoint_every": 1, "rank": 2,
-        "min_subject_kept": 0}  # fmt: skip
+        "min_subject_kept": 0, "min_fairness_gain": 0}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +79,47 @@ def test_finetune_publishes_an_adaptor_that_generate_then_uses(
     assert not [p.name for p in store_dir.iterdir() if p.name.startswith(".staging")]
     assert not (data / "checkpoints" / job_id).exists()
 
-    # auto + the same target finds the adaptor by its manifest; an explicit id is used as named.
-    for request in ({"strategy": "auto", "fairness_target": TARGET}, {"strategy": "none", "adaptor_id": adaptor_id}):
+    # Its measured fit is poor (2 iterations, measured on its training prompts): `auto` never serves with it, and
+    # `enforce` with `auto` stays exact; an explicit id is used as named, with its measured fit in the result.
+    fit = job["result"]["manifest"]["metrics"]["after"]
+    assert set(fit["prompts"]) == {"a photo of the face of a doctor, a person"} and "mean_prompt_tv" in fit
+    cases = (
+        ({"strategy": "auto", "fairness_target": TARGET}, "assign", None, "exact"),
+        ({"strategy": "auto", "fairness_target": TARGET, "enforce": True}, "assign", None, "exact"),
+        ({"strategy": "none", "adaptor_id": adaptor_id}, "adaptor", adaptor_id, "expected"),
+    )
+    for request, used, adaptor, guarantee in cases:
         gid = jobs.create(JobKind.generate, INFERENCE_QUEUE,
                           GenerateJob(prompt="a photo of a doctor", num_images=2, steps=2, **request).to_dict())  # fmt: skip
         celery_client.send_task(GENERATE_TASK, args=[gid])
         gen = wait_finished(jobs, gid, [inference_worker], timeout=60)
         assert gen["state"] == "succeeded", gen.get("error")
-        assert gen["result"]["adaptor"] == adaptor_id
-        assert gen["result"]["strategy"]["used"] == "adaptor"
+        assert (gen["result"]["strategy"]["used"], gen["result"]["adaptor"]) == (used, adaptor), request
+        assert gen["result"]["guarantee"] == guarantee
+    # the same request for another target with this adaptor named is refused by the worker as by the gateway
+    other = {"gender": {"female": 0.2, "male": 0.8}}
+    gid = jobs.create(JobKind.generate, INFERENCE_QUEUE, GenerateJob(prompt="a photo of a doctor", num_images=1, steps=2,
+                      adaptor_id=adaptor_id, fairness_target=other).to_dict())  # fmt: skip
+    celery_client.send_task(GENERATE_TASK, args=[gid])
+    gen = wait_finished(jobs, gid, [inference_worker], timeout=60)
+    assert gen["state"] == "failed" and gen["error"]["type"] == "adaptor_target_mismatch"
+
+
+def test_a_finetune_without_fairness_gain_fails_and_publishes_nothing(
+    jobs: JobStore, celery_client: Celery, worker_env: dict, training_worker: ManagedProcess
+) -> None:
+    """Asking for a full gain (per-prompt TV to the target down to 0, i.e. exactly 4 of 8 women for the doctor, whom
+    the base model draws all male) from 2 iterations: the gate refuses the finished job with its numbers."""
+    store_dir = Path(worker_env["FAIRDIFF_DATA_DIR"]) / "adaptors"
+    before = sorted(p.name for p in store_dir.iterdir()) if store_dir.exists() else []
+    job_id = finetune(jobs, celery_client, worker_env, eval_images=8, eval_steps=10, min_fairness_gain=1.0)
+    job = wait_finished(jobs, job_id, [training_worker])
+    assert job["state"] == "failed", job
+    error = job["error"]
+    assert error["type"] == "no_fairness_gain" and error["min_fairness_gain"] == 1.0
+    assert error["mean_prompt_tv"]["before"] > 0.3 and error["mean_prompt_tv"]["after"] > 0
+    assert "nothing was published" in error["message"]
+    assert (sorted(p.name for p in store_dir.iterdir()) if store_dir.exists() else []) == before
 
 
 def test_cancelled_finetune_leaves_no_half_adaptor(

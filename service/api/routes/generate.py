@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from common.adaptor_manifest import list_manifests
-from common.adaptor_matching import base_model_names, find_calibration, find_matching_adaptor
+from common.adaptor_matching import adaptor_conflict, base_model_names, find_calibration, find_matching_adaptor
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
 from common.jobs import IDEMPOTENCY_KEY, JobStore, new_job_id
 from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
@@ -32,16 +32,22 @@ router = APIRouter(prefix="/v1", tags=["generate"])
 _IDEMPOTENCY_SETTLE_S = 2.0
 
 
-def check_adaptor(settings: Settings, adaptor_id: str) -> dict[str, Any]:
-    """The adaptor's manifest; 404 when the store has no such adaptor, 409 when it is for another model."""
+def check_adaptor(
+    settings: Settings, adaptor_id: str, target: dict[str, dict[str, float]] | None, prompt: str, steps: int, scale: float
+) -> dict[str, Any]:
+    """The adaptor's manifest; 404 when the store has no such adaptor, 409 when it is for another model,
+    another target, or (guidance weights) another prompt or sampler: the rule the worker applies too."""
     manifest = load_manifest(settings.adaptor_dir, adaptor_id, "adaptor_id")
-    if manifest.base_model != settings.base_model:
+    if manifest.base_model not in base_model_names(settings.base_model):
         raise Conflict(
             f"adaptor_id: adaptor {adaptor_id!r} was built for base model {manifest.base_model!r}, "
             f"but this service runs {settings.base_model!r}",
             param="adaptor_id",
             code="adaptor_base_model_mismatch",
         )
+    conflict = adaptor_conflict(manifest, target, prompt, steps, scale)
+    if conflict is not None:
+        raise Conflict(f"adaptor_id: {conflict[1]}", param="adaptor_id", code=conflict[0])
     return manifest.to_dict()
 
 
@@ -98,6 +104,8 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
             raise InvalidField.from_field_error(exc, code="invalid_fairness_target") from exc
 
     strategy = body.strategy
+    steps = body.steps if body.steps is not None else info.default_steps
+    scale = body.guidance_scale if body.guidance_scale is not None else info.default_guidance_scale
     if body.adaptor_id is not None:
         if strategy not in (Strategy.auto, Strategy.adaptor):
             raise InvalidField(
@@ -105,7 +113,7 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
                 param="strategy",
                 code="strategy_conflict",
             )
-        check_adaptor(settings, body.adaptor_id)
+        check_adaptor(settings, body.adaptor_id, target, body.prompt, steps, scale)
     elif strategy in (Strategy.adaptor, Strategy.guidance, Strategy.assign) and target is None:
         raise InvalidField(
             f"fairness_target: strategy {strategy.value!r} needs a fairness_target"
@@ -116,18 +124,21 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
     elif strategy is Strategy.adaptor:
         require_matching_adaptor(settings, target)
     elif strategy is Strategy.guidance:
-        steps = body.steps if body.steps is not None else info.default_steps
-        scale = body.guidance_scale if body.guidance_scale is not None else info.default_guidance_scale
         require_calibration(settings, target, body.prompt, steps, scale)
 
-    # ledger and enforce both act on the per-request assignment, so both need `assign` (or `auto`)
+    # ledger and enforce both act on the per-request assignment, so both need `assign` (or `auto`, which then
+    # runs `assign` whatever adaptors exist): anything else is a conflict, never a silent downgrade
     for field, wanted in (("ledger", body.ledger is not None), ("enforce", body.enforce)):
         if not wanted:
             continue
         if target is None:
             raise InvalidField(f"{field}: needs a fairness_target", param=field, code=f"{field}_needs_target")
         if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
-            raise InvalidField(f"{field}: only applies to strategy 'assign' (or 'auto')", param=field, code="strategy_conflict")
+            raise Conflict(
+                f"{field}: needs exact per-request counts, which only strategy 'assign' (or 'auto') gives; "
+                f"strategy {strategy.value!r}" + (" with an adaptor_id" if body.adaptor_id is not None else "")
+                + " holds the target only in expectation", param=field, code="strategy_conflict",
+            )  # fmt: skip
     if body.enforce and (not body.audit or not info.attributes):
         raise InvalidField(
             "enforce: needs the audit (audit=true and a classifier for the base model)", param="enforce",
@@ -147,7 +158,8 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         strategy=strategy.value,
         adaptor_id=body.adaptor_id,
         audit=body.audit,
-        enforce=body.enforce,
+        enforce=bool(body.enforce),
+        strict=body.enforce == "strict",
         ledger=body.ledger,
     )
 
