@@ -36,9 +36,9 @@ def add_parser(sub) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from adaptors.fairness_gain import FinetuneRefused
     from adaptors.image_features import with_preservation_features
     from adaptors.store import AdaptorStore
-    from adaptors.fairness_gain import FinetuneRefused
     from adaptors.trainers import get_trainer
     from common.schemas import FieldError, FinetuneJob, validate_target
     from testbed import world

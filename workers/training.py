@@ -91,8 +91,8 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     def should_stop() -> bool:
         return jobs.cancel_requested(job_id)
 
-    from adaptors.generation import GenerationCancelled
     from adaptors.fairness_gain import FinetuneRefused
+    from adaptors.generation import GenerationCancelled
 
     try:
         try:

@@ -64,8 +64,8 @@ def test_a_finetune_that_loses_the_occupation_fails_whatever_its_bias(pipe, clas
     wrecked = get_trainer("dft")(_job(min_subject_kept=0, min_fairness_gain=0), pipe, classifier, tmp_path / "w", tmp_path / "wc",
                                  lambda p: None, lambda: False)  # fmt: skip
     assert wrecked.metrics["semantics"]["subject_kept"]["share"] < 0.5
-    gentle = get_trainer("dft")(_job(lr=0.01, min_fairness_gain=0), pipe, classifier, tmp_path / "g", tmp_path / "gc", lambda p: None,
-                                lambda: False)  # fmt: skip
+    gentle = get_trainer("dft")(_job(lr=0.01, min_fairness_gain=0), pipe, classifier, tmp_path / "g", tmp_path / "gc",
+                                lambda p: None, lambda: False)  # fmt: skip
     assert gentle.metrics["semantics"]["subject_kept"]["share"] >= 0.95
     assert gentle.prompts == [DOCTOR, NURSE]
     assert gentle.metrics["eval_prompts_held_out"] is False  # no held-out prompts given: the training prompts' figures
