@@ -37,7 +37,6 @@ class SubjectLost(FinetuneRefused):
             f"below min_subject_kept {minimum:.0%} (worst prompt {worst[0]!r}: {worst[1]:.0%}); nothing was published"
         )
 
-
     def error(self) -> dict:
         return {**super().error(), "subject_kept": self.kept, "bias": self.bias}
 

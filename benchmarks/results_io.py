@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -18,6 +19,19 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def environment(threads: int) -> dict[str, str]:
     return {"device": f"cpu ({platform.machine()}, {threads} threads per process)", "torch": torch.__version__}
+
+
+def revision() -> str:
+    """The code revision a figure was measured at (`+dirty` when the tree had uncommitted changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
 
 
 def weights_fingerprint(folder: str | Path) -> str:

@@ -156,8 +156,9 @@ class DFTConfig:
         if cfg.token_map_cross_fit and cfg.token_map_train != "scale":
             raise ValueError("hyperparameters.token_map_cross_fit: only with token_map_train scale")
         require_positive(cfg, "checkpoint_every")
-        require_unit_interval(cfg, "confidence", "flip_weight", "ema_decay", "region_share", "min_subject_kept",
-                              "min_fairness_gain")
+        require_unit_interval(
+            cfg, "confidence", "flip_weight", "ema_decay", "region_share", "min_subject_kept", "min_fairness_gain"
+        )
         if cfg.ema_decay == 1.0:
             raise ValueError("hyperparameters.ema_decay: must be below 1 (at 1 the published average never moves)")
         if cfg.steps_jitter >= cfg.steps:

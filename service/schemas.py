@@ -84,7 +84,7 @@ class GenerateRequest(BaseModel):
         description="Regenerate images that missed their assigned class (or show no person) until the audited "
         "counts are exact or the retry budget is spent; served by the exact `assign` (with `auto`, whatever "
         "adaptors exist). `true`: a budget that ends short still succeeds and `enforcement.satisfied` is false, "
-        "with the counts per attribute. `\"strict\"`: such a job fails with `enforcement_incomplete` instead.",
+        'with the counts per attribute. `"strict"`: such a job fails with `enforcement_incomplete` instead.',
     )
 
 

@@ -47,8 +47,9 @@ class Decision:
     fit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"requested": self.requested, "used": self.used, "reason": self.reason,
-                               "guarantee": self.guarantee}  # fmt: skip
+        out: dict[str, Any] = {"requested": self.requested, "used": self.used, "reason": self.reason}
+        if self.guarantee is not None:
+            out["guarantee"] = self.guarantee
         if self.adaptor_id is not None:
             out["fit"] = self.fit
         return out

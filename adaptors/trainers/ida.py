@@ -170,8 +170,11 @@ def train_ida(
             "tv_after": prompt_fit(after.realised, target)["tv"],
         }
     fit = {
-        side: fit_summary({p: row[f"realised_{side}"] for p, row in per_prompt.items()},
-                          _pooled([row[f"realised_{side}"] for row in per_prompt.values()]), target)  # fmt: skip
+        side: fit_summary(
+            {p: row[f"realised_{side}"] for p, row in per_prompt.items()},
+            _pooled([row[f"realised_{side}"] for row in per_prompt.values()]),
+            target,
+        )  # fmt: skip
         for side in ("before", "after")
     }
     require_fairness_gain(fit["before"]["mean_prompt_tv"], fit["after"]["mean_prompt_tv"], cfg.min_fairness_gain)

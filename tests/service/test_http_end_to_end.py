@@ -75,6 +75,21 @@ def female_share(result: dict) -> float:
     return result["realised"]["gender"]["female"]
 
 
+def oracle_readings(client: httpx.Client, result: dict) -> list:
+    """The testbed oracle's reading of every image of a result, fetched as a client would: delivered counts are
+    checked by the independent oracle as well as by the audit, which may share the steering classifier's errors."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from testbed.oracle import read_batch
+
+    pixels = [np.asarray(Image.open(io.BytesIO(client.get(img["url"]).content)).convert("RGB"), dtype=np.float32)
+              for img in result["images"]]  # fmt: skip
+    return read_batch(np.stack(pixels).transpose(0, 3, 1, 2) / 127.5 - 1.0)
+
+
 def test_ready_and_generate_with_a_target_reports_what_was_delivered(stack):
     client = stack["client"]
     assert client.get("/readyz").status_code == 200
@@ -161,13 +176,24 @@ def test_finetune_publishes_an_adaptor_that_shifts_the_delivered_distribution(st
         base["result"]["realised"],
         tuned["result"]["realised"],
     )
-    # Without adaptor_id, strategy 'adaptor' and 'auto' find it by the target it was trained for.
+    # Without adaptor_id, strategy 'adaptor' finds it by the target it was trained for. `auto` does not: its fit was
+    # measured on its own training prompt, not on held-out ones, so `auto` stays exact (and says so).
     small = {"prompt": SENATOR, "num_images": 2, "steps": 5, "seed": 11, "fairness_target": BALANCED}
-    for strategy in ("adaptor", "auto"):
+    expected = {"adaptor": ("adaptor", adaptor_id, "expected"), "auto": ("assign", None, "exact")}
+    for strategy, (used, adaptor, guarantee) in expected.items():
         found = client.post("/v1/generate", json={**small, "strategy": strategy}, headers={"Prefer": "wait=60"}).json()
         assert found["state"] == "succeeded", found
         assert found["result"]["strategy"]["requested"] == strategy
-        assert (found["result"]["strategy"]["used"], found["result"]["adaptor"]) == ("adaptor", adaptor_id), found["result"]
+        assert (found["result"]["strategy"]["used"], found["result"]["adaptor"]) == (used, adaptor), found["result"]
+        assert found["result"]["guarantee"] == guarantee
+    assert manifest["metrics"]["eval_prompts_held_out"] is False
+    # an explicit adaptor_id trained for another target is a 409 at the gateway, not a silent swap
+    other = {**small, "adaptor_id": adaptor_id, "fairness_target": {"gender": {"female": 0.2, "male": 0.8}}}
+    refused = client.post("/v1/generate", json=other)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "adaptor_target_mismatch", refused.text
+    # enforce with an adaptor_id cannot be exact: a 409 naming the conflict
+    refused = client.post("/v1/generate", json={**small, "adaptor_id": adaptor_id, "enforce": True})
+    assert refused.status_code == 409 and refused.json()["error"]["param"] == "enforce", refused.text
     assert time.monotonic() - started < 600
 
 
@@ -184,6 +210,8 @@ def test_assign_delivers_the_requested_split_and_reports_it(stack):
     assert [img["assigned"]["gender"] for img in result["images"]].count("male") == 4
     assert base["result"]["counts"]["gender"]["male"] <= 1
     assert abs(result["counts"]["gender"]["male"] - 4) <= 1, result["counts"]
+    oracle = oracle_readings(client, result)
+    assert abs(sum(r.gender == "male" for r in oracle if r.person) - 4) <= 1, [r.gender for r in oracle]
 
 
 def test_enforce_makes_the_delivered_counts_exact(stack):
@@ -194,8 +222,16 @@ def test_enforce_makes_the_delivered_counts_exact(stack):
     result = resp.json()["result"]
     assert result["enforcement"]["applied"] is True and result["enforcement"]["satisfied"] is True, result["enforcement"]
     assert result["counts"]["gender"] == result["assigned_counts"]["gender"] == {"female": 4, "male": 4}
+    assert result["enforcement"]["per_attribute"]["gender"]["satisfied"] is True and result["guarantee"] == "exact"
+    oracle = oracle_readings(client, result)
+    assert abs(sum(r.gender == "female" for r in oracle if r.person) - 4) <= 1, [r.gender for r in oracle]
     bad = client.post("/v1/generate", json={"prompt": SENATOR, "enforce": True})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "enforce"
+    # "strict" with no rounds to spend: a 2-step request misses, so the job fails with the counts instead of succeeding
+    strict = {**body, "steps": 2, "enforce": "strict", "seed": 6}
+    failed = client.post("/v1/generate", json=strict, headers={"Prefer": "wait=120"}).json()
+    assert failed["state"] == "failed" and failed["error"]["type"] == "enforcement_incomplete", failed
+    assert "delivered" in failed["error"]["message"]
 
 
 def test_a_ledger_makes_single_image_requests_add_up(stack):
@@ -203,15 +239,47 @@ def test_a_ledger_makes_single_image_requests_add_up(stack):
     client = stack["client"]
     body = {"prompt": "a photo of the face of a secretary, a person", "num_images": 1,
             "fairness_target": {"gender": {"female": 0.3, "male": 0.7}}, "ledger": "e2e-stream"}  # fmt: skip
+    no_person = 0
     for seed in range(10):
         result = client.post("/v1/generate", json={**body, "seed": seed}, headers={"Prefer": "wait=60"}).json()["result"]
         assert result["strategy"]["used"] == "assign" and result["images"][0]["assigned"]["gender"] in ("female", "male")
+        no_person += result["no_person"]
     delivered = result["ledger"]["delivered"]  # the audited classes, counted across all ten requests
     assert result["ledger"]["key"] == "e2e-stream"
-    assert 9 <= sum(delivered.values()) <= 10
+    assert sum(delivered.values()) == 10 - no_person  # every image the audit saw a person in, and only those
     assert abs(delivered.get("gender=female", 0) - 3) <= 1, delivered
     bad = client.post("/v1/generate", json={"prompt": "x", "ledger": "k"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "ledger"
+
+
+def test_single_image_requests_follow_the_target_over_seeds_without_a_ledger(stack):
+    """100 one-image requests at 30/70 with distinct seeds: the assigned class is drawn fairly from each seed (no class
+    favoured by rounding), so the share of women is 30% within binomial tolerance, assigned and as the oracle reads it."""
+    client = stack["client"]
+    body = {"prompt": "a photo of the face of a doctor, a person", "num_images": 1, "fairness_target": THIRTY_SEVENTY}
+    assigned = read = persons = 0
+    for seed in range(100):
+        result = client.post("/v1/generate", json={**body, "seed": 1000 + seed}, headers={"Prefer": "wait=60"}).json()["result"]
+        assigned += result["images"][0]["assigned"]["gender"] == "female"
+        reading = oracle_readings(client, result)[0]
+        persons += reading.person
+        read += reading.person and reading.gender == "female"
+    tolerance = 3 * (0.3 * 0.7 / 100) ** 0.5  # 3 standard errors: 0.137
+    assert abs(assigned / 100 - 0.3) <= tolerance, assigned
+    assert abs(read / persons - 0.3) <= tolerance + 0.05, (read, persons)  # plus the conditioning's own misses
+
+
+def test_enforce_and_ledger_with_auto_stay_exact_whatever_the_store_holds(stack):
+    """After an adaptor for this target exists (the finetune test above publishes one), `auto` with `enforce` or a
+    `ledger` is still served by `assign`, and says why."""
+    client = stack["client"]
+    assert client.get("/v1/adaptors").json()["data"], "the finetune test publishes an adaptor first"
+    for extra in ({"enforce": True}, {"ledger": "e2e-auto-ledger"}):
+        body = {"prompt": SENATOR, "num_images": 4, "seed": 21, "fairness_target": BALANCED, **extra}
+        result = client.post("/v1/generate", json=body, headers={"Prefer": "wait=120"}).json()["result"]
+        assert (result["strategy"]["used"], result["guarantee"]) == ("assign", "exact"), result["strategy"]
+        assert list(extra)[0] in result["strategy"]["reason"]
+        assert result["assigned_counts"]["gender"] == {"female": 2, "male": 2}
 
 
 # -- request-time fairness through the real API: the cases issue 5 lists ------------------------------
@@ -343,7 +411,9 @@ def test_ida_calibration_serves_the_guidance_strategy(stack):
     target = {"gender": {"female": 0.4, "male": 0.6}}  # a target no other test trains for
     resp = client.post("/v1/admin/finetunes", headers=ADMIN, json={
         "method": "ida", "fairness_target": target, "prompts": [secretary], "name": "secretary-ida",
-        "hyperparameters": {"steps": 4, "images_per_iteration": 16, "max_iterations": 2, "eval_images": 8}})  # fmt: skip
+        # two iterations at 4 steps need not gain anything: the fairness gate is off here and tested in the workers' tests
+        "hyperparameters": {"steps": 4, "images_per_iteration": 16, "max_iterations": 2, "eval_images": 8,
+                            "min_fairness_gain": 0}})  # fmt: skip
     assert resp.status_code == 202, resp.text
     job = wait_job(client, f"/v1/admin/finetunes/{resp.json()['id']}", timeout=180, headers=ADMIN)
     assert job["state"] == "succeeded", job.get("error")
@@ -353,10 +423,14 @@ def test_ida_calibration_serves_the_guidance_strategy(stack):
     assert manifest["kind"] == "ida" and manifest["sampler"]["steps"] == 4
 
     body = {"prompt": secretary, "num_images": 4, "steps": 4, "fairness_target": target}
-    for strategy in ("guidance", "auto"):
+    # `auto` takes the weights only when their measured fit for this prompt is within FAIRDIFF_AUTO_MAX_TV (0.10)
+    fit = manifest["metrics"]["per_prompt"][secretary]["tv_after"]
+    for strategy, used in (("guidance", "guidance"), ("auto", "guidance" if fit <= 0.10 else "assign")):
         done = client.post("/v1/generate", json={**body, "strategy": strategy}, headers={"Prefer": "wait=60"}).json()
         assert done["state"] == "succeeded", done
-        assert done["result"]["strategy"]["used"] == "guidance" and done["result"]["adaptor"] == adaptor_id
+        assert done["result"]["strategy"]["used"] == used, (fit, done["result"]["strategy"])
+        if used == "guidance":
+            assert done["result"]["adaptor"] == adaptor_id and done["result"]["strategy"]["fit"]["tv"] == fit
     # calibrated at 4 steps only: at 6 steps guidance does not apply and auto falls back to assign
     assert client.post("/v1/generate", json={**body, "steps": 6, "strategy": "guidance"}).status_code == 409
     other = client.post("/v1/generate", json={**body, "steps": 6}, headers={"Prefer": "wait=60"}).json()

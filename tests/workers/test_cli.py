@@ -50,7 +50,8 @@ def test_finetune_publishes_an_adaptor_with_a_progress_bar(tmp_path):
         "eval_images": 2,
         "eval_steps": 2,
         "rank": 2,
-        "min_subject_kept": 0, "min_fairness_gain": 0,
+        "min_subject_kept": 0,
+        "min_fairness_gain": 0,
     }  # images of 2 steps are too rough for the subject gate (tests/adaptors/test_subject_gate.py)
     proc = subprocess.run(
         [sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"gender": {"female": 0.5, "male": 0.5}}',

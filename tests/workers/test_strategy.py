@@ -12,7 +12,11 @@ BASES = {"testbed", "fairdiff-testbed"}
 
 
 def manifest(
-    id_: str, target: dict, base: str = "fairdiff-testbed", created: str = "2026-01-01T00:00:00", tv: float | None = 0.05,
+    id_: str,
+    target: dict,
+    base: str = "fairdiff-testbed",
+    created: str = "2026-01-01T00:00:00",
+    tv: float | None = 0.05,
     held_out: bool = True,
 ) -> dict:
     """A finetune's manifest; `tv` is its measured mean per-prompt TV to the target on its evaluation prompts."""
