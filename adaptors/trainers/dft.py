@@ -17,13 +17,9 @@ own method (the same trainer with `train="prefix"`).
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
-import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +34,6 @@ from adaptors.subject import require_subject_kept, subject_kept, subject_reader
 from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
-from adaptors.trainers.mixing import draw_noise, draw_partners, encode_mixed, token_lengths, varying_positions
 from adaptors.trainers.sampling import sample
 from adaptors.trainers.trainable import Trainable, make_trainable
 from common import bias as metrics
@@ -141,7 +136,6 @@ class DFTLosses:
         frozen_person = (frozen_pred.person > 0.5).cpu().numpy()
         labels = {a: np.full(n, -1, dtype=np.int64) for a in self.shares}
         dropped = 0
-        distribution = images.new_zeros(())
         for g in range(groups):
             rows = np.arange(g * per, (g + 1) * per)
             rows = rows[person[rows]]
@@ -152,9 +146,6 @@ class DFTLosses:
             dropped += targets.dropped()
             for a in self.shares:
                 labels[a][rows] = targets.labels[a]
-                if cfg.distribution_weight > 0:
-                    mean = probs[a][rows].mean(0)
-                    distribution = distribution + ((mean - torch.as_tensor(self.shares[a], dtype=mean.dtype)) ** 2).sum()
         align = images.new_zeros(())
         flips = np.zeros(n, dtype=bool)
         for a in self.shares:
@@ -193,7 +184,7 @@ class DFTLosses:
         if keep_person.any():
             person_logit = logits["person"].float()[keep_person]
             person_loss = F.binary_cross_entropy_with_logits(person_logit, torch.ones_like(person_logit))
-        loss = align + preserve + cfg.person_weight * person_loss + cfg.distribution_weight * distribution
+        loss = align + preserve + cfg.person_weight * person_loss
         # bias is per prompt, then averaged: pooled over prompts that lean opposite ways it looks fair when none is
         batch_bias, batch_share, prompt_bias = {}, {}, {}
         for a in self.shares:
@@ -215,7 +206,6 @@ class DFTLosses:
             "align": round(align.item(), 5),
             "preserve": round(preserve.item(), 5),
             "person": round(person_loss.item(), 5),
-            "distribution": round(float(distribution), 5),
             "no_person": int((~person).sum()),
             "no_target": dropped,
             "flips": int(flips.sum()),
@@ -241,110 +231,14 @@ def train_dft(
     target = {a: dict(d) for a, d in job.fairness_target.items()}
     eval_prompts = list(job.eval_prompts or job.prompts)
     staging_dir, checkpoint_dir = Path(staging_dir), Path(checkpoint_dir)
-    leanings = None
-    if cfg.token_map_init != "random":
-        leanings = stored_leanings(checkpoint_dir, pipe, classifier, list(job.prompts), shares, cfg, progress, should_stop)
-    fit_prompts = list(job.prompts)
-    check_prompts(cfg, fit_prompts)
-    if cfg.token_map_cross_fit:  # the read from every other prompt, the scale trained on the others
-        assert leanings is not None
-        fit_prompts, leanings = fit_prompts[::2], leanings[::2]
-        job = replace(job, prompts=list(job.prompts)[1::2])
+    check_prompts(cfg, list(job.prompts))
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
-                               cfg.text_encoder_modules, cfg.unet_modules, fit_prompts, cfg.token_map_read,
-                               cfg.token_map_form, leanings, cfg.token_map_init, cfg.regression_scale,
-                               cfg.token_map_keep, cfg.token_map_train)  # fmt: skip
+                               cfg.text_encoder_modules, cfg.unet_modules)  # fmt: skip
     try:
         return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
                       staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip
     finally:
         trainable.remove()
-
-
-LEANINGS_FILE = "measured_leanings.json"
-
-
-def stored_leanings(
-    folder: Path,
-    pipe,
-    classifier,
-    prompts: list[str],
-    shares: dict[str, np.ndarray],
-    cfg: DFTConfig,
-    progress: ProgressFn,
-    should_stop: StopFn,
-) -> np.ndarray:
-    """`measured_leanings`, kept beside the checkpoint: a resumed job reads them back instead of generating its
-    base images again (on real SD, prompts x `measure_images` images: the longest part of a short job).
-
-    The file records what the measurement depends on, so one made with other settings is measured anew."""
-    key = {"prompts": prompts, "shares": {a: v.tolist() for a, v in shares.items()}, "seed": cfg.seed,
-           "images": cfg.measure_images or cfg.images_per_prompt, "steps": cfg.steps, "init": cfg.token_map_init,
-           "guidance_scale": cfg.measure_guidance_scale or cfg.guidance_scale}  # fmt: skip
-    path = folder / LEANINGS_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return np.asarray(saved["leanings"], dtype=np.float64)
-    leanings = measured_leanings(pipe, classifier, prompts, shares, cfg, progress, should_stop)
-    folder.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps({"key": key, "leanings": leanings.tolist()}))
-    os.replace(staging, path)
-    return leanings
-
-
-def measured_leanings(
-    pipe,
-    classifier,
-    prompts: list[str],
-    shares: dict[str, np.ndarray],
-    cfg: DFTConfig,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-) -> np.ndarray:
-    """prompts x classes: how far each training prompt's base images (`measure_images` at the training steps)
-    lean from the target, per targeted class. A prompt with no person found counts as on target, so it pulls
-    the measured rule nowhere.
-
-    For `token_map_init: measured` a lean is the class's share minus the target's. For `regression` it is the
-    log-ratio of the two (centred over the attribute's classes), with half an image added to every count: at a
-    strong guidance scale the share is a steep sigmoid of how far a word leans, so the share saturates (a word
-    drawn 20% female comes out 5%) and a linear read fitted to it cannot say which saturated words lean further,
-    while the log-odds keep growing with the lean, so moving a word by its fitted log-odds is one rule to the middle."""
-    rows = []
-    n = cfg.measure_images or cfg.images_per_prompt
-    for j, prompt in enumerate(prompts):
-        if should_stop is not None and should_stop():
-            raise GenerationCancelled(f"training stopped while measuring the base model's images ({j}/{len(prompts)})")
-        spec = GenerationSpec(prompt=prompt, num_images=n, seed=cfg.seed + j, steps=cfg.steps,
-                              guidance_scale=cfg.measure_guidance_scale or cfg.guidance_scale)  # fmt: skip
-        with torch.no_grad():
-            images = classify(classifier, generate(pipe, spec, max_batch=64))
-        row = []
-        for a, want in shares.items():
-            labels = [image.label(a) for image in images]
-            if not any(labels):
-                row.append(np.zeros_like(want))
-                continue
-            got = np.array(list(metrics.frequencies(labels, classifier.attributes[a]).values()))  # `shares`' order
-            if cfg.token_map_init == "regression":
-                found = sum(1 for label in labels if label)
-                odds = np.log((got * found + 0.5) / (found + 0.5 * len(want))) - np.log(np.maximum(want, 1e-3))
-                row.append(odds - odds.mean())
-            else:
-                row.append(got - want)
-        rows.append(np.concatenate(row))
-        if progress is not None:  # the first minutes of a measured job, before any iteration
-            progress({"phase": "measuring base images", "step": j + 1, "total": len(prompts), "prompt": prompt})
-    return np.stack(rows)
-
-
-def learning_rate(cfg: DFTConfig, iteration: int) -> float:
-    """The rate of this (0-based) iteration's step."""
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * iteration / cfg.iterations))
-    return cfg.lr
 
 
 def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, staging_dir, checkpoint_dir,
@@ -358,9 +252,6 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     size = default_size(pipe)
     step = DFTLosses(cfg, shares, classifier)
     k = min(cfg.prompts_per_iteration, len(job.prompts))
-    augment = cfg.prompt_mixing > 0 or cfg.prompt_noise > 0
-    lengths = dict(zip(job.prompts, token_lengths(pipe, list(job.prompts)), strict=True)) if augment else {}
-    varying = varying_positions(pipe, list(job.prompts)) if augment else None
 
     for it in range(state["iteration"], cfg.iterations):
         if should_stop():
@@ -375,12 +266,6 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
         empty = [""] * n
         encode = trainable.encode
-        if augment:
-            mixes = draw_partners(prompts, list(job.prompts), lengths, cfg.prompt_mixing, rng)
-            partners = [q for q, _ in mixes for _ in range(cfg.images_per_prompt)]
-            weights = [w for _, w in mixes for _ in range(cfg.images_per_prompt)]
-            noise = draw_noise(pipe, k, varying, cfg.prompt_noise, rng).repeat(cfg.images_per_prompt, axis=0)
-            encode = functools.partial(encode_mixed, pipe, partners=partners, weights=weights, noise=noise)
         with torch.no_grad(), trainable.frozen():
             frozen = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
         images = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps,
@@ -392,8 +277,6 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         skipped = not np.isfinite(grad_norm)
         if not skipped:
-            for group in opt.param_groups:  # from the iteration alone, so a resumed job continues the schedule
-                group["lr"] = learning_rate(cfg, it)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
