@@ -168,9 +168,9 @@ def _mean(rows: dict, key: str, attr: str | None = None) -> float:
 def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     import torch
 
-    from adaptors.base import load_adaptor
     from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.loading import load_adaptor
     from testbed.world import TRAIN_OCCUPATIONS
 
     configure_threads(1)

@@ -31,9 +31,9 @@ from adaptors.audit import classify, summarise
 from adaptors.classifiers import AttributeClassifier
 from adaptors.generation import GenerationCancelled, GenerationSpec, default_size, generate, initial_latents
 from adaptors.subject import require_subject_kept, subject_kept, subject_reader
-from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
+from adaptors.trainers.registry import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from adaptors.trainers.sampling import sample
 from adaptors.trainers.trainable import Trainable, make_trainable
 from common import bias as metrics

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptors.base import load_adaptor
 from adaptors.generation import GenerationCancelled, GenerationSpec, generate, initial_latents
+from adaptors.loading import load_adaptor
 from adaptors.lora import LoraAdaptor, loaded_adapters
 from adaptors.prefix import PrefixAdaptor
 from adaptors.store import AdaptorStore
