@@ -1,7 +1,7 @@
 """The adaptor interface: every kind applies to and removes from a live pipeline without reloading it.
 
-One file per kind registers itself in `KINDS`; `load_adaptor(path)` dispatches on the manifest's
-`kind`. Weights are always safetensors next to a manifest.json (see common.adaptor_manifest).
+One file per kind registers itself in `KINDS`; `adaptors.loading.load_adaptor(path)` dispatches on the
+manifest's `kind`. Weights are always safetensors next to a manifest.json (see common.adaptor_manifest).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from adaptors.generation import PromptEncoder
-from common.adaptor_manifest import MANIFEST_NAME, AdaptorManifest, now_iso, sha256_file
+from common.adaptor_manifest import AdaptorManifest, now_iso, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -93,42 +93,14 @@ class Adaptor(ABC):
         """Read without integrity checks: the store verifies hashes before calling this."""
         folder = Path(folder)
         manifest = AdaptorManifest.read(folder)
-        return cls(manifest, _load_tensors(folder / cls.weights_name))
+        return cls(manifest, load_tensors(folder / cls.weights_name))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, base_model={self.manifest.base_model!r})"
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"cannot read adaptor weights {str(path)!r}: {exc}") from exc
-
-
-def _register_builtin_kinds() -> None:
-    import adaptors.ida  # noqa: F401
-    import adaptors.lora  # noqa: F401
-    import adaptors.prefix  # noqa: F401
-
-
-def load_adaptor(path: str | Path) -> Adaptor:
-    """Load the adaptor in folder `path`, whichever its kind; errors name the path."""
-    path = Path(path)
-    if not (path / MANIFEST_NAME).is_file():
-        raise FileNotFoundError(f"no adaptor at {str(path)!r}: {MANIFEST_NAME} is missing")
-    _register_builtin_kinds()
-    try:
-        manifest = AdaptorManifest.read(path)
-    except ValueError as exc:
-        raise ValueError(f"adaptor at {str(path)!r}: {exc}") from exc
-    cls = KINDS.get(manifest.kind)
-    if cls is None:
-        raise ValueError(f"adaptor at {str(path)!r} has unknown kind {manifest.kind!r}; known: {sorted(KINDS)}")
-    weights = path / cls.weights_name
-    if not weights.is_file():
-        raise FileNotFoundError(f"adaptor at {str(path)!r} lacks its weights file {cls.weights_name!r}")
-    try:
-        return cls(manifest, _load_tensors(weights))
-    except ValueError as exc:
-        raise ValueError(f"adaptor at {str(path)!r}: {exc}") from exc

@@ -12,7 +12,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from adaptors.base import Adaptor, load_adaptor
+from adaptors.base import Adaptor
+from adaptors.loading import load_adaptor
 from common.adaptor_manifest import (
     MANIFEST_NAME,
     RETIRED_PREFIX,

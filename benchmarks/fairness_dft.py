@@ -8,12 +8,6 @@ share of images whose occupation is unchanged, similarity to the base image from
 Runs not asked for keep their previous figures in benchmarks/results/fairness_dft.json.
 
     python benchmarks/fairness_dft.py [--runs gender_te_lora gender_prefix ...] [--images 256] [--hp JSON --suffix _NAME]
-
-A soup (adaptors.soup: the mean of several seeds' LoRA changes) of one run, from members trained
-beforehand, two at a time if the machine has the cores:
-
-    python benchmarks/fairness_dft.py --train-only NAME --store DIR_i --hp '{"seed": i, ...}'   (each member)
-    python benchmarks/fairness_dft.py --runs NAME --soup-from DIR_0 DIR_1 ... --suffix _soup
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
 from common.finetune_config import DFTConfig  # noqa: E402
-from common.settings import TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
 SKIN = {"skin_tone": {"I": 0.25, "II": 0.25, "III": 0.25, "IV": 0.25}}
@@ -46,19 +39,11 @@ WIDE = "testbed-train-wide"  # the 12 drawn occupations plus the 36 lookalike wo
 HELD_OUT = "testbed-test"  # the 4 held-out occupations every run is measured on
 
 
-# the shared-axis variant of the testbed (testbed.shared_axis): occupation stereotypes on directions all
-# occupation words share, as in a pretrained text encoder; "testbed" runs measure the main model
-SHARED_AXES = TESTBED_SHARED_AXES  # a base model name, as FAIRDIFF_BASE_MODEL takes it
-# its neutral-looks form: every look's words average the same shares, so the stereotypes sit on the shared
-# directions only (testbed.shared_axis); "neutral_looks" runs measure whether a finetune learns that rule
-NEUTRAL_LOOKS = TESTBED_NEUTRAL_LOOKS
-
-
 class Run(NamedTuple):
     target: dict
     hp: dict
     prompt_set: str = "testbed-train"
-    base: str = "testbed"  # or SHARED_AXES
+    base: str = "testbed"
 
 
 RUNS: dict[str, Run] = {
@@ -73,26 +58,6 @@ RUNS: dict[str, Run] = {
     "gender_x_skin_tone_te_unet": Run({**GENDER, **SKIN}, {"train": "both"}),
     "gender_te_lora_wide": Run(GENDER, {}, WIDE),
     "gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE),
-    "shared_axes_gender_te_lora": Run(GENDER, {}, base=SHARED_AXES),
-    "shared_axes_gender_prefix": Run(GENDER, {"train": "prefix"}, base=SHARED_AXES),
-    # the wide set on this model: same-look words with different shares, so no per-look correction fits them
-    "shared_axes_gender_te_lora_wide": Run(GENDER, {}, WIDE, SHARED_AXES),
-    "shared_axes_gender_prefix_wide": Run(GENDER, {"train": "prefix"}, WIDE, SHARED_AXES),
-    "shared_axes_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, SHARED_AXES),
-    "shared_axes_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, SHARED_AXES),
-    "shared_axes_gender_te_unet_lora_wide": Run(GENDER, {"train": "both"}, WIDE, SHARED_AXES),
-    # diagnostics, not fairness figures: trained on the held-out occupations themselves, so they say how
-    # close the method gets on those four when nothing has to generalise
-    "shared_axes_gender_te_lora_fit_held_out": Run(GENDER, {}, HELD_OUT, SHARED_AXES),
-    "shared_axes_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, HELD_OUT, SHARED_AXES),
-    "shared_axes_gender_x_skin_tone_fit_held_out": Run({**GENDER, **SKIN}, {}, HELD_OUT, SHARED_AXES),
-    "shared_axes_gender_age_75_25_fit_held_out": Run({**GENDER, **AGE}, {}, HELD_OUT, SHARED_AXES),
-    "neutral_looks_gender_te_lora_wide": Run(GENDER, {}, WIDE, NEUTRAL_LOOKS),
-    "neutral_looks_gender_prefix_wide": Run(GENDER, {"train": "prefix"}, WIDE, NEUTRAL_LOOKS),
-    "neutral_looks_gender_x_skin_tone_wide": Run({**GENDER, **SKIN}, {}, WIDE, NEUTRAL_LOOKS),
-    "neutral_looks_gender_age_75_25_wide": Run({**GENDER, **AGE}, {}, WIDE, NEUTRAL_LOOKS),
-    # diagnostic as above: how far five prefix tokens get on the four held-out prompts they train on
-    "neutral_looks_gender_prefix_fit_held_out": Run(GENDER, {"train": "prefix"}, HELD_OUT, NEUTRAL_LOOKS),
 }
 
 
@@ -203,9 +168,9 @@ def _mean(rows: dict, key: str, attr: str | None = None) -> float:
 def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     import torch
 
-    from adaptors.base import load_adaptor
     from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.loading import load_adaptor
     from testbed.world import TRAIN_OCCUPATIONS
 
     configure_threads(1)
@@ -217,12 +182,9 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     if "images" not in before_cache:
         before_cache["images"] = held_out_images(pipe, None, per_seed)
         before_cache["train_images"] = held_out_images(pipe, None, TRAIN_IMAGES, TRAIN_OCCUPATIONS, (TRAIN_SEED,))
-    gender_axis = gender_readout(pipe, RUNS[name].base) if "gender" in attrs else None  # from the base table
-    rows_before = held_out_rows(pipe)
     adaptor.attach(pipe)
     adaptor.activate(pipe)
     after_images = held_out_images(pipe, adaptor, per_seed)
-    text_moves = text_gender_moves(pipe, gender_axis, rows_before) if gender_axis is not None else None
     before, after = oracle_summary(before_cache["images"], attrs), oracle_summary(after_images, attrs)
     classifier = TestbedAttributeClassifier()
     with torch.no_grad():
@@ -256,8 +218,6 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
         "bias_after": {a: _mean(train_after, "bias", a) for a in attrs},
         "occupation_kept": min(r["occupation_kept"] for r in train_after.values()),
     }
-    if text_moves is not None:
-        result["text_gender_move"] = text_moves
     if len(attrs) > 1:
         result["intersectional_bias_before"] = _mean(before, "intersectional_bias")
         result["intersectional_bias_after"] = _mean(after, "intersectional_bias")
@@ -267,100 +227,27 @@ def evaluate(name: str, store: Path, per_seed: int, before_cache: dict) -> dict:
     return result
 
 
-def held_out_rows(pipe):
-    """The held-out occupation words' token embeddings as the text encoder's table hands them out (after any
-    adaptor that changes the table: the token map)."""
-    import torch
-
-    from testbed.world import TEST_OCCUPATIONS
-
-    vocab = pipe.tokenizer.get_vocab()
-    ids = torch.tensor([vocab[o + "</w>"] for o in TEST_OCCUPATIONS], device=pipe.device)
-    with torch.no_grad():
-        return pipe.text_encoder.get_input_embeddings()(ids).double().cpu().numpy()
-
-
-def gender_readout(pipe, base: str):
-    """On a shared-axis model, (the row vector that reads a change's gender coordinate, each word's coordinate),
-    from the unadapted table; None on the main testbed, whose words share no axis.
-
-    With them `evaluate` reports how far the adaptor moves each held-out word along the gender axis as a share
-    of the exact rule's move (minus the word's coordinate), which reaches 0.121 on neutral looks
-    (shared_axis_ceiling.json): near 1 leaves the gap to the UNet's reading, near 0 to the text side. Adaptors
-    that leave the table alone (every kind but the token map) move it by 0."""
-    import numpy as np
-
-    from benchmarks.shared_axis_ceiling import shared_axes
-    from testbed.shared_axis import occupation_words
-
-    words = occupation_words(base)
-    if words is None:
-        return None
-    _, coords, axes, _ = shared_axes(pipe, words)
-    return np.linalg.pinv(axes)[:, 0], {o.name: float(coords[i, 0]) for i, o in enumerate(words)}
-
-
-def text_gender_moves(pipe, gender_axis, rows_before) -> dict[str, float]:
-    """Each held-out word's move along the gender axis since `rows_before`, as a share of the rule's move."""
-    from testbed.world import TEST_OCCUPATIONS
-
-    readout, coordinate = gender_axis
-    moves = (held_out_rows(pipe) - rows_before) @ readout
-    return {o: round(float(m / -coordinate[o]), 3) for o, m in zip(TEST_OCCUPATIONS, moves, strict=True)}
-
-
-def soup(name: str, member_stores: list[Path], store: Path) -> dict:
-    """Average the members' adaptors of run `name` into `store`; their training figures, summed where they add up."""
-    from adaptors.base import load_adaptor
-    from adaptors.soup import average_loras
-    from common.adaptor_manifest import AdaptorManifest
-
-    members = [load_adaptor(m / name) for m in member_stores]
-    trained = [json.loads((m / f"{name}.train.json").read_text()) for m in member_stores]
-    if any(m.manifest.base_model != RUNS[name].base for m in members):
-        raise SystemExit(f"--soup-from: the members are not all run {name!r} on {RUNS[name].base!r}")
-    first = members[0].manifest
-    manifest = AdaptorManifest(id=name, kind="lora", base_model=first.base_model, attributes=first.attributes,
-                               target=first.target, prompt_set=first.prompt_set, sampler=first.sampler)  # fmt: skip
-    average_loras(members, manifest).save(store / name)
-    varying = sorted({k for t in trained for k, v in t["hyperparameters"].items() if v != trained[0]["hyperparameters"].get(k)})
-    return {
-        "soup_of": [{k: t["hyperparameters"].get(k) for k in varying} | {"seconds": t["seconds"]} for t in trained],
-        "seconds": round(sum(t["seconds"] for t in trained), 1),  # the soup costs all of its members' training
-        "peak_rss_mb": max(t["peak_rss_mb"] for t in trained),
-        "hyperparameters": {k: v for k, v in trained[0]["hyperparameters"].items() if k not in varying},
-        **{k: trained[0][k] for k in ("prompt_set", "base_model", "base_weights")},
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--images", type=int, default=256, help="images per held-out occupation (split over 4 seeds)")
     parser.add_argument("--hp", default="{}", help="JSON hyperparameters applied to every run asked for (recorded)")
     parser.add_argument("--suffix", default="", help="store each run as NAME + SUFFIX (a variant beside the main figures)")
-    parser.add_argument("--soup-from", nargs="+", metavar="STORE", help="evaluate the mean of the run's adaptors "
-                        "trained into these --store folders (adaptors.soup) instead of training one")  # fmt: skip
     parser.add_argument("--train-only", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.train_only:  # the child process of one run; the store keeps its figures for a later soup
+    if args.train_only:  # the child process of one run
         trained = train(args.train_only, Path(args.store), json.loads(args.hp))
         (Path(args.store) / f"{args.train_only}.train.json").write_text(json.dumps(trained))
         print(json.dumps(trained))
         return
-    if args.soup_from and len(args.runs) != 1:
-        parser.error("--soup-from: name exactly one run (--runs NAME), the one its members were trained as")
     result: dict = {"benchmark": "fairness_dft", **environment(1)}
     before_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.runs:
-            if args.soup_from:
-                trained = soup(name, [Path(p) for p in args.soup_from], Path(tmp))
-            else:
-                child = subprocess.run([sys.executable, __file__, "--train-only", name, "--store", tmp, "--hp", args.hp],
-                                       check=True, capture_output=True, text=True)  # fmt: skip
-                trained = json.loads(child.stdout.strip().splitlines()[-1])
+            child = subprocess.run([sys.executable, __file__, "--train-only", name, "--store", tmp, "--hp", args.hp],
+                                   check=True, capture_output=True, text=True)  # fmt: skip
+            trained = json.loads(child.stdout.strip().splitlines()[-1])
             run = {**evaluate(name, Path(tmp), args.images // len(SEEDS), before_cache), **trained}
             result[name + args.suffix] = run
             print(f"{name}: bias {run['bias_before']} -> {run['bias_after']}, occupation kept {run['occupation_kept']}, "

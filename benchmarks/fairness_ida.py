@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adaptors.assign import generate_directed  # noqa: E402
-from adaptors.base import load_adaptor  # noqa: E402
 from adaptors.classifiers import TestbedAttributeClassifier  # noqa: E402
 from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline  # noqa: E402
+from adaptors.loading import load_adaptor  # noqa: E402
 from adaptors.trainers import get_trainer  # noqa: E402
 from benchmarks.results_io import environment, publish  # noqa: E402
 from common.bias import bias, frequencies, kl_divergence  # noqa: E402

@@ -2,10 +2,9 @@
 
 Generates N images per occupation at guidance 1 and at the default guidance scale, reads them
 with the independent oracle, and compares generated class shares with the data table.
-Writes benchmarks/results/testbed_bias.json; `--model shared-axes` measures the shared-axis
-variant (testbed.shared_axis) instead and writes testbed_bias_shared_axes.json.
+Writes benchmarks/results/testbed_bias.json.
 
-    python benchmarks/testbed_bias.py [--images 256] [--model shared-axes]
+    python benchmarks/testbed_bias.py [--images 256]
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from adaptors.classifiers import TestbedAttributeClassifier  # noqa: E402
 from adaptors.generation import GenerationSpec, generate, load_pipeline  # noqa: E402
 from benchmarks.results_io import environment, publish  # noqa: E402
 from common.bias import bias, frequencies  # noqa: E402
-from common.settings import TESTBED, TESTBED_NEUTRAL_LOOKS, TESTBED_SHARED_AXES, Settings  # noqa: E402
+from common.settings import TESTBED, Settings  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
 from testbed.oracle import read_batch  # noqa: E402
 from testbed.world import ATTRIBUTES, OCCUPATIONS, TEST_OCCUPATIONS, prompt_for  # noqa: E402
@@ -41,10 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=256, help="images per occupation and guidance scale")
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--model", choices=sorted(MODELS), default="testbed")
     args = parser.parse_args()
     settings = Settings()
-    pipe = load_pipeline(MODELS[args.model][0], device="cpu")
+    pipe = load_pipeline(TESTBED, device="cpu")
     classifier = TestbedAttributeClassifier()
     scales = {"guidance_1": 1.0, "guidance_default": settings.default_guidance_scale}
 
@@ -91,7 +89,7 @@ def main() -> None:
     }  # fmt: skip
     training = json.loads((ROOT / "testbed" / "weights" / "training_log.json").read_text())
     result = {
-        "benchmark": MODELS[args.model][1],
+        "benchmark": "testbed_bias",
         "images_per_occupation": args.images,
         "steps": settings.default_steps,
         "guidance_default": settings.default_guidance_scale,
@@ -111,14 +109,9 @@ def main() -> None:
         "per_occupation": per_occupation,
         **environment(torch.get_num_threads()),
     }
-    publish(MODELS[args.model][1], result)
+    publish("testbed_bias", result)
 
 
-MODELS = {
-    "testbed": (TESTBED, "testbed_bias"),
-    "shared-axes": (TESTBED_SHARED_AXES, "testbed_bias_shared_axes"),
-    "neutral-looks": (TESTBED_NEUTRAL_LOOKS, "testbed_bias_neutral_looks"),
-}
 OCCUPATIONS_BY = {o.name: o for o in OCCUPATIONS}
 
 if __name__ == "__main__":

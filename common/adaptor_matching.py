@@ -191,11 +191,12 @@ def find_calibration(
     return max(matches, key=lambda m: (str(manifest_field(m, "created") or ""), str(manifest_field(m, "id") or "")))
 
 
-def base_model_names(base_model: str) -> set[str]:
-    """Names a manifest may carry for this base model (the setting, and for the testbed its id)."""
-    names = {base_model}
-    if base_model == "testbed":
-        from testbed import BASE_MODEL_ID
+# Other names a manifest may carry for a base model: the embedded testbed's pipeline id. Plain data, so that the
+# torch-free gateway matches adaptors without importing the model (tests/test_imports.py checks it against
+# adaptors.profiles, which workers read).
+BASE_MODEL_ALIASES: dict[str, tuple[str, ...]] = {"testbed": ("fairdiff-testbed",)}
 
-        names.add(BASE_MODEL_ID)
-    return names
+
+def base_model_names(base_model: str) -> set[str]:
+    """Names a manifest may carry for this base model (the setting, and its aliases)."""
+    return {base_model, *BASE_MODEL_ALIASES.get(base_model, ())}

@@ -15,82 +15,48 @@ from common.hyperparameters import parse_hyperparameters, require_non_negative, 
 
 # what `train` and the module choices name (adaptors.trainers.trainable maps each to the modules it adapts)
 TRAIN_CHOICES = ("text_encoder", "unet", "both", "prefix")
-TEXT_ENCODER_MODULE_CHOICES = ("attention_mlp", "attention", "last_layer", "last_outputs", "token_map")
-UNET_MODULE_CHOICES = ("attention", "cross_attention_kv", "cross_attention_out")
-
+TEXT_ENCODER_MODULE_CHOICES = ("attention_mlp", "attention")
+UNET_MODULE_CHOICES = ("attention", "cross_attention_kv")
 PRESERVE_REGIONS = ("flipped", "all")
-TOKEN_MAP_READS = ("span", "varying", "positive")
-TOKEN_MAP_FORMS = ("free", "symmetric", "centred")
-LR_SCHEDULES = ("constant", "cosine")
-TOKEN_MAP_INITS = ("random", "measured", "regression")
-TOKEN_MAP_KEEPS = ("none", "specials", "shared")
-TOKEN_MAP_TRAINS = ("both", "write", "scale")
 
 
 @dataclass
 class DFTConfig:
-    """Hyperparameters (a job's `hyperparameters` override any of them); defaults suit the testbed on a CPU."""
+    """Shen et al.'s recipe and the operational settings around it (a job's `hyperparameters` override any of
+    them); defaults suit the testbed on a CPU. Groups: what is trained, sampling, optimisation, the loss,
+    evaluation and the gate."""
 
-    train: str = "text_encoder"
+    # what is trained
+    train: str = "text_encoder"  # LoRA on the "text_encoder", the "unet", "both", or soft "prefix" tokens
     text_encoder_modules: str = "attention_mlp"  # Shen et al. also adapt the MLPs; "attention" only
     unet_modules: str = "attention"  # every attention projection (Shen et al.); "cross_attention_kv" only
-    # what the token map reads: "span" of the training prompts' tokens, or only the "varying" words, orthogonal
-    # to the tokens every prompt shares (the template), which it then leaves as they are, or the "positive" span:
-    # orthogonal to the empty negative prompt's tokens only, which it leaves as they are (trainable.prompt_span)
-    token_map_read: str = "span"
-    # "free": e -> e + B M e; "symmetric": e -> e - U U^T e, which only takes directions out; "centred":
-    # e -> e - U (U^T e - c), which moves them to learnt values (TokenMapTrainable)
-    token_map_form: str = "free"
-    # tokens the map leaves as they are (trainable.kept_token_ids): "none"; "specials" (BOS, EOS, padding: the
-    # empty negative prompt is only these); "shared" (those and the template's words every training prompt has)
-    token_map_keep: str = "none"
-    # what training changes: "both" factors of the free map, or only its "write" (B), the read (M) staying where
-    # a regression start put it, or only a "scale" per direction of the start's map (how far it moves every
-    # word, learnt on the training words instead of chosen). The read fitted by DFT's objective follows the
-    # training words and moved the neutral-looks testbed's held-out words less than the regression did
-    # (docs/dft-findings.md)
-    token_map_train: str = "both"
-    # with `scale`: fit the regression's read on every other training prompt and learn the scale by DFT on the
-    # rest, words the read never saw, as the held-out ones are. Fitted and trained on the same words, DFT made the
-    # map 6-10% shorter than the held-out words needed; cross-fitted it still made it ~10% shorter, so the gap is
-    # not the regression's in-sample fit. The pixel preservation term does the shortening: with both preservation
-    # weights at 0 the learnt scale stays at the start's (docs/dft-findings.md)
-    token_map_cross_fit: bool = False
-    # "measured": the map starts at the rule the base model's own images of the training prompts suggest
-    # (TokenMapTrainable, `leanings`), which costs one batch of base images per prompt; "random": at random
-    token_map_init: str = "random"
-    # base images per training prompt that `measured` and `regression` read the leans from (0: images_per_prompt)
-    measure_images: int = 0
-    # multiplies the move `regression` starts the map at. With leans from 32 images at guidance 5 the fit moved the
-    # neutral-looks testbed's held-out words by ~0.8 of the rule, and 1.25 made up for it; with the words' true
-    # shares, or leans from 256 images at guidance 1, it moves them by ~1 and 1 is right (docs/dft-findings.md)
-    regression_scale: float = 1.0
-    # the guidance scale of those base images (0: guidance_scale). Guidance multiplies a prompt's log-odds, so
-    # at 5 a strongly stereotyped word's images are all one class and its lean saturates at what 32 images can
-    # show; at 1 (the conditional model alone) the log-odds are the data's, and a map that zeroes them zeroes
-    # them at every scale, the unconditional branch being the same for every prompt (on the neutral-looks testbed
-    # 1 was worse at 32 images, too noisy, and the best start with no held-out choice at 256; docs/dft-findings.md)
-    measure_guidance_scale: float = 0.0
     rank: int = 8
-    num_tokens: int = 5
-    iterations: int = 100
+    num_tokens: int = 5  # prefix tokens
+    init_scale: float = 0.1  # prefix tokens' initial scale
+
+    # sampling through the chain
     steps: int = 10
     steps_jitter: int = 0
     guidance_scale: float = 5.0
     images_per_prompt: int = 8
     prompts_per_iteration: int = 3
+    adjusted: bool = True  # adjusted direct finetuning (latent input detached, per-step gradient rescaled)
+
+    # optimisation
+    iterations: int = 100
     lr: float = 0.0  # 0: 1e-2 for LoRA, 2e-2 for prefix tokens
-    # "cosine": the rate falls from lr to zero over the iterations, so the last steps, which the EMA publishes,
-    # are small ones: each iteration's batch is a few images per prompt and a constant rate keeps jumping
-    lr_schedule: str = "constant"
     weight_decay: float = 0.0
-    adjusted: bool = True
+    ema_decay: float = 0.9
+    max_grad_norm: float = 0.0
+    seed: int = 0
+
+    # the loss: distributional alignment, then semantics preservation
     confidence: float = 0.8
     target_draws: int = 100
-    # a gender change on the testbed also moves pixels outside the region the pixel term spares, so the term pulls
-    # towards the stereotyped base image: it made a regression-started token map 6-10% shorter, where the alignment
-    # alone keeps the start's length; 0 (feature weight 0 too) kept every held-out image's occupation there
-    # (docs/dft-findings.md)
+    # > 1 softens the cross-entropy of a saturated classifier (Shen et al.: 1). On the testbed, whose
+    # classifier puts ~0.999 on its class, T=1 made each flipped image cost 5-8 nats and training
+    # oscillated; T=8 with a larger step kept every held-out occupation (fairness_dft benchmark).
+    ce_temperature: float = 8.0
     preserve_pixel_weight: float = 30.0
     preserve_feature_weight: float = 1.0
     flip_weight: float = 0.0
@@ -99,23 +65,14 @@ class DFTConfig:
     # on every image ("all"), so that moving the attribute of the prompt as a whole costs no pixels
     preserve_region: str = "flipped"
     person_weight: float = 0.1
-    distribution_weight: float = 0.0
-    prompt_mixing: float = 0.0  # share of prompts replaced by a mixture with another training prompt (LoRA only)
-    prompt_noise: float = 0.0  # Gaussian noise on the varying tokens, in units of the embedding table's std
-    # > 1 softens the cross-entropy of a saturated classifier (Shen et al.: 1). On the testbed, whose
-    # classifier puts ~0.999 on its class, T=1 made each flipped image cost 5-8 nats and training
-    # oscillated; T=8 with a larger step kept every held-out occupation (fairness_dft benchmark).
-    ce_temperature: float = 8.0
-    ema_decay: float = 0.9
-    max_grad_norm: float = 0.0
+
+    # evaluation, checkpoints and the gate
     checkpoint_every: int = 10
-    seed: int = 0
     eval_images: int = 16
     eval_steps: int = 20
     eval_seed: int = 10_000
-    init_scale: float = 0.1
-    # the gate: the share of evaluation images whose subject (on the testbed, the occupation its oracle reads)
-    # must be the base image's from the same noise, or the job fails and publishes nothing, whatever its bias
+    # the share of evaluation images whose subject (on the testbed, the occupation its oracle reads) must be the
+    # base image's from the same noise, or the job fails and publishes nothing, whatever its bias
     # (adaptors.subject). 0 switches the gate off; base models with no subject reader are not gated
     min_subject_kept: float = 0.95
     # the fairness gate: mean per-prompt TV to the target on the evaluation prompts must fall by at least this share
@@ -125,37 +82,15 @@ class DFTConfig:
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any], method: str = "dft", **defaults: Any) -> DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": TEXT_ENCODER_MODULE_CHOICES,
-                   "unet_modules": UNET_MODULE_CHOICES, "preserve_region": PRESERVE_REGIONS,
-                   "token_map_read": TOKEN_MAP_READS, "token_map_form": TOKEN_MAP_FORMS, "lr_schedule": LR_SCHEDULES,
-                   "token_map_init": TOKEN_MAP_INITS, "token_map_keep": TOKEN_MAP_KEEPS,
-                   "token_map_train": TOKEN_MAP_TRAINS}  # fmt: skip
+                   "unet_modules": UNET_MODULE_CHOICES, "preserve_region": PRESERVE_REGIONS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
         require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration",
-                         "eval_images", "eval_steps")  # fmt: skip
+                         "iterations", "eval_images", "eval_steps", "checkpoint_every")  # fmt: skip
         require_non_negative(cfg, "lr", "weight_decay", "steps_jitter", "target_draws", "preserve_pixel_weight",
-                             "preserve_feature_weight", "person_weight", "distribution_weight", "max_grad_norm",
-                             "init_scale", "regression_scale")  # fmt: skip
+                             "preserve_feature_weight", "person_weight", "max_grad_norm",
+                             "init_scale")  # fmt: skip
         if cfg.guidance_scale < 1:
             raise ValueError("hyperparameters.guidance_scale: must be >= 1 (1: no classifier-free guidance)")
-        if cfg.iterations < 0 or (cfg.iterations == 0 and cfg.token_map_init == "random"):
-            # a measured start is an adaptor in itself; a random one with no training is none
-            raise ValueError("hyperparameters.iterations: must be > 0 (0 only publishes a measured token map's start)")
-        if cfg.regression_scale != 1.0 and cfg.token_map_init != "regression":
-            raise ValueError("hyperparameters.regression_scale: only for token_map_init regression")
-        if cfg.measure_images < 0:
-            raise ValueError("hyperparameters.measure_images: must be >= 0")
-        if cfg.measure_guidance_scale != 0 and (cfg.measure_guidance_scale < 1 or cfg.token_map_init == "random"):
-            raise ValueError("hyperparameters.measure_guidance_scale: must be 0 or >= 1, and only for a measured "
-                             "or regression token_map_init")  # fmt: skip
-        if cfg.token_map_init == "regression" and cfg.token_map_form != "free":
-            raise ValueError("hyperparameters.token_map_init: regression reads and writes different directions; "
-                             "it needs token_map_form free")  # fmt: skip
-        if cfg.token_map_train != "both" and cfg.token_map_init != "regression":
-            # from a random or measured start a fixed read is zero or a guess: the regression is the fitted one
-            raise ValueError(f"hyperparameters.token_map_train: {cfg.token_map_train} needs token_map_init regression")
-        if cfg.token_map_cross_fit and cfg.token_map_train != "scale":
-            raise ValueError("hyperparameters.token_map_cross_fit: only with token_map_train scale")
-        require_positive(cfg, "checkpoint_every")
         require_unit_interval(
             cfg, "confidence", "flip_weight", "ema_decay", "region_share", "min_subject_kept", "min_fairness_gain"
         )
@@ -163,27 +98,6 @@ class DFTConfig:
             raise ValueError("hyperparameters.ema_decay: must be below 1 (at 1 the published average never moves)")
         if cfg.steps_jitter >= cfg.steps:
             raise ValueError("hyperparameters.steps_jitter: must be smaller than steps")
-        require_unit_interval(cfg, "prompt_mixing")
-        if cfg.prompt_noise < 0:
-            raise ValueError("hyperparameters.prompt_noise: must be >= 0")
-        for key in ("prompt_mixing", "prompt_noise"):
-            if getattr(cfg, key) > 0 and cfg.train == "prefix":
-                raise ValueError(f"hyperparameters.{key}: changes prompts inside the text encoder; not for prefix tokens")
-        if cfg.text_encoder_modules == "token_map" and cfg.train != "text_encoder":
-            raise ValueError("hyperparameters.text_encoder_modules: token_map needs train text_encoder")
-        for key, default in (
-            ("token_map_read", "span"),
-            ("token_map_form", "free"),
-            ("token_map_init", "random"),
-            ("token_map_keep", "none"),
-            ("token_map_train", "both"),
-        ):
-            if getattr(cfg, key) != default and cfg.text_encoder_modules != "token_map":
-                raise ValueError(f"hyperparameters.{key}: only for text_encoder_modules token_map")
-        if cfg.text_encoder_modules == "token_map" and cfg.prompt_noise > 0:
-            # the noise stands in for unseen words, but it is added after the map has read the table, so the map
-            # would never see it: a run with it would only look regularised
-            raise ValueError("hyperparameters.prompt_noise: is added after the token map and never reaches it; not for token_map")
         if cfg.ce_temperature <= 0:
             raise ValueError("hyperparameters.ce_temperature: must be > 0")
         if cfg.lr == 0:
@@ -193,8 +107,8 @@ class DFTConfig:
 
 def check_prompts(cfg: DFTConfig | IDAConfig, prompts: list[str]) -> None:
     """What a config asks of the training prompts, checked where the prompts are known (the gateway, the trainer)."""
-    if isinstance(cfg, DFTConfig) and cfg.token_map_cross_fit and len(prompts) < 4:
-        raise ValueError("prompts: token_map_cross_fit needs at least 4 training prompts, 2 on each side")
+    if not prompts:
+        raise ValueError("prompts: a finetune needs at least one training prompt")
 
 
 @dataclass

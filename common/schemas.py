@@ -101,6 +101,10 @@ class ModelInfo:
     tokenizer_json: str | None = None
     default_steps: int = 20
     default_guidance_scale: float = 5.0
+    # the base model's named prompt sets (name -> prompts) and each training set's held-out partner, so the gateway
+    # can expand a finetune's `prompt_set` without importing the model's code
+    prompt_sets: dict[str, list[str]] = field(default_factory=dict)
+    held_out_sets: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,12 +11,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-TESTBED = "testbed"
-# the shared-axis variant of the testbed (testbed.shared_axis): the same world, renderer and words
-TESTBED_SHARED_AXES = "testbed-shared-axes"
-# its neutral-looks form: the stereotypes on the shared directions only, none in an occupation's look
-TESTBED_NEUTRAL_LOOKS = "testbed-neutral-looks"
-TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES, TESTBED_NEUTRAL_LOOKS)
+TESTBED = "testbed"  # the embedded tiny model's base-model name (testbed.BASE_MODEL_NAME)
+TESTBED_MODELS = (TESTBED,)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
 
 
@@ -33,8 +29,7 @@ class Settings(BaseSettings):
 
     base_model: str = Field(
         TESTBED,
-        description="Base pipeline: 'testbed' (the embedded tiny model), 'testbed-shared-axes' (its shared-axis "
-        "variant), 'testbed-neutral-looks' (that variant with stereotype-free looks), a local diffusers folder, or a hub id.",
+        description="Base pipeline: 'testbed' (the embedded tiny model), a local diffusers folder, or a hub id.",
     )
     classifier: str = Field(
         "auto",

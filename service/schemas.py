@@ -12,13 +12,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.schemas import JobState, Strategy
-from testbed import world  # numpy-only: the named prompt sets live there
+from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
 FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
-
-# Named prompt sets a finetune may ask for instead of listing prompts (see routes/admin.py).
-PROMPT_SETS: tuple[str, ...] = tuple(world.PROMPT_SETS)
 
 Probability = Annotated[float, Field(strict=True)]
 FairnessTargetIn = dict[str, dict[str, Probability]]
@@ -117,10 +114,10 @@ class JobPublic(BaseModel):
     started: float | None = None
     finished: float | None = None
     request: dict[str, Any] | None = Field(None, description="The validated request, including the seed used.")
-    result: dict[str, Any] | None = Field(
+    result: GenerateResult | dict[str, Any] | None = Field(
         None,
-        description="Images (url, attributes with confidences), realised distribution, distance to the target, "
-        "strategy and adaptor used, timings.",
+        description="A generate job's result (GenerateResult: images with attributes and confidences, realised "
+        "distribution, distance to the target, strategy, enforcement, ledger, timings); a finetune's own record.",
     )
     error: dict[str, Any] | None = None
 
@@ -162,13 +159,17 @@ class FinetuneRequest(BaseModel):
     base_model: str | None = Field(None, description="Defaults to the gateway's configured base model.")
     fairness_target: FairnessTargetIn = Field(..., description=_TARGET_DOC)
     prompts: list[str] | None = Field(None, min_length=1, max_length=10_000)
-    prompt_set: str | None = Field(None, description=f"Instead of prompts: one of {list(PROMPT_SETS)}.")
+    prompt_set: str | None = Field(
+        None, description="Instead of prompts: a named prompt set of the base model (its workers publish the names)."
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(None, max_length=200)
     eval_prompts: list[str] | None = Field(
         None, min_length=1, max_length=1_000, description="Held-out prompts for the before/after metrics."
     )
-    eval_prompt_set: str | None = Field(None, description="Instead of eval_prompts; testbed-train defaults to testbed-test.")
+    eval_prompt_set: str | None = Field(
+        None, description="Instead of eval_prompts; a training prompt set defaults to its held-out partner, if it has one."
+    )
 
 
 class FinetunePublic(JobPublic):

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from testbed import NEUTRAL_LOOKS_PIPELINE_DIR, SHARED_AXES_PIPELINE_DIR
 from testbed.architecture import (
     build_sample_scheduler,
     build_text_encoder,
@@ -109,19 +108,10 @@ def train_diffusion(
     steps: int,
     seed: int,
     batch_size: int = 64,
-    shared_axes: tuple | None = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Epsilon-prediction MSE, UNet and text encoder from scratch; returns the EMA copies.
-
-    `shared_axes`: the occupation table whose rows are composed from shared stereotype directions
-    (testbed.shared_axis); None for free rows.
-    """
+    """Epsilon-prediction MSE, UNet and text encoder from scratch; returns the EMA copies."""
     torch.manual_seed(seed)
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
-    if shared_axes is not None:
-        from testbed.shared_axis import compose_occupation_rows
-
-        compose_occupation_rows(text_encoder, tokenizer, shared_axes)
     ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
     sched = build_train_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -158,10 +148,6 @@ def train_diffusion(
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 200 == 0 or step == steps - 1:
             logger.info("diffusion step %d/%d loss %.4f (%.0f s)", step + 1, steps, running, time.time() - start)
-    if shared_axes is not None:
-        from testbed.shared_axis import fold_occupation_rows
-
-        fold_occupation_rows(ema_te)
     return ema_unet.eval(), ema_te.eval()
 
 
@@ -174,7 +160,7 @@ def _assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "words", "all", "shared", "neutral"])
+    parser.add_argument("stage", choices=["vae", "diffusion", "classifier", "words", "all"])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
     parser.add_argument("--images", type=int, default=40_000)
     parser.add_argument("--vae-steps", type=int, default=1200)
@@ -230,30 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         pipe.save_pretrained(args.out / "pipeline", safe_serialization=True)
         timings["words"] = round(time.time() - t0, 1)
         logger.info("words: %s", words_log)
-    for stage in ("shared", "neutral"):  # the variants: the main model's VAE, their own UNet and text encoder
-        if stage not in stages:
-            continue
-        from testbed.shared_axis import NEUTRAL_LOOK_OCCUPATIONS, SHARED_OCCUPATIONS, shared_tokenizer
-
-        table, folder = {"shared": (SHARED_OCCUPATIONS, SHARED_AXES_PIPELINE_DIR),
-                         "neutral": (NEUTRAL_LOOK_OCCUPATIONS, NEUTRAL_LOOKS_PIPELINE_DIR)}[stage]  # fmt: skip
-        t0 = time.time()
-        data = render_set(args.images, seed=args.seed, occupations=table)
-        vae = load_vae(args.out / "pipeline" / "vae")
-        mean, std = encode_latents(vae, data.images)
-        tokenizer = shared_tokenizer()
-        unet, text_encoder = train_diffusion(mean, std, data.captions, tokenizer, args.diffusion_steps, args.seed,
-                                             shared_axes=table)  # fmt: skip
-        pipe = _assemble(vae, text_encoder, tokenizer, unet)
-        pipe.save_pretrained(args.out / folder.name, safe_serialization=True)
-        timings[stage] = round(time.time() - t0, 1)
     if log_path.exists():  # another stage may have finished meanwhile: keep its timing
         timings = {**json.loads(log_path.read_text()).get("wall_seconds", {}), **timings}
     log = json.loads(log_path.read_text()) if log_path.exists() else {}
-    # a variant never hides the main model's recipe
-    args_key = {"shared": "shared_args", "neutral": "neutral_args"}.get(args.stage, "args")
     args_log = {k: portable(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}
-    log.update({"wall_seconds": timings, args_key: args_log})
+    log.update({"wall_seconds": timings, "args": args_log})
     log_path.write_text(json.dumps(log, indent=2))
     logger.info("done: %s", timings)
 

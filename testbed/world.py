@@ -135,25 +135,7 @@ LOOKALIKE_OCCUPATIONS: tuple[Occupation, ...] = (
     _lookalike("designer", "artist", 0.70, 0.90),
     _lookalike("photographer", "artist", 0.30, 0.85),
 )
-# Words only the shared-axis model's base training sees (testbed.shared_axis), never in a finetune
-# prompt set: they give each held-out look what every training look has, words with other shares.
-# Without them a held-out look has one word, so the base model is free to tie the stereotype to
-# the look itself rather than to the shared directions, which no pretrained CLIP does.
-HELD_OUT_LOOKALIKES: tuple[Occupation, ...] = (
-    _lookalike("governor", "senator", 0.45, 0.40),
-    _lookalike("mayor", "senator", 0.30, 0.50),
-    _lookalike("diplomat", "senator", 0.70, 0.45),
-    _lookalike("typist", "secretary", 0.55, 0.80),
-    _lookalike("assistant", "secretary", 0.35, 0.90),
-    _lookalike("administrator", "secretary", 0.20, 0.55),
-    _lookalike("welder", "mechanic", 0.30, 0.70),
-    _lookalike("plumber", "mechanic", 0.50, 0.60),
-    _lookalike("technician", "mechanic", 0.75, 0.85),
-    _lookalike("archivist", "librarian", 0.45, 0.35),
-    _lookalike("curator", "librarian", 0.25, 0.55),
-    _lookalike("editor", "librarian", 0.60, 0.80),
-)
-OCCUPATION_BY_NAME: dict[str, Occupation] = {o.name: o for o in OCCUPATIONS + LOOKALIKE_OCCUPATIONS + HELD_OUT_LOOKALIKES}
+OCCUPATION_BY_NAME: dict[str, Occupation] = {o.name: o for o in OCCUPATIONS + LOOKALIKE_OCCUPATIONS}
 WIDE_TRAIN_OCCUPATIONS: tuple[str, ...] = TRAIN_OCCUPATIONS + tuple(o.name for o in LOOKALIKE_OCCUPATIONS)
 
 

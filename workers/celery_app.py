@@ -25,6 +25,9 @@ SWEEP_EVERY = 3  # heartbeats between sweeps for orphaned jobs (workers/recovery
 RECOVERABLE = {INFERENCE_QUEUE: (JobKind.generate, GENERATE_TASK), TRAINING_QUEUE: (JobKind.finetune, FINETUNE_TASK)}
 
 app = make_celery(get_settings())
+# the worker imports the task module when it starts (Celery's `imports` setting), so that module may import `app`
+# from here without this module importing it back
+app.conf.imports = ("workers.tasks",)
 
 _stop = threading.Event()
 
@@ -114,6 +117,3 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
     _stop.set()
-
-
-import workers.tasks  # noqa: E402,F401  (registers the tasks with `app`)

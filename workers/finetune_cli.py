@@ -15,21 +15,33 @@ from pathlib import Path
 
 from common.finetune_config import check_hyperparameters
 from common.settings import get_settings
+from workers.console import UsageError
+from workers.console import load_model as _load_model
+from workers.console import out as _out
+
+# the trainers' error fields, as the options that set them
+_OPTIONS = {"prompts": "--prompts", "fairness_target": "--target", "hyperparameters": "--hparams"}
+METHODS = ("dft", "prefix", "ida")  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
 
 
-def add_parser(sub) -> None:
-    ft = sub.add_parser("finetune", help="train a fairness adaptor locally (dft, prefix) and publish it to the store")
-    ft.add_argument("method", help="trainer: dft or prefix")
-    ft.add_argument("--target", required=True, help='JSON, e.g. {"gender": {"female": 0.5, "male": 0.5}}')
+def add_parser(command) -> None:
+    """`command(name, help)` makes the subcommand's parser (workers.cli.build_parser)."""
+    ft = command("finetune", "train a fairness adaptor in this process (dft, prefix or ida) and publish it to the store")
+    ft.add_argument("method", choices=METHODS,
+                    help="dft: LoRA trained by Shen et al.'s DFT; prefix: DFT on soft prefix tokens; ida: guidance")  # fmt: skip
+    ft.add_argument("--target", required=True, metavar="JSON",
+                    help='fairness target, e.g. \'{"gender": {"female": 0.5, "male": 0.5}}\'')  # fmt: skip
     group = ft.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompts", nargs="+", help="training prompts")
-    group.add_argument("--prompt-set", help="a named prompt set, e.g. testbed-train")
-    ft.add_argument("--eval-prompt-set", help="held-out prompts for the metrics (default: the set's held-out partner)")
-    ft.add_argument("--hparams", default="{}", help="JSON of hyperparameter overrides")
-    ft.add_argument("--id", help="adaptor id (default: derived from --name)")
-    ft.add_argument("--name")
+    group.add_argument("--prompts", nargs="+", metavar="PROMPT", help="training prompts")
+    group.add_argument("--prompt-set", metavar="NAME", help="a named prompt set of the base model, e.g. testbed-train")
+    ft.add_argument("--eval-prompt-set", metavar="NAME",
+                    help="held-out prompts for the before/after metrics (default: the set's held-out partner)")  # fmt: skip
+    ft.add_argument("--hparams", default="{}", metavar="JSON",
+                    help="hyperparameter overrides (docs/methods/*.md; checked before the model loads)")  # fmt: skip
+    ft.add_argument("--id", help="adaptor id (default: METHOD-<random>)")
+    ft.add_argument("--name", help="human-readable name for the manifest")
     ft.add_argument("--model", help="base model (default: FAIRDIFF_BASE_MODEL)")
-    ft.add_argument("--store", help="adaptor store folder (default: the settings' adaptor dir)")
+    ft.add_argument("--store", help="adaptor store folder (default: FAIRDIFF_DATA_DIR/adaptors, where the service reads)")
     ft.set_defaults(func=cmd_finetune)
 
 
@@ -38,46 +50,48 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     from adaptors.fairness_gain import FinetuneRefused
     from adaptors.image_features import with_preservation_features
+    from adaptors.profiles import get_profile
     from adaptors.store import AdaptorStore
     from adaptors.trainers import get_trainer
     from common.schemas import FieldError, FinetuneJob, validate_target
-    from testbed import world
-    from workers.cli import _load_model, _out
 
     settings = get_settings()
-    try:
-        trainer = get_trainer(args.method)
-    except KeyError as exc:
-        _out(str(exc.args[0]))
-        return 2
+    trainer = get_trainer(args.method)
     try:  # before the model loads: a typo costs nothing
         hyperparameters = json.loads(args.hparams)
         if not isinstance(hyperparameters, dict):
             raise ValueError("must be a JSON object")
         check_hyperparameters(args.method, hyperparameters)
     except ValueError as exc:  # json.JSONDecodeError is one
-        _out(f"--hparams: {exc}")
-        return 2
-    model, pipe, classifier = _load_model(args.model or settings.base_model)
-    if classifier is None:
-        _out("finetuning needs an attribute classifier for the base model (FAIRDIFF_CLASSIFIER)")
-        return 2
+        raise UsageError("--hparams", str(exc).removeprefix("hyperparameters.")) from None
     try:
-        target = validate_target(json.loads(args.target), classifier.attributes)
-    except (FieldError, json.JSONDecodeError) as exc:
-        _out(f"--target: {exc}")
-        return 2
-    prompts = list(args.prompts) if args.prompts else world.prompt_set(args.prompt_set)
-    eval_set = args.eval_prompt_set or world.HELD_OUT_SET.get(args.prompt_set or "")
-    if prompts is None or (eval_set and world.prompt_set(eval_set) is None):
-        _out(f"unknown prompt set; known: {list(world.PROMPT_SETS)}")
-        return 2
+        raw_target = json.loads(args.target)
+    except json.JSONDecodeError as exc:
+        raise UsageError("--target", f"not valid JSON ({exc})") from None
+    name = args.model or settings.base_model
+    try:
+        model, pipe, classifier = _load_model(name)
+    except Exception as exc:  # one line, no traceback
+        raise UsageError("--model", f"cannot load base model {name!r}: {type(exc).__name__}: {exc}") from None
+    if classifier is None:
+        raise UsageError("--model", f"finetuning needs an attribute classifier for {model!r} (FAIRDIFF_CLASSIFIER)")
+    try:
+        target = validate_target(raw_target, classifier.attributes, field="--target")
+    except FieldError as exc:
+        raise UsageError(exc.field, exc.message) from None
+    profile = get_profile(model)
+    sets = {name: list(p) for name, p in profile.prompt_sets.items()} if profile else {}
+    prompts = list(args.prompts) if args.prompts else sets.get(args.prompt_set)
+    eval_set = args.eval_prompt_set or (profile.held_out_sets.get(args.prompt_set or "") if profile else None)
+    for option, wanted in (("--prompt-set", args.prompt_set), ("--eval-prompt-set", eval_set)):
+        if wanted and wanted not in sets:
+            raise UsageError(option, f"unknown prompt set {wanted!r} for {model!r}; known: {sorted(sets)}")
     job = FinetuneJob(
         method=args.method, base_model=model, fairness_target=target, prompts=prompts, prompt_set=args.prompt_set,
         hyperparameters=hyperparameters, name=args.name,
-        eval_prompts=world.prompt_set(eval_set) if eval_set else None,
+        eval_prompts=sets[eval_set] if eval_set else None,
     )  # fmt: skip
-    store = AdaptorStore(Path(args.store) if args.store else settings.adaptor_dir)
+    store = AdaptorStore((Path(args.store) if args.store else settings.adaptor_dir).resolve())
     adaptor_id = args.id or f"{args.method}-{uuid.uuid4().hex[:8]}"
     staging = store.staging_dir(adaptor_id)
     ckpt = store.root / ".checkpoints" / adaptor_id
@@ -96,12 +110,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, FinetuneRefused):  # finished and refused: nothing will resume it
             shutil.rmtree(ckpt, ignore_errors=True)
-        _out(f"finetune failed: {exc}")
-        return 1 if isinstance(exc, FinetuneRefused) else 2
+            sys.stderr.write(f"fairdiff finetune: refused, nothing published: {exc}\n")
+            return 1
+        field, _, message = str(exc).partition(": ")
+        raise UsageError(_OPTIONS.get(field.split(".")[0], "--hparams"), message or field) from None
     finally:
         bar.close()
     manifest = store.publish(staging)
-    _out(f"published adaptor {manifest.id} ({manifest.kind}) to {store.root}")
+    _out(f"published adaptor {manifest.id} ({manifest.kind}) to {store.root}")  # absolute: where the service must read
     metrics = manifest.metrics or {}
     for when in ("before", "after"):
         if when in metrics:

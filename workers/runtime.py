@@ -55,8 +55,10 @@ class Runtime:
 
     def model_info(self) -> ModelInfo:
         from adaptors.generation import default_size
+        from adaptors.profiles import get_profile
 
         size = default_size(self.pipe)
+        profile = get_profile(self.settings.base_model)
         return ModelInfo(
             base_model=self.settings.base_model,
             attributes=dict(self.classifier.attributes) if self.classifier is not None else None,
@@ -66,6 +68,8 @@ class Runtime:
             tokenizer_json=tokenizer_json(self.pipe.tokenizer),
             default_steps=self.settings.default_steps,
             default_guidance_scale=self.settings.default_guidance_scale,
+            prompt_sets={name: list(p) for name, p in profile.prompt_sets.items()} if profile else {},
+            held_out_sets=dict(profile.held_out_sets) if profile else {},
         )
 
 

@@ -28,7 +28,7 @@ from adaptors.classifiers import AttributeClassifier
 from adaptors.fairness_gain import fit_summary, prompt_fit, require_fairness_gain
 from adaptors.generation import GenerationCancelled, GenerationSpec
 from adaptors.ida import IdaAdaptor, ida_directions
-from adaptors.trainers import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
+from adaptors.trainers.registry import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from common import bias as metrics
 from common.adaptor_manifest import AdaptorManifest
 from common.finetune_config import IDAConfig

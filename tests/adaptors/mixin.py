@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptors.base import Adaptor, load_adaptor
+from adaptors.base import Adaptor
 from adaptors.generation import GenerationSpec, generate, load_pipeline
+from adaptors.loading import load_adaptor
 from common.adaptor_manifest import MANIFEST_NAME, AdaptorManifest
 from tests.adaptors.conftest import pipeline_path
 

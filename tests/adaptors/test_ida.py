@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adaptors.assign import class_texts_for_testbed, generate_directed
-from adaptors.base import load_adaptor
 from adaptors.generation import GenerationSpec, generate
 from adaptors.ida import IdaAdaptor
+from adaptors.loading import load_adaptor
 from adaptors.trainers import get_trainer
 from adaptors.trainers.ida import IDAConfig
 from common.adaptor_manifest import AdaptorManifest

@@ -43,6 +43,8 @@ def testbed_info(tokenizer_json: str) -> ModelInfo:
         tokenizer_json=tokenizer_json,
         default_steps=20,
         default_guidance_scale=5.0,
+        prompt_sets={name: world.prompt_set(name) for name in world.PROMPT_SETS},
+        held_out_sets=dict(world.HELD_OUT_SET),
     )
 
 

@@ -1,4 +1,5 @@
-"""The gateway stays torch-free and builds no app at import time."""
+"""The gateway stays torch-free, imports neither the workers, the adaptors nor the testbed, and builds no app at
+import time."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import sys
 import service.app
 assert not hasattr(service.app, "app"), "no app may be built at import time"
 from common.settings import Settings
-from service.api.routes.admin import prompt_set
 app = service.app.create_app(Settings(redis_url="redis://127.0.0.1:1/0", data_dir="/nonexistent"))
 app.openapi()
-prompt_set("testbed-test")
-heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "diffusers", "transformers", "workers", "adaptors"})
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "diffusers", "transformers", "workers", "adaptors", "testbed"})
 print(",".join(heavy))
 """
 

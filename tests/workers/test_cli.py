@@ -68,10 +68,10 @@ def test_finetune_publishes_an_adaptor_with_a_progress_bar(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"hat": {"a": 1}}',
                           "--prompts", "x", "--store", str(tmp_path / "store")],
                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert bad.returncode == 2 and "--target" in bad.stdout
+    assert bad.returncode == 2 and "--target" in bad.stderr  # errors go to stderr, one line
 
     for hparams, says in (("{lr: 1}", "--hparams: Expecting property name"), ('{"ema_decay": 1.0}', "ema_decay")):
         bad = subprocess.run([sys.executable, "-m", "workers.cli", "finetune", "dft", "--target", '{"gender": {"female": 1}}',
                               "--prompts", "x", "--hparams", hparams, "--store", str(tmp_path / "store")],
                              capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-        assert bad.returncode == 2 and says in bad.stdout and "Traceback" not in bad.stderr, (bad.stdout, bad.stderr)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (bad.stdout, bad.stderr)

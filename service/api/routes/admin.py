@@ -14,14 +14,13 @@ from common import adaptor_manifest
 from common.celery_config import FINETUNE_TASK, TRAINING_QUEUE
 from common.finetune_config import check_hyperparameters, check_prompts
 from common.jobs import JobStore
-from common.schemas import FieldError, FinetuneJob, JobKind, JobState, validate_target
+from common.schemas import FieldError, FinetuneJob, JobKind, JobState, ModelInfo, validate_target
 from common.settings import Settings
 from service.api.deps import AdminDep, CeleryDep, SettingsDep, StoreDep
 from service.api.jobview import job_url, load_job, public_job
 from service.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, error_responses
 from service.schemas import (
     FINETUNE_METHODS,
-    PROMPT_SETS,
     AdaptorRetired,
     FinetuneList,
     FinetunePublic,
@@ -34,16 +33,14 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 403))
 
 
-def prompt_set(name: str, field: str = "prompt_set") -> list[str]:
-    """The prompts of a named set. testbed.world is numpy-only, so the gateway may import it."""
-    from testbed import world
-
-    prompts = world.prompt_set(name)
+def prompt_set(info: ModelInfo, name: str, field: str = "prompt_set") -> list[str]:
+    """The prompts of a named set, as the base model's workers publish them (ModelInfo.prompt_sets)."""
+    prompts = info.prompt_sets.get(name)
     if prompts is None:
         raise InvalidField(
-            f"{field}: unknown prompt set {name!r}; known: {list(PROMPT_SETS)}", param=field, code="unknown_prompt_set"
+            f"{field}: unknown prompt set {name!r}; known: {sorted(info.prompt_sets)}", param=field, code="unknown_prompt_set"
         )
-    return prompts
+    return list(prompts)
 
 
 def _prompt_list(info, prompts: list[str], field: str) -> list[str]:
@@ -54,19 +51,17 @@ def _prompt_list(info, prompts: list[str], field: str) -> list[str]:
     return list(prompts)
 
 
-def _eval_prompts(body: FinetuneRequest, info) -> list[str] | None:
+def _eval_prompts(body: FinetuneRequest, info: ModelInfo) -> list[str] | None:
     """Held-out prompts for the before/after metrics: given, named, or the training set's held-out partner."""
-    from testbed import world
-
     if body.eval_prompts is not None and body.eval_prompt_set is not None:
         raise InvalidField("eval_prompts: give eval_prompts or eval_prompt_set, not both", param="eval_prompts",
                            code="prompts_or_prompt_set")  # fmt: skip
     if body.eval_prompts is not None:
         return _prompt_list(info, body.eval_prompts, "eval_prompts")
     if body.eval_prompt_set is not None:
-        return prompt_set(body.eval_prompt_set, "eval_prompt_set")
-    held_out = world.HELD_OUT_SET.get(body.prompt_set or "")
-    return prompt_set(held_out) if held_out else None
+        return prompt_set(info, body.eval_prompt_set, "eval_prompt_set")
+    held_out = info.held_out_sets.get(body.prompt_set or "")
+    return prompt_set(info, held_out) if held_out else None
 
 
 def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStore) -> FinetuneJob:
@@ -96,7 +91,7 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
             "prompts: give either prompts or prompt_set (exactly one)", param="prompts", code="prompts_or_prompt_set"
         )
     if body.prompt_set is not None:
-        prompts = prompt_set(body.prompt_set)
+        prompts = prompt_set(info, body.prompt_set)
     else:
         prompts = _prompt_list(info, body.prompts or [], "prompts")
     try:
