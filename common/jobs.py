@@ -44,7 +44,9 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), ttl_s)
 
     # -- writing -----------------------------------------------------------------------------
-    def create(self, kind: JobKind, queue: str, request: dict[str, Any], job_id: str | None = None) -> str:
+    def create(self, kind: JobKind, queue: str, request: dict[str, Any], job_id: str | None = None,
+               owner: str = "anon") -> str:  # fmt: skip
+        """Write a queued job owned by the tenant `owner` (an opaque id; the gateway shows it to nobody)."""
         job_id = job_id or new_job_id()
         now = time.time()
         key = JOB_KEY.format(id=job_id)
@@ -56,6 +58,7 @@ class JobStore:
                 "kind": kind.value,
                 "queue": queue,
                 "state": JobState.queued.value,
+                "owner": owner,
                 "created": now,
                 "request": json.dumps(request),
             },
@@ -66,12 +69,22 @@ class JobStore:
         pipe.execute()
         return job_id
 
-    def claim_idempotency(self, scope: str, key: str, job_id: str) -> str:
-        """Bind (scope, key) to job_id unless already bound; returns the job id that owns it."""
+    def claim_idempotency(self, scope: str, key: str, job_id: str, fingerprint: str = "") -> tuple[str, str]:
+        """Bind (scope, key) to job_id and the request's fingerprint unless already bound.
+
+        Returns the (job id, fingerprint) that own the key: this job's, or the earlier request's.
+        """
         rkey = IDEMPOTENCY_KEY.format(scope=scope, key=key)
-        if self.r.set(rkey, job_id, nx=True, ex=self.ttl_s):
-            return job_id
-        return str(self.r.get(rkey))
+        if self.r.set(rkey, f"{job_id} {fingerprint}", nx=True, ex=self.ttl_s):
+            return job_id, fingerprint
+        owner, _, owner_fingerprint = str(self.r.get(rkey)).partition(" ")
+        return owner, owner_fingerprint
+
+    def release_idempotency(self, scope: str, key: str, job_id: str) -> None:
+        """Free a key this job claimed (its enqueue failed), so the client can retry with it."""
+        rkey = IDEMPOTENCY_KEY.format(scope=scope, key=key)
+        if str(self.r.get(rkey) or "").partition(" ")[0] == job_id:
+            self.r.delete(rkey)
 
     def mark_running(self, job_id: str, worker: str) -> None:
         job = self.get(job_id)

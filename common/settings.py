@@ -75,7 +75,16 @@ class Settings(BaseSettings):
     env: str = Field("dev", description="'dev' or 'prod'; prod refuses the default admin token.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and job store.")
     admin_token: str = Field(DEFAULT_ADMIN_TOKEN, description="Bearer token for /v1/admin/*.")
-    api_keys: str = Field("", description="Comma-separated API keys for /v1; empty = no auth on /v1.")
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys for /v1; empty = no auth on /v1. With keys, every job, its images, its "
+        "cancel, its idempotency keys and its ledgers belong to the key that created it; other keys get 404.",
+    )
+    tenant_secret: str = Field(
+        "",
+        description="HMAC secret that turns an API key into the opaque tenant id jobs are stored under (never shown to "
+        "clients); empty = derived from admin_token, so rotating the admin token then orphans unfinished jobs' owners.",
+    )
     max_body_bytes: int = Field(64 * 1024, description="Requests with a larger body get 413.")
     job_ttl_s: int = Field(7 * 24 * 3600, description="How long finished jobs and their records are kept.")
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout; above the longest job.")

@@ -12,9 +12,12 @@ from starlette.concurrency import run_in_threadpool
 
 from common.jobs import JobStore
 from common.schemas import JobKind, JobState
+from service.api.deps import Caller
 from service.errors import NotFound
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# fields of a job's request that only workers read: the ledger's tenant scope is the caller's opaque tenant id
+_PRIVATE_REQUEST_FIELDS = frozenset({"ledger_scope"})
 POLL_INTERVAL_S = 0.01  # one small HGETALL on a local Redis: cheap next to the latency it saves
 
 
@@ -26,6 +29,9 @@ def job_url(request: Request, job: dict[str, Any]) -> str:
 def public_job(request: Request, store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
     """The record plus what clients need: its URL, and the queue position while it waits."""
     out = dict(job)
+    out.pop("owner", None)  # the tenant id is the server's own business
+    if isinstance(out.get("request"), dict):
+        out["request"] = {k: v for k, v in out["request"].items() if k not in _PRIVATE_REQUEST_FIELDS}
     out["url"] = job_url(request, job)
     out["cancel_requested"] = bool(job.get("cancel"))
     out["queue_position"] = store.queue_position(job["id"], job["queue"]) if job.get("state") == JobState.queued.value else None
@@ -35,10 +41,11 @@ def public_job(request: Request, store: JobStore, job: dict[str, Any]) -> dict[s
     return out
 
 
-def load_job(store: JobStore, job_id: str, kind: JobKind) -> dict[str, Any]:
-    """The job, or 404 for malformed ids, unknown ids and jobs of another kind alike."""
+def load_job(store: JobStore, job_id: str, kind: JobKind, caller: Caller | None = None) -> dict[str, Any]:
+    """The job, or 404 for malformed ids, unknown ids, jobs of another kind and jobs of another tenant alike
+    (404, not 403: a caller learns nothing about jobs that are not its own, not even that they exist)."""
     job = store.get(job_id) if _JOB_ID.match(job_id) else None
-    if job is None or job.get("kind") != kind.value:
+    if job is None or job.get("kind") != kind.value or (caller is not None and not caller.owns(job)):
         noun = "job" if kind is JobKind.generate else "finetune job"
         raise NotFound(f"no {noun} with id {job_id!r}", param="id", code="job_not_found")
     return job

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from celery import Celery
@@ -15,10 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from common.adaptor_manifest import list_manifests
 from common.adaptor_matching import base_model_names, find_calibration, find_matching_adaptor
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
-from common.jobs import IDEMPOTENCY_KEY, JobStore, new_job_id
+from common.jobs import JobStore, new_job_id
 from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
 from common.settings import Settings
-from service.api.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import CallerDep, CeleryDep, SettingsDep, StoreDep
 from service.api.jobview import job_url, parse_prefer_wait, public_job, wait_for_finish
 from service.errors import Conflict, InvalidField, ServiceUnavailable, error_responses
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
@@ -26,6 +29,8 @@ from service.validation import check_prompt, load_manifest, require_model_info
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generate"])
+
+REPLAY_HEADER = "Idempotent-Replayed"  # on the answer to a request whose Idempotency-Key named an earlier job
 
 # A second request with the same Idempotency-Key may arrive between the first one's claim and
 # its job record being written; it waits this long for the record before answering 409.
@@ -168,31 +173,51 @@ def existing_job(store: JobStore, job_id: str) -> dict[str, Any]:
         time.sleep(0.05)
 
 
-def enqueue(store: JobStore, celery: Celery, job: GenerateJob, idem: tuple[str, str] | None) -> str:
-    """Claim the idempotency key, write the job, send the task; the id of the new job or of the key's owner.
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's Idempotency-Key, scoped to its tenant, with the fingerprint of the body it came with."""
 
-    The key is claimed before anything is written or sent, so two requests with one key never
-    both enqueue; the later one answers with the earlier one's job.
+    tenant: str
+    key: str
+    fingerprint: str
+
+
+def request_fingerprint(body: GenerateRequest) -> str:
+    """The body as validated (defaults filled in), hashed: equal for the same request however it was written."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def enqueue(store: JobStore, celery: Celery, job: GenerateJob, owner: str, idem: Idempotency | None) -> tuple[str, bool]:
+    """Claim the idempotency key, write the job, send the task; (the id of the new job or of the key's owner,
+    whether it is a replay).
+
+    The key is claimed before anything is written or sent, so two requests with one key never both enqueue; the
+    later one answers with the earlier one's job, or 422 when it came with another body.
     """
     job_id = new_job_id()
     if idem is not None:
-        owner = store.claim_idempotency(idem[0], idem[1], job_id)
-        if owner != job_id:
-            existing_job(store, owner)
-            return owner
-    store.create(JobKind.generate, INFERENCE_QUEUE, job.to_dict(), job_id=job_id)
+        owner_id, fingerprint = store.claim_idempotency(idem.tenant, idem.key, job_id, idem.fingerprint)
+        if owner_id != job_id:
+            if fingerprint and fingerprint != idem.fingerprint:
+                raise InvalidField(
+                    "Idempotency-Key: this key was already used with a different request body; use a new key",
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                )
+            existing_job(store, owner_id)
+            return owner_id, True
+    store.create(JobKind.generate, INFERENCE_QUEUE, job.to_dict(), job_id=job_id, owner=owner)
     try:
         celery.send_task(GENERATE_TASK, args=[job_id], queue=INFERENCE_QUEUE, task_id=job_id)
     except Exception as exc:
         logger.exception("could not enqueue generate job %s", job_id)
         store.finish(job_id, JobState.failed, error={"message": "could not enqueue the job", "type": "broker"})
         if idem is not None:  # let the client retry with the same key
-            key = IDEMPOTENCY_KEY.format(scope=idem[0], key=idem[1])
-            if store.r.get(key) == job_id:
-                store.r.delete(key)
+            store.release_idempotency(idem.tenant, idem.key, job_id)
         raise ServiceUnavailable("the broker did not accept the job; retry shortly", code="broker_unavailable") from exc
     logger.info("job %s queued (%d images, strategy %s)", job_id, job.num_images, job.strategy)
-    return job_id
+    return job_id, False
 
 
 async def respond(request: Request, store: JobStore, job_id: str, wait_s: float) -> JSONResponse:
@@ -225,15 +250,23 @@ async def generate(
     settings: SettingsDep,
     store: StoreDep,
     celery: CeleryDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     prefer: Annotated[str | None, Header(description="`wait=N`: answer 200 if the job finishes within N s.")] = None,
     idempotency_key: Annotated[
-        str | None, Header(max_length=255, description="Same key (per API key) = same job, enqueued once.")
+        str | None,
+        Header(
+            max_length=255,
+            description="Same key (per API key) and same body = same job, enqueued once; the answer then carries "
+            "`Idempotent-Replayed: true`. The same key with another body is a 422 (`idempotency_key_reused`).",
+        ),
     ] = None,
 ) -> JSONResponse:
     info = await run_in_threadpool(require_model_info, store, settings.base_model)
     job = await run_in_threadpool(build_generate_job, body, settings, info)
-    job.ledger_scope = tenant
-    idem = (tenant, idempotency_key) if idempotency_key else None
-    job_id = await run_in_threadpool(enqueue, store, celery, job, idem)
-    return await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
+    job.ledger_scope = caller.tenant
+    idem = Idempotency(caller.tenant, idempotency_key, request_fingerprint(body)) if idempotency_key else None
+    job_id, replayed = await run_in_threadpool(enqueue, store, celery, job, caller.tenant, idem)
+    response = await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
+    if replayed:
+        response.headers[REPLAY_HEADER] = "true"
+    return response
