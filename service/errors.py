@@ -93,8 +93,16 @@ class ServiceUnavailable(ApiError):
     default_code = "unavailable"
 
 
+def printable(text: str | None) -> str | None:
+    """Text that any response can encode: characters UTF-8 cannot hold (lone surrogates from a client's JSON, or
+    from a percent-decoded path) become backslash escapes instead of failing the response."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": printable(message), "type": type_, "param": printable(param), "code": printable(code)}}
 
 
 def error_response(exc: ApiError) -> JSONResponse:
