@@ -5,6 +5,7 @@ Nothing else in fairdiff reads os.environ: tests and deployments change behaviou
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,6 +19,19 @@ TESTBED_SHARED_AXES = "testbed-shared-axes"
 TESTBED_NEUTRAL_LOOKS = "testbed-neutral-looks"
 TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES, TESTBED_NEUTRAL_LOOKS)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` (a listening or local address) is reachable only from this machine. None: a Unix socket."""
+    if host is None:
+        return True
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def has_attribute_classifier(classifier: str, base_model: str) -> bool:
@@ -72,9 +86,18 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
 
     # runtime: broker, queues, gateway
-    env: str = Field("dev", description="'dev' or 'prod'; prod refuses the default admin token.")
+    env: str = Field(
+        "dev",
+        description="'dev' or 'prod'. Outside dev the default admin token is refused at start-up; in dev it is refused "
+        "by a gateway listening on anything but loopback (`fairdiff gateway`/`up --host 0.0.0.0` exit 2), and by "
+        "admin routes for any request not arriving over loopback.",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and job store.")
-    admin_token: str = Field(DEFAULT_ADMIN_TOKEN, description="Bearer token for /v1/admin/*.")
+    admin_token: str = Field(
+        DEFAULT_ADMIN_TOKEN,
+        description=f"Bearer token for /v1/admin/*. The default ({DEFAULT_ADMIN_TOKEN!r}) serves only a dev gateway on "
+        "loopback: set a secret before listening on a network address.",
+    )
     api_keys: str = Field(
         "",
         description="Comma-separated API keys for /v1; empty = no auth on /v1. With keys, every job, its images, its "
@@ -103,6 +126,22 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def default_admin_token(self) -> bool:
+        return self.admin_token == DEFAULT_ADMIN_TOKEN
+
+    def admin_token_refusal(self, host: str | None) -> str | None:
+        """Why a gateway listening on (or reached through) `host` must not run with this admin token; None if it may.
+
+        Everybody knows the default token, so it only ever guards a gateway that only this machine can reach.
+        """
+        if self.default_admin_token and not is_loopback(host):
+            return (
+                f"the default admin token ({DEFAULT_ADMIN_TOKEN!r}) is only accepted on a loopback address, and this "
+                f"gateway listens on {host!r}: set FAIRDIFF_ADMIN_TOKEN to a secret, or listen on 127.0.0.1"
+            )
+        return None
 
     @model_validator(mode="after")
     def _refuse_default_token_outside_dev(self) -> Settings:

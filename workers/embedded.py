@@ -158,6 +158,9 @@ class Launcher:
         return f"redis://127.0.0.1:{port}/0"
 
     def start_all(self) -> None:
+        refusal = self.settings.admin_token_refusal(self.host)
+        if refusal is not None:
+            raise LaunchError(refusal)
         if port_in_use(self.host, self.port):
             raise LaunchError(f"{self.host}:{self.port} is already in use; pick another with --port")
         redis_url = self.start_redis()

@@ -47,10 +47,26 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def require_admin(settings: SettingsDep, credentials: Credentials) -> None:
+def _local_address(request: Request) -> str | None:
+    """The address the request arrived on (this server's side of the connection); None for a Unix socket."""
+    server = request.scope.get("server")
+    return str(server[0]) if server else None
+
+
+def is_admin_token(request: Request, settings: Settings, given: str) -> bool:
+    """Whether `given` is the admin token and may be used here: the well-known default only over loopback."""
+    if not _same(given, settings.admin_token):
+        return False
+    refusal = settings.admin_token_refusal(_local_address(request))
+    if refusal is not None:
+        raise Forbidden(refusal, code="default_admin_token")
+    return True
+
+
+def require_admin(request: Request, settings: SettingsDep, credentials: Credentials) -> None:
     if credentials is None or not credentials.credentials:
         raise Unauthorized("admin routes need 'Authorization: Bearer <admin token>'", headers=_CHALLENGE)
-    if not _same(credentials.credentials, settings.admin_token):
+    if not is_admin_token(request, settings, credentials.credentials):
         raise Forbidden("the admin token is not valid")
 
 
@@ -82,7 +98,7 @@ def tenant_id(settings: Settings, key: str) -> str:
     return "t_" + hmac.new(secret, key.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
-def caller(settings: SettingsDep, credentials: Credentials) -> Caller:
+def caller(request: Request, settings: SettingsDep, credentials: Credentials) -> Caller:
     """The caller of a /v1 route: ANON when keys are off, else the tenant of its API key.
 
     With `FAIRDIFF_API_KEYS` set, /v1 routes need one of them (or the admin token, which sees every job) as a
@@ -98,7 +114,7 @@ def caller(settings: SettingsDep, credentials: Credentials) -> Caller:
     matched = [k for k in keys if _same(given, k)]
     if matched:
         return Caller(tenant_id(settings, matched[0]))
-    if _same(given, settings.admin_token):
+    if is_admin_token(request, settings, given):
         return Caller(ADMIN_TENANT, sees_all=True)
     raise Forbidden("the API key is not valid")
 

@@ -126,3 +126,14 @@ def test_the_quick_start_offers_a_fairness_target_exactly_when_a_classifier_load
         shown = banner("http://x", Path("/d"), settings.audits_attributes)
         assert ("fairness_target" in shown) is loads
     assert [Settings(base_model=b, classifier=c).audits_attributes for b, c in cases] == [True, True, True, False, False]
+
+
+def test_up_refuses_the_default_admin_token_off_loopback(tmp_path: Path) -> None:
+    from common.settings import DEFAULT_ADMIN_TOKEN, Settings
+    from workers.embedded import Launcher, LaunchError
+
+    settings = Settings(env="dev", admin_token=DEFAULT_ADMIN_TOKEN, data_dir=tmp_path)
+    launcher = Launcher(settings, "0.0.0.0", free_port())
+    with pytest.raises(LaunchError, match="FAIRDIFF_ADMIN_TOKEN"):
+        launcher.start_all()
+    assert launcher.children == []  # refused before anything started
