@@ -22,6 +22,7 @@ QUEUED_ZSET = PREFIX + ":queued:{queue}"  # job ids waiting, scored by enqueue t
 JOB_KEY = PREFIX + ":job:{id}"
 JOBS_BY_KIND = PREFIX + ":jobs:{kind}"  # zset of ids by creation time, for listings
 IDEMPOTENCY_KEY = PREFIX + ":idem:{scope}:{key}"
+ACTIVE_KEY = PREFIX + ":active:{owner}"  # set of an owner's unfinished job ids, for its concurrency cap
 MODEL_KEY = PREFIX + ":model:{base}"
 WORKER_KEY = PREFIX + ":worker:{queue}:{name}"
 
@@ -66,8 +67,24 @@ class JobStore:
         pipe.expire(key, self.ttl_s)
         pipe.zadd(QUEUED_ZSET.format(queue=queue), {job_id: now})
         pipe.zadd(JOBS_BY_KIND.format(kind=kind.value), {job_id: now})
+        pipe.sadd(ACTIVE_KEY.format(owner=owner), job_id)
+        pipe.expire(ACTIVE_KEY.format(owner=owner), self.ttl_s)
         pipe.execute()
         return job_id
+
+    def active_jobs(self, owner: str, prune_at: int = 0) -> int:
+        """How many of `owner`'s jobs are queued or running. At `prune_at` or more, members whose record has
+        finished or expired (a worker that died before recording it) are dropped first, so the count is exact
+        when it matters and costs one SCARD when it does not."""
+        key = ACTIVE_KEY.format(owner=owner)
+        count = int(self.r.scard(key))
+        if prune_at and count >= prune_at:
+            for job_id in self.r.smembers(key):
+                state = self.r.hget(JOB_KEY.format(id=job_id), "state")
+                if state is None or JobState(state).finished:
+                    self.r.srem(key, job_id)
+            count = int(self.r.scard(key))
+        return count
 
     def claim_idempotency(self, scope: str, key: str, job_id: str, fingerprint: str = "") -> tuple[str, str]:
         """Bind (scope, key) to job_id and the request's fingerprint unless already bound.
@@ -123,6 +140,7 @@ class JobStore:
         pipe.hset(JOB_KEY.format(id=job_id), mapping=mapping)
         if job:
             pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
+            pipe.srem(ACTIVE_KEY.format(owner=job.get("owner", "anon")), job_id)
         pipe.execute()
 
     def request_cancel(self, job_id: str) -> None:

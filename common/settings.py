@@ -114,6 +114,23 @@ class Settings(BaseSettings):
     adaptor_cache_bytes: int = Field(512 * 1024 * 1024, description="In-memory adaptor LRU bound per worker.")
     max_wait_s: float = Field(60.0, description="Upper bound on `Prefer: wait=N`.")
 
+    # limits: per deployment, permissive by default; each refusal names the setting that drew it
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="Job submissions per API key (per client address without keys) per minute; 0 = no limit."
+    )
+    max_active_jobs_per_key: int = Field(
+        1000, ge=0, description="Queued plus running generate jobs per API key (all clients without keys); 0 = no limit."
+    )
+    max_wait_holders: int = Field(
+        64,
+        ge=0,
+        description="Requests per gateway process that may hold their connection for `Prefer: wait`; past it, a "
+        "request is answered 202 at once, as without the header.",
+    )
+    max_work_per_request: int = Field(
+        64 * 50, ge=1, description="Most image-steps (num_images x steps) one generate request may ask for."
+    )
+
     @property
     def audits_attributes(self) -> bool:
         """Whether workers will load an attribute classifier, so a fairness_target can be served."""

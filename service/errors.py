@@ -87,6 +87,14 @@ class PayloadTooLarge(ApiError):
     default_code = "body_too_large"
 
 
+class TooManyRequests(ApiError):
+    """429: always with Retry-After (seconds)."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    default_code = "rate_limited"
+
+
 class ServiceUnavailable(ApiError):
     status_code = 503
     type = "service_unavailable"
@@ -139,7 +147,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(InvalidField(message, param=param, code=str(first.get("type", "invalid_value"))))
 
 
-_HTTP_TYPES = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge}
+_HTTP_TYPES = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: TooManyRequests}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -182,6 +190,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "Conflict",
         413: "Body over the size limit",
         422: "Invalid field; `error.param` names it",
+        429: "Over a rate or concurrency limit; retry after `Retry-After` seconds",
         503: "No worker / broker unavailable",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}

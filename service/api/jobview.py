@@ -19,6 +19,7 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # fields of a job's request that only workers read: the ledger's tenant scope is the caller's opaque tenant id
 _PRIVATE_REQUEST_FIELDS = frozenset({"ledger_scope"})
 POLL_INTERVAL_S = 0.01  # one small HGETALL on a local Redis: cheap next to the latency it saves
+MAX_POLL_INTERVAL_S = 0.25
 
 
 def job_url(request: Request, job: dict[str, Any]) -> str:
@@ -71,8 +72,11 @@ def parse_prefer_wait(header: str | None, max_wait_s: float) -> float:
 async def wait_for_finish(store: JobStore, job_id: str, wait_s: float) -> dict[str, Any] | None:
     """Poll the store until the job finishes or the wait runs out; the last record read."""
     deadline = time.monotonic() + wait_s
+    interval = POLL_INTERVAL_S
     job = await run_in_threadpool(store.get, job_id)
     while job is not None and not JobState(job["state"]).finished and time.monotonic() < deadline:
-        await asyncio.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        # quick jobs answer within a poll or two; a long wait backs off, so many waiting clients cost little
+        interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
         job = await run_in_threadpool(store.get, job_id)
     return job

@@ -23,7 +23,8 @@ from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo
 from common.settings import Settings
 from service.api.deps import CallerDep, CeleryDep, SettingsDep, StoreDep
 from service.api.jobview import job_url, parse_prefer_wait, public_job, wait_for_finish
-from service.errors import Conflict, InvalidField, ServiceUnavailable, error_responses
+from service.errors import Conflict, InvalidField, ServiceUnavailable, TooManyRequests, error_responses
+from service.limits import WaitHolders, check_active, check_rate, rate_scope
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
 from service.validation import check_prompt, load_manifest, require_model_info
 
@@ -91,6 +92,15 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
                 param=field,
                 code="unsupported_size",
             )
+    steps = body.steps if body.steps is not None else info.default_steps
+    if body.num_images * steps > settings.max_work_per_request:
+        raise InvalidField(
+            f"num_images: {body.num_images} images x {steps} steps is {body.num_images * steps} image-steps, over this "
+            f"deployment's {settings.max_work_per_request} per request (FAIRDIFF_MAX_WORK_PER_REQUEST); ask for fewer "
+            "images or steps, or split the request",
+            param="num_images",
+            code="too_much_work",
+        )
     check_prompt(info, body.prompt, "prompt")
     if body.negative_prompt:
         check_prompt(info, body.negative_prompt, "negative_prompt")
@@ -188,7 +198,8 @@ def request_fingerprint(body: GenerateRequest) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def enqueue(store: JobStore, celery: Celery, job: GenerateJob, owner: str, idem: Idempotency | None) -> tuple[str, bool]:
+def enqueue(store: JobStore, celery: Celery, job: GenerateJob, owner: str, idem: Idempotency | None,
+            max_active: int = 0) -> tuple[str, bool]:  # fmt: skip
     """Claim the idempotency key, write the job, send the task; (the id of the new job or of the key's owner,
     whether it is a replay).
 
@@ -207,6 +218,12 @@ def enqueue(store: JobStore, celery: Celery, job: GenerateJob, owner: str, idem:
                 )
             existing_job(store, owner_id)
             return owner_id, True
+    try:  # a replay above is never refused: it adds no job
+        check_active(store, owner, max_active)
+    except TooManyRequests:
+        if idem is not None:
+            store.release_idempotency(idem.tenant, idem.key, job_id)
+        raise
     store.create(JobKind.generate, INFERENCE_QUEUE, job.to_dict(), job_id=job_id, owner=owner)
     try:
         celery.send_task(GENERATE_TASK, args=[job_id], queue=INFERENCE_QUEUE, task_id=job_id)
@@ -221,8 +238,20 @@ def enqueue(store: JobStore, celery: Celery, job: GenerateJob, owner: str, idem:
 
 
 async def respond(request: Request, store: JobStore, job_id: str, wait_s: float) -> JSONResponse:
-    """200 with the whole job if it finished within the wait, else 202 with where to poll it."""
-    job = await wait_for_finish(store, job_id, wait_s)
+    """200 with the whole job if it finished within the wait, else 202 with where to poll it.
+
+    Only `max_wait_holders` requests per process wait at once; past them a request is answered at once, as
+    `Prefer` allows (it is a preference, not a demand).
+    """
+    holders: WaitHolders = request.app.state.wait_holders
+    held = wait_s > 0 and holders.acquire()
+    if not held:
+        wait_s = 0.0
+    try:
+        job = await wait_for_finish(store, job_id, wait_s)
+    finally:
+        if held:
+            holders.release()
     if job is None:  # expired between acceptance and now
         raise ServiceUnavailable("the job record disappeared; retry", code="job_lost")
     url = job_url(request, job)
@@ -241,7 +270,7 @@ async def respond(request: Request, store: JobStore, job_id: str, wait_s: float)
     responses={
         200: {"model": JobPublic, "description": "Finished within `Prefer: wait=N`: the whole job."},
         202: {"model": JobAccepted, "description": "Accepted; poll `url`."},
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
     },
 )
 async def generate(
@@ -261,11 +290,12 @@ async def generate(
         ),
     ] = None,
 ) -> JSONResponse:
+    await run_in_threadpool(check_rate, store, rate_scope(request, caller), settings.rate_limit_per_minute)
     info = await run_in_threadpool(require_model_info, store, settings.base_model)
     job = await run_in_threadpool(build_generate_job, body, settings, info)
     job.ledger_scope = caller.tenant
     idem = Idempotency(caller.tenant, idempotency_key, request_fingerprint(body)) if idempotency_key else None
-    job_id, replayed = await run_in_threadpool(enqueue, store, celery, job, caller.tenant, idem)
+    job_id, replayed = await run_in_threadpool(enqueue, store, celery, job, caller.tenant, idem, settings.max_active_jobs_per_key)
     response = await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
     if replayed:
         response.headers[REPLAY_HEADER] = "true"
