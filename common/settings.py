@@ -109,7 +109,12 @@ class Settings(BaseSettings):
         "clients); empty = derived from admin_token, so rotating the admin token then orphans unfinished jobs' owners.",
     )
     max_body_bytes: int = Field(64 * 1024, description="Requests with a larger body get 413.")
-    job_ttl_s: int = Field(7 * 24 * 3600, description="How long finished jobs and their records are kept.")
+    job_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="How long a finished job is kept (record, listings, images), counted from its end; workers remove "
+        "expired ones in a bounded periodic sweep.",
+    )
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout; above the longest job.")
     adaptor_cache_bytes: int = Field(512 * 1024 * 1024, description="In-memory adaptor LRU bound per worker.")
     max_wait_s: float = Field(60.0, description="Upper bound on `Prefer: wait=N`.")

@@ -59,6 +59,8 @@ def _alive_loop(worker: str) -> None:
 
 
 def _sweep(queues: list[str]) -> None:
+    """Re-queue orphaned jobs, then remove jobs past their retention (both bounded: running jobs, SWEEP_BATCH)."""
+    from common.jobs import sweep_expired
     from workers.recovery import requeue_orphans
     from workers.runtime import job_store
 
@@ -67,6 +69,7 @@ def _sweep(queues: list[str]) -> None:
         if queue in RECOVERABLE:
             kind, task = RECOVERABLE[queue]
             requeue_orphans(job_store(), app, kind, queue, task, settings.visibility_timeout_s, HEARTBEAT_TTL_S)
+    sweep_expired(job_store(), [settings.jobs_dir, settings.data_dir / "checkpoints"])
 
 
 def _lifecycle(queues: list[str], worker: str) -> None:

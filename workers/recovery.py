@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Any
 
-from common.jobs import JOBS_BY_KIND, PREFIX, JobStore
+from common.jobs import PREFIX, JobStore
 from common.schemas import JobKind, JobState
 
 logger = logging.getLogger(__name__)
@@ -40,15 +40,18 @@ def incarnation(hostname: str | None = None) -> str:
 
 def orphaned_jobs(store: JobStore, kind: JobKind, queue: str, window_s: float, grace_s: float,
                   now: float | None = None) -> list[str]:  # fmt: skip
-    """Running jobs of `queue` created within `window_s` whose worker process is gone.
+    """Running jobs of `queue` created within `window_s` whose worker process is gone; reads only running jobs.
 
     `grace_s` spares jobs that started only just now (their worker's first beat may be in flight).
     """
     now = time.time() if now is None else now
     out = []
-    for job_id in store.r.zrangebyscore(JOBS_BY_KIND.format(kind=kind.value), now - window_s, "+inf"):
+    for job_id in store.running_ids(queue):  # O(running jobs), whatever the store holds
         job = store.get(job_id)
-        if not job or job.get("queue") != queue or job.get("state") != JobState.running.value:
+        if not job or job.get("state") != JobState.running.value:
+            store.forget_running(queue, job_id)  # finished by a path that did not say so, or expired
+            continue
+        if job.get("kind") != kind.value or float(job.get("created", now)) < now - window_s:
             continue
         if now - float(job.get("started", now)) < grace_s or is_alive(store, str(job.get("worker", ""))):
             continue
