@@ -117,6 +117,7 @@ class JobStore:
         job = self.get(job_id)
         pipe = self.r.pipeline()
         pipe.hset(JOB_KEY.format(id=job_id), mapping={"state": JobState.running.value, "started": time.time(), "worker": worker})
+        pipe.hincrby(JOB_KEY.format(id=job_id), "attempts", 1)  # runs started: more than 1 only after a recovery
         if job:
             pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
             pipe.sadd(RUNNING_SET.format(queue=job["queue"]), job_id)

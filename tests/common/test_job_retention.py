@@ -11,7 +11,7 @@ import redis
 
 from common.jobs import FINISHED_ZSET, JOB_KEY, JOBS_BY_KIND, JobStore, sweep_expired
 from common.schemas import JobKind, JobState
-from workers.recovery import orphaned_jobs
+from workers.recovery import mark_alive, note_retry, orphaned_jobs
 
 RETENTION_DB = 7
 TTL_S = 100
@@ -87,3 +87,19 @@ def test_recovery_reads_only_running_jobs(store: JobStore) -> None:
     store.finish(running, JobState.failed)
     assert store.running_ids("inference") == []
     assert orphaned_jobs(store, JobKind.generate, "inference", window_s=3600, grace_s=20, now=now) == []
+
+
+def test_a_live_worker_holds_the_lease_only_of_the_jobs_it_names(store: JobStore) -> None:
+    job_id = store.create(JobKind.generate, "inference", {"prompt": "p"})
+    store.mark_running(job_id, "live-worker/1")
+    now = time.time() + 60
+
+    def orphans() -> list[str]:
+        return orphaned_jobs(store, JobKind.generate, "inference", window_s=3600, grace_s=20, now=now)
+
+    mark_alive(store, "live-worker/1", 30, [job_id])
+    assert orphans() == []  # executing it: never re-run beside itself
+    mark_alive(store, "live-worker/1", 30, [])
+    assert orphans() == [job_id]  # alive, but its task is gone (e.g. died with the store)
+    note_retry(store, job_id, 5)
+    assert orphaned_jobs(store, JobKind.generate, "inference", window_s=3600, grace_s=20) == []  # its retry is due
