@@ -19,6 +19,9 @@ TESTBED_SHARED_AXES = "testbed-shared-axes"
 TESTBED_NEUTRAL_LOOKS = "testbed-neutral-looks"
 TESTBED_MODELS = (TESTBED, TESTBED_SHARED_AXES, TESTBED_NEUTRAL_LOOKS)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# `fairdiff up` writes the URL of the Redis it started here (under the data dir) while it runs
+REDIS_URL_FILE = "url"
 
 
 def is_loopback(host: str | None) -> bool:
@@ -92,7 +95,12 @@ class Settings(BaseSettings):
         "by a gateway listening on anything but loopback (`fairdiff gateway`/`up --host 0.0.0.0` exit 2), and by "
         "admin routes for any request not arriving over loopback.",
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and job store.")
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL,
+        description="Broker, result backend and job store. Unset, it is the Redis a running `fairdiff up` with the "
+        f"same data dir started (its URL is in <data_dir>/redis/{REDIS_URL_FILE}), else {DEFAULT_REDIS_URL}: "
+        "standalone workers and gateways find the embedded stack's Redis the way `fairdiff up` does.",
+    )
     admin_token: str = Field(
         DEFAULT_ADMIN_TOKEN,
         description=f"Bearer token for /v1/admin/*. The default ({DEFAULT_ADMIN_TOKEN!r}) serves only a dev gateway on "
@@ -164,6 +172,17 @@ class Settings(BaseSettings):
                 f"gateway listens on {host!r}: set FAIRDIFF_ADMIN_TOKEN to a secret, or listen on 127.0.0.1"
             )
         return None
+
+    @model_validator(mode="after")
+    def _embedded_redis(self) -> Settings:
+        if "redis_url" not in self.model_fields_set:
+            try:
+                url = (self.data_dir / "redis" / REDIS_URL_FILE).read_text().strip()
+            except OSError:
+                url = ""
+            if url.startswith("redis://"):
+                self.redis_url = url
+        return self
 
     @model_validator(mode="after")
     def _refuse_default_token_outside_dev(self) -> Settings:
