@@ -141,7 +141,7 @@ class Settings(BaseSettings):
         "request is answered 202 at once, as without the header.",
     )
     max_work_per_request: int = Field(
-        64 * 50, ge=1, description="Most image-steps (num_images x steps) one generate request may ask for."
+        64 * 100, ge=1, description="Most image-steps (num_images x steps) one generate request may ask for."
     )
 
     @property
