@@ -140,6 +140,7 @@ def test_up_restarts_a_child_that_dies_and_starts_again_at_once_after_a_stop(tmp
         assert not (tmp_path / "data/redis/url").exists()  # no stale pointer to a stopped Redis
 
         # at once, on the same port: no "port already in use" while old connections linger
+        (tmp_path / "again").mkdir()
         proc, _, out = launch(tmp_path / "again", worker_env, port=port)
         wait_until(lambda: "is serving at" in out.read_text() or proc.poll() is not None, 180, "the second banner")
         assert proc.poll() is None, logs(tmp_path / "again")
