@@ -77,11 +77,12 @@ class Stack:
         return job_id
 
     def restart_redis(self, down_s: float) -> None:
-        self.celery.pool.force_close_all()
+        self.celery.pool.force_close_all()  # the old connections die with the server; the next trial uses new ones
         self.jobs.r.connection_pool.disconnect()
         self.redis.stop()
         time.sleep(down_s)
         self.redis = start_redis(self.port, self.root / "redis", appendonly=True)
+        self.celery = make_celery(Settings(redis_url=self.url))
 
     def wait_finished(self, job_id: str, timeout: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout

@@ -46,6 +46,16 @@ def has_attribute_classifier(classifier: str, base_model: str) -> bool:
 
 
 class Settings(BaseSettings):
+    """Every FAIRDIFF_* setting.
+
+    Tenants: with FAIRDIFF_API_KEYS set, each job (record, images, cancel, idempotency keys, ledgers) belongs to the
+    key that created it, stored under an HMAC of the key (FAIRDIFF_TENANT_SECRET) that no response shows; other keys
+    get 404, the admin token sees every job. Secrets: the default admin token is refused outside FAIRDIFF_ENV=dev,
+    and in dev anywhere but loopback. Limits (per deployment): FAIRDIFF_RATE_LIMIT_PER_MINUTE,
+    FAIRDIFF_MAX_ACTIVE_JOBS_PER_KEY (both 429 with Retry-After), FAIRDIFF_MAX_WAIT_HOLDERS,
+    FAIRDIFF_MAX_WORK_PER_REQUEST. Retention: FAIRDIFF_JOB_TTL_S after a job ends, swept by the workers.
+    """
+
     model_config = SettingsConfigDict(env_prefix="FAIRDIFF_", extra="ignore")
 
     base_model: str = Field(

@@ -33,6 +33,13 @@ router = APIRouter(prefix="/v1", tags=["generate"])
 
 REPLAY_HEADER = "Idempotent-Replayed"  # on the answer to a request whose Idempotency-Key named an earlier job
 
+_REPLAYED = {
+    REPLAY_HEADER: {
+        "description": "`true` when the Idempotency-Key named an earlier request's job, which this answer is",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+
 # A second request with the same Idempotency-Key may arrive between the first one's claim and
 # its job record being written; it waits this long for the record before answering 409.
 _IDEMPOTENCY_SETTLE_S = 2.0
@@ -268,9 +275,10 @@ async def respond(request: Request, store: JobStore, job_id: str, wait_s: float)
     response_model=None,
     summary="Generate images, optionally with a fairness target",
     responses={
-        200: {"model": JobPublic, "description": "Finished within `Prefer: wait=N`: the whole job."},
-        202: {"model": JobAccepted, "description": "Accepted; poll `url`."},
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
+        200: {"model": JobPublic, "description": "Finished within `Prefer: wait=N`: the whole job.", "headers": _REPLAYED},
+        202: {"model": JobAccepted, "description": "Accepted; poll `url`.", "headers": _REPLAYED},
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+        429: {**error_responses(429)[429], "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}}},
     },
 )
 async def generate(
