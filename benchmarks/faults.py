@@ -9,8 +9,9 @@ Scenarios, each over `--trials` jobs (2 images, `--steps` steps, on two inferenc
 - `redis_blip`: Redis gone for `--blip-s` seconds under the running job; timed from its return.
 
 A job is lost when it has not succeeded `--timeout` seconds after the fault. Its runs are the times a worker
-started it (`attempts` on the record); a fault interrupts one run, so `run_twice` counts jobs started more than
-twice, or started again without the recovery sweep re-queueing them.
+started it (`attempts` on the record); a fault interrupts one run and one more finishes the job, so `run_twice`
+counts jobs started more than twice. `resumed_by` says what started the second run: the recovery sweep or the
+task's own retry.
 
     python -m benchmarks.faults --trials 20
 """
@@ -23,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from kombu import pools
 
 from benchmarks.results_io import publish
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE, make_celery
@@ -77,11 +80,12 @@ class Stack:
         return job_id
 
     def restart_redis(self, down_s: float) -> None:
-        self.celery.pool.force_close_all()  # the old connections die with the server; the next trial uses new ones
         self.jobs.r.connection_pool.disconnect()
         self.redis.stop()
         time.sleep(down_s)
         self.redis = start_redis(self.port, self.root / "redis", appendonly=True)
+        # the old connections died with the server: kombu's connection pools are global, so reset them all
+        pools.reset()
         self.celery = make_celery(Settings(redis_url=self.url))
 
     def wait_finished(self, job_id: str, timeout: float) -> dict[str, Any] | None:
@@ -125,8 +129,17 @@ def trial(stack: Stack, scenario: str, seed: int, blip_s: float, timeout: float)
         "recover_s": None if recovered_s is None else round(recovered_s, 2),
         "attempts": attempts,
         "requeued": requeued,
-        "run_twice": attempts > 2 or attempts > 1 + requeued,
+        "resumed_by": resumed_by(attempts, requeued),
+        "run_twice": attempts > 2,
     }
+
+
+def resumed_by(attempts: int, requeued: int) -> str:
+    """What re-ran the interrupted job: the recovery sweep, the task's own retry (the store came back before it
+    gave up), or nothing (it ran through the fault)."""
+    if requeued:
+        return "recovery sweep"
+    return "task retry" if attempts > 1 else "none"
 
 
 def summary(trials: list[dict[str, Any]]) -> dict[str, Any]:
