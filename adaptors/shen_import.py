@@ -71,6 +71,8 @@ _UNET_KEY = re.compile(
     r"(?:(?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)\.transformer_blocks\.\d+"
     r"\.attn[12]\.processor\.to_(?:q|k|v|out)_lora\.(?:down|up)\.weight"
 )
+# Their largest file (UNet LoRA of SD1.5) is a few hundred MB: a file, or the tensors in it, past this is refused.
+MAX_CHECKPOINT_BYTES = 2 * 1024**3
 PREFIX_TOKENS_KEY = "token_embedding.weight"
 PREFIX_IGNORED_KEYS = ("position_embedding.weight", "position_ids")
 _PEFT_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])\.weight")
@@ -142,6 +144,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bytes]:
     Only `torch.load(..., weights_only=True)` touches the pickle, so a file carrying code (a
     class instance, a function, any global outside torch's allow-list) fails here unexecuted.
     """
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise ShenImportError(f"{path.name}: refused: {size} bytes, over the {MAX_CHECKPOINT_BYTES}-byte limit")
     data = path.read_bytes()
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -153,12 +158,41 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bytes]:
         raise ShenImportError(f"{path.name}: expected a dict of tensors, found {type(obj).__name__}")
     if not obj:
         raise ShenImportError(f"{path.name}: holds no tensors")
+    total = 0
     for key, value in obj.items():
         if not isinstance(key, str):
             raise ShenImportError(f"{path.name}: key {key!r} is not a string")
         if not isinstance(value, torch.Tensor):
             raise ShenImportError(f"{path.name}: {key}: expected a tensor, found {type(value).__name__}")
+        total += _check_layout(path.name, key, value)
+        if total > MAX_CHECKPOINT_BYTES:
+            raise ShenImportError(f"{path.name}: refused: its tensors hold over {MAX_CHECKPOINT_BYTES} bytes")
     return obj, data
+
+
+def _check_layout(fname: str, key: str, t: torch.Tensor) -> int:
+    """The bytes `t` covers, once checked to be a plain dense tensor laid out over its own storage.
+
+    torch.load checks each storage against the bytes in the file, but a tensor is a view (shape, strides, offset)
+    of its storage: a stride of 0 or overlapping strides let a few bytes of storage claim terabytes of tensor,
+    which the first operation that copies it (a cast, a finiteness check) would allocate. Checked before any.
+    """
+    numel = t.numel()
+    nbytes = numel * t.element_size()
+    if nbytes > MAX_CHECKPOINT_BYTES:
+        raise ShenImportError(
+            f"{fname}: {key}: shape {list(t.shape)} is {nbytes} bytes, over the {MAX_CHECKPOINT_BYTES}-byte limit"
+        )
+    if t.layout is not torch.strided or t.is_quantized:
+        raise ShenImportError(f"{fname}: {key}: expected a dense tensor, found layout {t.layout}")
+    if numel and not t.is_contiguous():
+        raise ShenImportError(
+            f"{fname}: {key}: refused: strides {list(t.stride())} for shape {list(t.shape)} are not a dense layout "
+            "(zero or overlapping strides make a small storage look like a large tensor)"
+        )
+    if (t.storage_offset() * t.element_size()) + nbytes > t.untyped_storage().nbytes():
+        raise ShenImportError(f"{fname}: {key}: refused: the tensor reaches past its storage")
+    return nbytes
 
 
 def _weight(fname: str, key: str, t: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,48 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.hyperparameters import parse_hyperparameters, require_non_negative, require_positive, require_unit_interval
+from common.hyperparameters import (
+    parse_hyperparameters,
+    require_at_most,
+    require_non_negative,
+    require_positive,
+    require_unit_interval,
+)
 
 # what `train` and the module choices name (adaptors.trainers.trainable maps each to the modules it adapts)
 TRAIN_CHOICES = ("text_encoder", "unet", "both", "prefix")
 TEXT_ENCODER_MODULE_CHOICES = ("attention_mlp", "attention")
 UNET_MODULE_CHOICES = ("attention", "cross_attention_kv")
 PRESERVE_REGIONS = ("flipped", "all")
+
+
+SEED_MAX = 2**63 - 1  # what torch.Generator.manual_seed takes
+STEPS_MAX = 200  # denoising steps, as for /v1/generate
+WEIGHT_MAX = 1e6  # loss weights and norms: far above any useful value, far below overflow
+
+# The largest value each numeric hyperparameter takes: a job within them ends in hours on the testbed, not
+# never (iterations=10**18) and not by exhausting memory (rank=10**9). The gateway refuses anything above them.
+DFT_MAXIMUM: dict[str, float] = {
+    "rank": 256,
+    "num_tokens": 75, "iterations": 100_000, "steps": STEPS_MAX, "steps_jitter": STEPS_MAX, "guidance_scale": 50.0,
+    "images_per_prompt": 256, "prompts_per_iteration": 1024, "lr": 10.0, "weight_decay": 10.0, "confidence": 1.0,
+    "target_draws": 100_000, "preserve_pixel_weight": WEIGHT_MAX, "preserve_feature_weight": WEIGHT_MAX,
+    "flip_weight": 1.0, "region_share": 1.0, "person_weight": WEIGHT_MAX,
+    "ce_temperature": 1000.0, "ema_decay": 1.0,
+    "max_grad_norm": WEIGHT_MAX, "checkpoint_every": 100_000, "seed": SEED_MAX, "eval_images": 1024,
+    "eval_steps": STEPS_MAX, "eval_seed": SEED_MAX, "init_scale": 100.0, "min_subject_kept": 1.0,
+    "min_fairness_gain": 1.0,
+}  # fmt: skip
+IDA_MAXIMUM: dict[str, float] = {
+    "images_per_iteration": 4096, "max_iterations": 1000, "kl_threshold": 10.0, "step": 1e4, "steps": STEPS_MAX,
+    "guidance_scale": 50.0, "warmup_steps": STEPS_MAX, "pg_samples": 1024, "pg_sigma": 1e3, "seed": SEED_MAX,
+    "eval_images": 4096, "eval_seed": SEED_MAX, "max_batch": 1024, "min_fairness_gain": 1.0,
+}  # fmt: skip
+
+
+def upper_bounds(cls: type) -> dict[str, float]:
+    """The upper bound of each numeric hyperparameter of a config class (shown in OpenAPI, checked at the gateway)."""
+    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM}[cls]
 
 
 @dataclass
@@ -84,6 +119,7 @@ class DFTConfig:
         choices = {"train": TRAIN_CHOICES, "text_encoder_modules": TEXT_ENCODER_MODULE_CHOICES,
                    "unet_modules": UNET_MODULE_CHOICES, "preserve_region": PRESERVE_REGIONS}  # fmt: skip
         cfg = parse_hyperparameters(cls, {**defaults, **hp}, method, choices)
+        require_at_most(cfg, DFT_MAXIMUM)
         require_positive(cfg, "rank", "num_tokens", "steps", "images_per_prompt", "prompts_per_iteration",
                          "iterations", "eval_images", "eval_steps", "checkpoint_every")  # fmt: skip
         require_non_negative(cfg, "lr", "weight_decay", "steps_jitter", "target_draws", "preserve_pixel_weight",
@@ -132,6 +168,7 @@ class IDAConfig:
     @classmethod
     def from_hyperparameters(cls, hp: dict[str, Any]) -> IDAConfig:
         cfg = parse_hyperparameters(cls, hp, "ida", {"solver": ("ida", "policy_gradient")})
+        require_at_most(cfg, IDA_MAXIMUM)
         require_positive(cfg, "images_per_iteration", "max_iterations", "steps", "pg_samples", "eval_images", "max_batch")
         for name in ("step", "pg_sigma"):
             if getattr(cfg, name) <= 0:

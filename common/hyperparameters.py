@@ -57,3 +57,11 @@ def require_non_negative(cfg: Any, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 0:
             raise ValueError(f"hyperparameters.{name}: must be >= 0")
+
+
+def require_at_most(cfg: Any, bounds: dict[str, float]) -> None:
+    """Each named field is at most its bound (every numeric hyperparameter has one)."""
+    for name, bound in bounds.items():
+        if getattr(cfg, name) > bound:
+            shown = int(bound) if float(bound).is_integer() else bound
+            raise ValueError(f"hyperparameters.{name}: must be at most {shown}")

@@ -9,8 +9,13 @@ each other's fields.
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 import time
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -22,9 +27,15 @@ QUEUED_ZSET = PREFIX + ":queued:{queue}"  # job ids waiting, scored by enqueue t
 JOB_KEY = PREFIX + ":job:{id}"
 JOBS_BY_KIND = PREFIX + ":jobs:{kind}"  # zset of ids by creation time, for listings
 IDEMPOTENCY_KEY = PREFIX + ":idem:{scope}:{key}"
+RUNNING_SET = PREFIX + ":running:{queue}"  # ids of running jobs: the recovery sweep reads only these
+FINISHED_ZSET = PREFIX + ":finished"  # ids of finished jobs by finish time: the retention sweep's queue
+SWEEP_BATCH = 500  # most jobs one retention sweep removes, so a backlog is cleared over sweeps, never in one
+ACTIVE_KEY = PREFIX + ":active:{owner}"  # set of an owner's unfinished job ids, for its concurrency cap
 MODEL_KEY = PREFIX + ":model:{base}"
 WORKER_KEY = PREFIX + ":worker:{queue}:{name}"
 
+logger = logging.getLogger(__name__)
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings")
 
 
@@ -44,7 +55,9 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), ttl_s)
 
     # -- writing -----------------------------------------------------------------------------
-    def create(self, kind: JobKind, queue: str, request: dict[str, Any], job_id: str | None = None) -> str:
+    def create(self, kind: JobKind, queue: str, request: dict[str, Any], job_id: str | None = None,
+               owner: str = "anon") -> str:  # fmt: skip
+        """Write a queued job owned by the tenant `owner` (an opaque id; the gateway shows it to nobody)."""
         job_id = job_id or new_job_id()
         now = time.time()
         key = JOB_KEY.format(id=job_id)
@@ -56,6 +69,7 @@ class JobStore:
                 "kind": kind.value,
                 "queue": queue,
                 "state": JobState.queued.value,
+                "owner": owner,
                 "created": now,
                 "request": json.dumps(request),
             },
@@ -63,22 +77,50 @@ class JobStore:
         pipe.expire(key, self.ttl_s)
         pipe.zadd(QUEUED_ZSET.format(queue=queue), {job_id: now})
         pipe.zadd(JOBS_BY_KIND.format(kind=kind.value), {job_id: now})
+        pipe.sadd(ACTIVE_KEY.format(owner=owner), job_id)
+        pipe.expire(ACTIVE_KEY.format(owner=owner), self.ttl_s)
         pipe.execute()
         return job_id
 
-    def claim_idempotency(self, scope: str, key: str, job_id: str) -> str:
-        """Bind (scope, key) to job_id unless already bound; returns the job id that owns it."""
+    def active_jobs(self, owner: str, prune_at: int = 0) -> int:
+        """How many of `owner`'s jobs are queued or running. At `prune_at` or more, members whose record has
+        finished or expired (a worker that died before recording it) are dropped first, so the count is exact
+        when it matters and costs one SCARD when it does not."""
+        key = ACTIVE_KEY.format(owner=owner)
+        count = int(self.r.scard(key))
+        if prune_at and count >= prune_at:
+            for job_id in self.r.smembers(key):
+                state = self.r.hget(JOB_KEY.format(id=job_id), "state")
+                if state is None or JobState(state).finished:
+                    self.r.srem(key, job_id)
+            count = int(self.r.scard(key))
+        return count
+
+    def claim_idempotency(self, scope: str, key: str, job_id: str, fingerprint: str = "") -> tuple[str, str]:
+        """Bind (scope, key) to job_id and the request's fingerprint unless already bound.
+
+        Returns the (job id, fingerprint) that own the key: this job's, or the earlier request's.
+        """
         rkey = IDEMPOTENCY_KEY.format(scope=scope, key=key)
-        if self.r.set(rkey, job_id, nx=True, ex=self.ttl_s):
-            return job_id
-        return str(self.r.get(rkey))
+        if self.r.set(rkey, f"{job_id} {fingerprint}", nx=True, ex=self.ttl_s):
+            return job_id, fingerprint
+        owner, _, owner_fingerprint = str(self.r.get(rkey)).partition(" ")
+        return owner, owner_fingerprint
+
+    def release_idempotency(self, scope: str, key: str, job_id: str) -> None:
+        """Free a key this job claimed (its enqueue failed), so the client can retry with it."""
+        rkey = IDEMPOTENCY_KEY.format(scope=scope, key=key)
+        if str(self.r.get(rkey) or "").partition(" ")[0] == job_id:
+            self.r.delete(rkey)
 
     def mark_running(self, job_id: str, worker: str) -> None:
         job = self.get(job_id)
         pipe = self.r.pipeline()
         pipe.hset(JOB_KEY.format(id=job_id), mapping={"state": JobState.running.value, "started": time.time(), "worker": worker})
+        pipe.hincrby(JOB_KEY.format(id=job_id), "attempts", 1)  # runs started: more than 1 only after a recovery
         if job:
             pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
+            pipe.sadd(RUNNING_SET.format(queue=job["queue"]), job_id)
         pipe.execute()
 
     def set_progress(self, job_id: str, step: int, total: int, **extra: Any) -> None:
@@ -101,7 +143,8 @@ class JobStore:
     def finish(self, job_id: str, state: JobState, result: dict[str, Any] | None = None,
                error: dict[str, Any] | None = None) -> None:  # fmt: skip
         job = self.get(job_id)
-        mapping: dict[str, Any] = {"state": state.value, "finished": time.time()}
+        now = time.time()
+        mapping: dict[str, Any] = {"state": state.value, "finished": now}
         if result is not None:
             mapping["result"] = json.dumps(result)
         if error is not None:
@@ -110,6 +153,11 @@ class JobStore:
         pipe.hset(JOB_KEY.format(id=job_id), mapping=mapping)
         if job:
             pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
+            pipe.srem(RUNNING_SET.format(queue=job["queue"]), job_id)
+            pipe.srem(ACTIVE_KEY.format(owner=job.get("owner", "anon")), job_id)
+            # kept job_ttl_s after it finished (the retention sweep then removes it with its files)
+            pipe.expire(JOB_KEY.format(id=job_id), self.ttl_s + 3600)
+            pipe.zadd(FINISHED_ZSET, {job_id: now})
         pipe.execute()
 
     def request_cancel(self, job_id: str) -> None:
@@ -147,6 +195,12 @@ class JobStore:
     def queue_depth(self, queue: str) -> int:
         return int(self.r.zcard(QUEUED_ZSET.format(queue=queue)))
 
+    def running_ids(self, queue: str) -> list[str]:
+        return list(self.r.smembers(RUNNING_SET.format(queue=queue)))
+
+    def forget_running(self, queue: str, job_id: str) -> None:
+        self.r.srem(RUNNING_SET.format(queue=queue), job_id)
+
     def list_ids(self, kind: JobKind, limit: int = 100) -> list[str]:
         return list(self.r.zrevrange(JOBS_BY_KIND.format(kind=kind.value), 0, limit - 1))
 
@@ -164,3 +218,42 @@ class JobStore:
     def live_workers(self, queue: str) -> list[str]:
         prefix = WORKER_KEY.format(queue=queue, name="")
         return [k[len(prefix) :] for k in self.r.scan_iter(prefix + "*")]
+
+
+def sweep_expired(store: JobStore, file_roots: Sequence[Path], now: float | None = None, batch: int = SWEEP_BATCH) -> list[str]:
+    """Remove jobs past their retention, with their listings and their files (`<root>/<job id>` under each root).
+
+    A job expires `store.ttl_s` after it finished, or after it was created if it never finished (its record then
+    expired in Redis on its own, leaving its listing entries and files). Each call removes at most `batch` jobs of
+    each kind of backlog, oldest first, so it costs the same however much has piled up; returns the ids removed.
+    """
+    now = time.time() if now is None else now
+    cutoff = now - store.ttl_s
+    removed: list[str] = []
+    for job_id in store.r.zrangebyscore(FINISHED_ZSET, "-inf", cutoff, start=0, num=batch):
+        _remove(store, job_id, file_roots)
+        removed.append(job_id)
+    for kind in JobKind:  # never finished, and its record already expired
+        for job_id in store.r.zrangebyscore(JOBS_BY_KIND.format(kind=kind.value), "-inf", cutoff, start=0, num=batch):
+            if not store.r.exists(JOB_KEY.format(id=job_id)):
+                _remove(store, job_id, file_roots)
+                removed.append(job_id)
+    for queue in store.r.scan_iter(QUEUED_ZSET.format(queue="*"), count=100):
+        store.r.zremrangebyscore(queue, "-inf", cutoff)
+    if removed:
+        logger.info("retention: removed %d expired jobs", len(removed))
+    return removed
+
+
+def _remove(store: JobStore, job_id: str, file_roots: Sequence[Path]) -> None:
+    if not _JOB_ID.match(job_id):  # never let a stored value name a path outside the roots
+        store.r.zrem(FINISHED_ZSET, job_id)
+        return
+    pipe = store.r.pipeline()
+    pipe.delete(JOB_KEY.format(id=job_id))
+    for kind in JobKind:
+        pipe.zrem(JOBS_BY_KIND.format(kind=kind.value), job_id)
+    pipe.zrem(FINISHED_ZSET, job_id)
+    pipe.execute()
+    for root in file_roots:
+        shutil.rmtree(Path(root) / job_id, ignore_errors=True)

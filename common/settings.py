@@ -5,6 +5,7 @@ Nothing else in fairdiff reads os.environ: tests and deployments change behaviou
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,6 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TESTBED = "testbed"  # the embedded tiny model's base-model name (testbed.BASE_MODEL_NAME)
 TESTBED_MODELS = (TESTBED,)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# `fairdiff up` writes the URL of the Redis it started here (under the data dir) while it runs
+REDIS_URL_FILE = "url"
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` (a listening or local address) is reachable only from this machine. None: a Unix socket."""
+    if host is None:
+        return True
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def has_attribute_classifier(classifier: str, base_model: str) -> bool:
@@ -25,6 +42,16 @@ def has_attribute_classifier(classifier: str, base_model: str) -> bool:
 
 
 class Settings(BaseSettings):
+    """Every FAIRDIFF_* setting.
+
+    Tenants: with FAIRDIFF_API_KEYS set, each job (record, images, cancel, idempotency keys, ledgers) belongs to the
+    key that created it, stored under an HMAC of the key (FAIRDIFF_TENANT_SECRET) that no response shows; other keys
+    get 404, the admin token sees every job. Secrets: the default admin token is refused outside FAIRDIFF_ENV=dev,
+    and in dev anywhere but loopback. Limits (per deployment): FAIRDIFF_RATE_LIMIT_PER_MINUTE,
+    FAIRDIFF_MAX_ACTIVE_JOBS_PER_KEY (both 429 with Retry-After), FAIRDIFF_MAX_WAIT_HOLDERS,
+    FAIRDIFF_MAX_WORK_PER_REQUEST. Retention: FAIRDIFF_JOB_TTL_S after a job ends, swept by the workers.
+    """
+
     model_config = SettingsConfigDict(env_prefix="FAIRDIFF_", extra="ignore")
 
     base_model: str = Field(
@@ -75,15 +102,60 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
 
     # runtime: broker, queues, gateway
-    env: str = Field("dev", description="'dev' or 'prod'; prod refuses the default admin token.")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, result backend and job store.")
-    admin_token: str = Field(DEFAULT_ADMIN_TOKEN, description="Bearer token for /v1/admin/*.")
-    api_keys: str = Field("", description="Comma-separated API keys for /v1; empty = no auth on /v1.")
+    env: str = Field(
+        "dev",
+        description="'dev' or 'prod'. Outside dev the default admin token is refused at start-up; in dev it is refused "
+        "by a gateway listening on anything but loopback (`fairdiff gateway`/`up --host 0.0.0.0` exit 2), and by "
+        "admin routes for any request not arriving over loopback.",
+    )
+    redis_url: str = Field(
+        DEFAULT_REDIS_URL,
+        description="Broker, result backend and job store. Unset, it is the Redis a running `fairdiff up` with the "
+        f"same data dir started (its URL is in <data_dir>/redis/{REDIS_URL_FILE}), else {DEFAULT_REDIS_URL}: "
+        "standalone workers and gateways find the embedded stack's Redis the way `fairdiff up` does.",
+    )
+    admin_token: str = Field(
+        DEFAULT_ADMIN_TOKEN,
+        description=f"Bearer token for /v1/admin/*. The default ({DEFAULT_ADMIN_TOKEN!r}) serves only a dev gateway on "
+        "loopback: set a secret before listening on a network address.",
+    )
+    api_keys: str = Field(
+        "",
+        description="Comma-separated API keys for /v1; empty = no auth on /v1. With keys, every job, its images, its "
+        "cancel, its idempotency keys and its ledgers belong to the key that created it; other keys get 404.",
+    )
+    tenant_secret: str = Field(
+        "",
+        description="HMAC secret that turns an API key into the opaque tenant id jobs are stored under (never shown to "
+        "clients); empty = derived from admin_token, so rotating the admin token then orphans unfinished jobs' owners.",
+    )
     max_body_bytes: int = Field(64 * 1024, description="Requests with a larger body get 413.")
-    job_ttl_s: int = Field(7 * 24 * 3600, description="How long finished jobs and their records are kept.")
+    job_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=1,
+        description="How long a finished job is kept (record, listings, images), counted from its end; workers remove "
+        "expired ones in a bounded periodic sweep.",
+    )
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout; above the longest job.")
     adaptor_cache_bytes: int = Field(512 * 1024 * 1024, description="In-memory adaptor LRU bound per worker.")
     max_wait_s: float = Field(60.0, description="Upper bound on `Prefer: wait=N`.")
+
+    # limits: per deployment, permissive by default; each refusal names the setting that drew it
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="Job submissions per API key (per client address without keys) per minute; 0 = no limit."
+    )
+    max_active_jobs_per_key: int = Field(
+        1000, ge=0, description="Queued plus running generate jobs per API key (all clients without keys); 0 = no limit."
+    )
+    max_wait_holders: int = Field(
+        64,
+        ge=0,
+        description="Requests per gateway process that may hold their connection for `Prefer: wait`; past it, a "
+        "request is answered 202 at once, as without the header.",
+    )
+    max_work_per_request: int = Field(
+        64 * 100, ge=1, description="Most image-steps (num_images x steps) one generate request may ask for."
+    )
 
     @property
     def audits_attributes(self) -> bool:
@@ -97,6 +169,33 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def default_admin_token(self) -> bool:
+        return self.admin_token == DEFAULT_ADMIN_TOKEN
+
+    def admin_token_refusal(self, host: str | None) -> str | None:
+        """Why a gateway listening on (or reached through) `host` must not run with this admin token; None if it may.
+
+        Everybody knows the default token, so it only ever guards a gateway that only this machine can reach.
+        """
+        if self.default_admin_token and not is_loopback(host):
+            return (
+                f"the default admin token ({DEFAULT_ADMIN_TOKEN!r}) is only accepted on a loopback address, and this "
+                f"gateway listens on {host!r}: set FAIRDIFF_ADMIN_TOKEN to a secret, or listen on 127.0.0.1"
+            )
+        return None
+
+    @model_validator(mode="after")
+    def _embedded_redis(self) -> Settings:
+        if "redis_url" not in self.model_fields_set:
+            try:
+                url = (self.data_dir / "redis" / REDIS_URL_FILE).read_text().strip()
+            except OSError:
+                url = ""
+            if url.startswith("redis://"):
+                self.redis_url = url
+        return self
 
     @model_validator(mode="after")
     def _refuse_default_token_outside_dev(self) -> Settings:

@@ -23,6 +23,7 @@ from common.settings import Settings, get_settings
 from service.api.docs import install_docs, install_typed_openapi
 from service.api.routes import adaptors, admin, generate, health, jobs
 from service.errors import PayloadTooLarge, install_error_handlers
+from service.limits import WaitHolders
 from service.metrics import GatewayMetrics, MetricsMiddleware
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = store
     app.state.celery = LazyCelery(settings)
     app.state.metrics = GatewayMetrics(store)
+    app.state.wait_holders = WaitHolders(settings.max_wait_holders)
 
     install_error_handlers(app)
     install_docs(app)

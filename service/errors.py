@@ -87,14 +87,30 @@ class PayloadTooLarge(ApiError):
     default_code = "body_too_large"
 
 
+class TooManyRequests(ApiError):
+    """429: always with Retry-After (seconds)."""
+
+    status_code = 429
+    type = "rate_limit_error"
+    default_code = "rate_limited"
+
+
 class ServiceUnavailable(ApiError):
     status_code = 503
     type = "service_unavailable"
     default_code = "unavailable"
 
 
+def printable(text: str | None) -> str | None:
+    """Text that any response can encode: characters UTF-8 cannot hold (lone surrogates from a client's JSON, or
+    from a percent-decoded path) become backslash escapes instead of failing the response."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": printable(message), "type": type_, "param": printable(param), "code": printable(code)}}
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -131,7 +147,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(InvalidField(message, param=param, code=str(first.get("type", "invalid_value"))))
 
 
-_HTTP_TYPES = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge}
+_HTTP_TYPES = {401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 429: TooManyRequests}
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -174,6 +190,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "Conflict",
         413: "Body over the size limit",
         422: "Invalid field; `error.param` names it",
+        429: "Over a rate or concurrency limit; retry after `Retry-After` seconds",
         503: "No worker / broker unavailable",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}

@@ -39,6 +39,9 @@ KNOWN_WORKER_STATS = (
     "no_person_images",
 )  # fmt: skip
 _OBSERVED_FIELD = "metrics_observed"
+# Label values come from a fixed set, whatever clients send: any other method is "other", any path that matches
+# no route is "unmatched" (route_template), so /metrics cannot be grown by made-up requests.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def _metric_name(field: str) -> str:
@@ -131,7 +134,8 @@ class GatewayMetrics:
 
 
 class MetricsMiddleware:
-    """Counts every request by its route template (not the raw path, which would explode labels)."""
+    """Counts every request by its route template and a known method (not the raw path or method, which would
+    let any client add label values without bound)."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -155,5 +159,6 @@ class MetricsMiddleware:
         finally:
             template = self.metrics.route_template(scope)
             method = scope.get("method", "")
+            method = method if method in HTTP_METHODS else "other"
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

@@ -49,19 +49,22 @@ def _consumed_queues(sender: Any) -> list[str]:
 
 
 def _alive_loop(worker: str) -> None:
-    """Process liveness from the first moment, so peers never mistake a loading worker's jobs for orphans."""
-    from workers.recovery import mark_alive
+    """Process liveness from the first moment, so peers never mistake a loading worker's jobs for orphans; each
+    beat also names the jobs this process is executing, renewing their leases (workers/recovery.py)."""
+    from workers.recovery import executing_now, mark_alive
     from workers.runtime import job_store
 
     while not _stop.is_set():
         try:
-            mark_alive(job_store(), worker, HEARTBEAT_TTL_S)
+            mark_alive(job_store(), worker, HEARTBEAT_TTL_S, executing_now())  # renews the leases of its jobs
         except Exception as exc:
             logger.warning("liveness beat failed: %s", exc)
         _stop.wait(HEARTBEAT_S)
 
 
 def _sweep(queues: list[str]) -> None:
+    """Re-queue orphaned jobs, then remove jobs past their retention (both bounded: running jobs, SWEEP_BATCH)."""
+    from common.jobs import sweep_expired
     from workers.recovery import requeue_orphans
     from workers.runtime import job_store
 
@@ -70,6 +73,7 @@ def _sweep(queues: list[str]) -> None:
         if queue in RECOVERABLE:
             kind, task = RECOVERABLE[queue]
             requeue_orphans(job_store(), app, kind, queue, task, settings.visibility_timeout_s, HEARTBEAT_TTL_S)
+    sweep_expired(job_store(), [settings.jobs_dir, settings.data_dir / "checkpoints"])
 
 
 def _lifecycle(queues: list[str], worker: str) -> None:

@@ -216,6 +216,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    refusal = get_settings().admin_token_refusal(args.host)
+    if refusal is not None:
+        sys.stderr.write(f"fairdiff gateway: error: {refusal}\n")
+        return 2
     argv = [
         sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", args.host,
         "--port", str(args.port), "--log-level", args.loglevel.lower(),

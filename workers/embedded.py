@@ -3,8 +3,16 @@
 Starts Redis (the machine's `redis-server`, append-only, in its own folder under the data dir),
 one inference worker, one training worker and the gateway as child processes, each in its own
 process group; waits until the gateway's /readyz says an inference worker is serving; prints the
-URL and a sample request. Ctrl-C or SIGTERM stops everything it started; if any child dies, it
-stops the rest and exits non-zero, so a supervisor sees the failure instead of a half service.
+URL and a sample request. Ctrl-C or SIGTERM stops everything it started.
+
+It supervises its children: one that dies is restarted (after 1 s, doubling up to 30 s while it keeps
+dying young; logged each time) while the others keep serving; a child that dies MAX_QUICK_DEATHS times
+in a row within MIN_UPTIME_S of starting stops everything with a non-zero exit, so a supervisor above
+sees a failure that restarting does not cure. Redis comes back on its port with its append-only file,
+a worker as a new incarnation (the others' recovery sweep re-queues what it was running).
+
+The Redis URL it started is written to `<data dir>/redis/url` while it runs; a standalone `fairdiff worker`
+or `fairdiff gateway` with the same data dir and no FAIRDIFF_REDIS_URL joins it (common.settings).
 """
 
 from __future__ import annotations
@@ -19,15 +27,18 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.settings import Settings, get_settings
+from common.settings import REDIS_URL_FILE, Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STOP_TIMEOUT_S = 15.0
+RESTART_BACKOFF_S = (1.0, 30.0)  # first delay, cap; doubled for each death in a row
+MIN_UPTIME_S = 60.0  # a child that ran this long before dying starts a new run of deaths
+MAX_QUICK_DEATHS = 5
 
 
 class LaunchError(RuntimeError):
@@ -38,6 +49,10 @@ class LaunchError(RuntimeError):
 class Child:
     name: str
     popen: subprocess.Popen
+    argv: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    quick_deaths: int = 0  # deaths in a row, each within MIN_UPTIME_S of its start
+    restart_at: float | None = None  # when a dead child is due to be started again
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -68,7 +83,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on the port. Probed with SO_REUSEADDR, as uvicorn binds: connections of a
+    gateway that just stopped linger in TIME_WAIT for a minute, and must not keep a new one from starting."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -121,15 +139,43 @@ class Launcher:
         self.log_level = log_level
         self.children: list[Child] = []
         self.env = dict(os.environ)
+        self.redis_url_file: Path | None = None
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
+        child = Child(name, self._popen(argv), argv)
+        self.children.append(child)
+        logger.info("started %s (pid %d)", name, child.popen.pid)
+        return child
+
+    def _popen(self, argv: list[str]) -> subprocess.Popen:
         # Own session (process group): Ctrl-C in the terminal reaches only us, and we stop each
         # child in order (gateway first, Redis last) instead of all of them racing at once.
-        popen = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
-        child = Child(name, popen)
-        self.children.append(child)
-        logger.info("started %s (pid %d)", name, popen.pid)
-        return child
+        return subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def supervise(self, now: float | None = None) -> None:
+        """One round: schedule each newly dead child's restart, start those that are due. LaunchError when a
+        child keeps dying young (MAX_QUICK_DEATHS in a row): restarting it will not help."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.alive():
+                continue
+            if child.restart_at is None:
+                uptime = now - child.started
+                child.quick_deaths = child.quick_deaths + 1 if uptime < MIN_UPTIME_S else 1
+                if child.quick_deaths >= MAX_QUICK_DEATHS:
+                    raise LaunchError(
+                        f"{child.name} exited with {child.popen.returncode} {child.quick_deaths} times in a row within "
+                        f"{MIN_UPTIME_S:.0f}s of starting; stopping the rest"
+                    )
+                first, cap = RESTART_BACKOFF_S
+                delay = min(cap, first * 2 ** (child.quick_deaths - 1))
+                child.restart_at = now + delay
+                logger.warning("%s (pid %d) exited unexpectedly with %s after %.0fs; restarting it in %.0fs",
+                               child.name, child.popen.pid, child.popen.returncode, uptime, delay)  # fmt: skip
+            elif now >= child.restart_at:
+                child.popen = self._popen(child.argv)
+                child.started, child.restart_at = now, None
+                logger.warning("restarted %s (pid %d)", child.name, child.popen.pid)
 
     def start_redis(self) -> str:
         binary = find_redis_server()
@@ -155,9 +201,15 @@ class Launcher:
             if time.monotonic() > deadline:
                 raise LaunchError("redis-server did not answer PING within 15s")
             time.sleep(0.05)
-        return f"redis://127.0.0.1:{port}/0"
+        url = f"redis://127.0.0.1:{port}/0"
+        self.redis_url_file = redis_dir / REDIS_URL_FILE
+        self.redis_url_file.write_text(url + "\n")
+        return url
 
     def start_all(self) -> None:
+        refusal = self.settings.admin_token_refusal(self.host)
+        if refusal is not None:
+            raise LaunchError(refusal)
         if port_in_use(self.host, self.port):
             raise LaunchError(f"{self.host}:{self.port} is already in use; pick another with --port")
         redis_url = self.start_redis()
@@ -213,6 +265,8 @@ class Launcher:
         for child in by_name.values():
             child.stop()
         self.children.clear()
+        if self.redis_url_file is not None:
+            self.redis_url_file.unlink(missing_ok=True)
 
 
 def _connect_host(host: str) -> str:
@@ -255,9 +309,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, ready_timeout: float = 600.0,
         sys.stdout.write(banner(base_url, settings.data_dir.resolve(), settings.audits_attributes) + "\n")
         sys.stdout.flush()
         while True:
-            dead = launcher.dead_child()
-            if dead is not None:
-                raise LaunchError(f"{dead.name} exited unexpectedly with {dead.popen.returncode}; stopping the rest")
+            launcher.supervise()
             time.sleep(0.5)
     except LaunchError as exc:
         sys.stderr.write(f"fairdiff up: {exc}\n")

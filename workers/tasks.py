@@ -15,7 +15,7 @@ from common.celery_config import FINETUNE_TASK, GENERATE_TASK
 from common.schemas import JobState
 from workers.celery_app import app
 from workers.inference import run_generate
-from workers.recovery import incarnation
+from workers.recovery import executing, incarnation, note_retry
 from workers.runtime import job_store, loaded
 from workers.training import fail_finetune, run_finetune
 
@@ -32,13 +32,20 @@ def _fail(job_id: str, exc: BaseException) -> None:
         logger.error("job %s failed and the job store is unreachable to record it", job_id)
 
 
+def _retry(task, job_id: str, exc: BaseException):  # noqa: ANN001, ANN202 (a bound Celery task)
+    countdown = min(30, 2**task.request.retries)
+    note_retry(job_store(), job_id, countdown)
+    return task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES)
+
+
 @app.task(name=GENERATE_TASK, bind=True)
 def generate_task(self, job_id: str) -> str:
     try:
-        return run_generate(job_store(), job_id, incarnation(self.request.hostname))
+        with executing(job_id):  # this process's beats hold the job's lease while it runs
+            return run_generate(job_store(), job_id, incarnation(self.request.hostname))
     except TRANSIENT as exc:
         logger.warning("generate %s: store unreachable (%s); retry %d", job_id, exc, self.request.retries + 1)
-        raise self.retry(exc=exc, countdown=min(30, 2**self.request.retries), max_retries=MAX_RETRIES) from exc
+        raise _retry(self, job_id, exc) from exc
     except Exception as exc:
         logger.exception("generate %s failed", job_id)
         _fail(job_id, exc)
@@ -48,10 +55,11 @@ def generate_task(self, job_id: str) -> str:
 @app.task(name=FINETUNE_TASK, bind=True)
 def finetune_task(self, job_id: str) -> str:
     try:
-        return run_finetune(job_store(), job_id, incarnation(self.request.hostname))
+        with executing(job_id):
+            return run_finetune(job_store(), job_id, incarnation(self.request.hostname))
     except TRANSIENT as exc:
         logger.warning("finetune %s: store unreachable (%s); retry %d", job_id, exc, self.request.retries + 1)
-        raise self.retry(exc=exc, countdown=min(30, 2**self.request.retries), max_retries=MAX_RETRIES) from exc
+        raise _retry(self, job_id, exc) from exc
     except Exception as exc:
         logger.exception("finetune %s failed", job_id)
         from workers.runtime import get_runtime

@@ -12,10 +12,14 @@ from starlette.concurrency import run_in_threadpool
 
 from common.jobs import JobStore
 from common.schemas import JobKind, JobState
+from service.api.deps import Caller
 from service.errors import NotFound
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+# fields of a job's request that only workers read: the ledger's tenant scope is the caller's opaque tenant id
+_PRIVATE_REQUEST_FIELDS = frozenset({"ledger_scope"})
 POLL_INTERVAL_S = 0.01  # one small HGETALL on a local Redis: cheap next to the latency it saves
+MAX_POLL_INTERVAL_S = 0.25
 
 
 def job_url(request: Request, job: dict[str, Any]) -> str:
@@ -26,6 +30,9 @@ def job_url(request: Request, job: dict[str, Any]) -> str:
 def public_job(request: Request, store: JobStore, job: dict[str, Any]) -> dict[str, Any]:
     """The record plus what clients need: its URL, and the queue position while it waits."""
     out = dict(job)
+    out.pop("owner", None)  # the tenant id is the server's own business
+    if isinstance(out.get("request"), dict):
+        out["request"] = {k: v for k, v in out["request"].items() if k not in _PRIVATE_REQUEST_FIELDS}
     out["url"] = job_url(request, job)
     out["cancel_requested"] = bool(job.get("cancel"))
     out["queue_position"] = store.queue_position(job["id"], job["queue"]) if job.get("state") == JobState.queued.value else None
@@ -35,10 +42,11 @@ def public_job(request: Request, store: JobStore, job: dict[str, Any]) -> dict[s
     return out
 
 
-def load_job(store: JobStore, job_id: str, kind: JobKind) -> dict[str, Any]:
-    """The job, or 404 for malformed ids, unknown ids and jobs of another kind alike."""
+def load_job(store: JobStore, job_id: str, kind: JobKind, caller: Caller | None = None) -> dict[str, Any]:
+    """The job, or 404 for malformed ids, unknown ids, jobs of another kind and jobs of another tenant alike
+    (404, not 403: a caller learns nothing about jobs that are not its own, not even that they exist)."""
     job = store.get(job_id) if _JOB_ID.match(job_id) else None
-    if job is None or job.get("kind") != kind.value:
+    if job is None or job.get("kind") != kind.value or (caller is not None and not caller.owns(job)):
         noun = "job" if kind is JobKind.generate else "finetune job"
         raise NotFound(f"no {noun} with id {job_id!r}", param="id", code="job_not_found")
     return job
@@ -64,8 +72,11 @@ def parse_prefer_wait(header: str | None, max_wait_s: float) -> float:
 async def wait_for_finish(store: JobStore, job_id: str, wait_s: float) -> dict[str, Any] | None:
     """Poll the store until the job finishes or the wait runs out; the last record read."""
     deadline = time.monotonic() + wait_s
+    interval = POLL_INTERVAL_S
     job = await run_in_threadpool(store.get, job_id)
     while job is not None and not JobState(job["state"]).finished and time.monotonic() < deadline:
-        await asyncio.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        # quick jobs answer within a poll or two; a long wait backs off, so many waiting clients cost little
+        interval = min(interval * 1.5, MAX_POLL_INTERVAL_S)
         job = await run_in_threadpool(store.get, job_id)
     return job

@@ -461,3 +461,21 @@ def test_ids_already_in_the_store_and_bad_options_are_rejected(imported, capsys)
     assert run_cli(folder, store.root, "--id", "other", "--target", '{"gender": {"female": 0.9, "male": 0.3}}') == 2
     assert "sum to" in capsys.readouterr().err
     assert sorted(m.id for m in store.list()) == before
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (torch.zeros(1).expand(1 << 20, 1 << 20), "over the"),  # 4 TiB of float32 from 4 bytes of storage
+        (torch.zeros(1).expand(6, 64), "strides \\[0, 0\\]"),  # small, but still a view of one number
+        (torch.zeros(2000).as_strided((6, 64), (1, 1)), "not a dense layout"),  # overlapping rows
+    ],
+)
+def test_tensors_that_claim_more_than_their_storage_are_refused_before_use(tmp_path: Path, layout, capsys, tensor,
+                                                                          message: str):  # fmt: skip
+    folder = write_checkpoint(tmp_path, {PREFIX_FILE: {"token_embedding.weight": tensor}})
+    with pytest.raises(ShenImportError, match=message) as info:
+        convert_checkpoint_folder(folder, layout, "testbed")
+    assert PREFIX_FILE in str(info.value) and "token_embedding.weight" in str(info.value)
+    assert run_cli(folder, tmp_path / "store") == 2
+    assert "token_embedding.weight" in capsys.readouterr().err

@@ -241,3 +241,37 @@ def test_openapi_declares_models_and_errors(client: TestClient) -> None:
     assert {"200", "202", "400", "404", "409", "413", "422", "503"} <= set(post["responses"])
     assert "ErrorResponse" in spec["components"]["schemas"] and "GenerateRequest" in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
+
+
+def test_the_default_admin_token_only_serves_loopback(settings: Settings, store: JobStore, testbed_info) -> None:
+    from common.settings import DEFAULT_ADMIN_TOKEN
+
+    dev = settings.model_copy(update={"admin_token": DEFAULT_ADMIN_TOKEN, "env": "dev"})
+    assert dev.admin_token_refusal("127.0.0.1") is None and dev.admin_token_refusal("::1") is None
+    assert dev.admin_token_refusal("localhost") is None and dev.admin_token_refusal(None) is None
+    for host in ("0.0.0.0", "::", "192.168.1.4", "example.org"):
+        assert "FAIRDIFF_ADMIN_TOKEN" in (dev.admin_token_refusal(host) or ""), host
+    assert settings.admin_token_refusal("0.0.0.0") is None  # a real secret may listen anywhere
+
+    store.publish_model(testbed_info)
+    headers = {"Authorization": f"Bearer {DEFAULT_ADMIN_TOKEN}"}
+    app = create_app(dev)
+    with TestClient(app, base_url="http://10.1.2.3") as remote:  # a request that arrived on a network address
+        err = assert_error(remote.get("/v1/admin/finetunes", headers=headers), 403, None, "default_admin_token")
+        assert "FAIRDIFF_ADMIN_TOKEN" in err["message"]
+    with TestClient(app, base_url="http://127.0.0.1") as local:
+        assert local.get("/v1/admin/finetunes", headers=headers).status_code == 200
+
+
+def test_fairdiff_gateway_refuses_the_default_token_off_loopback(capsys, monkeypatch) -> None:
+    from common.settings import get_settings
+    from workers.cli import main
+
+    monkeypatch.delenv("FAIRDIFF_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("FAIRDIFF_ENV", "dev")
+    get_settings.cache_clear()
+    try:
+        assert main(["gateway", "--host", "0.0.0.0"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert "FAIRDIFF_ADMIN_TOKEN" in capsys.readouterr().err

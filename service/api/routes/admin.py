@@ -16,7 +16,7 @@ from common.finetune_config import check_hyperparameters, check_prompts
 from common.jobs import JobStore
 from common.schemas import FieldError, FinetuneJob, JobKind, JobState, ModelInfo, validate_target
 from common.settings import Settings
-from service.api.deps import AdminDep, CeleryDep, SettingsDep, StoreDep
+from service.api.deps import ADMIN_TENANT, AdminDep, CeleryDep, SettingsDep, StoreDep
 from service.api.jobview import job_url, load_job, public_job
 from service.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, error_responses
 from service.schemas import (
@@ -126,7 +126,7 @@ def create_finetune(
     celery: CeleryDep,
 ) -> JSONResponse:
     job = build_finetune_job(body, settings, store)
-    job_id = store.create(JobKind.finetune, TRAINING_QUEUE, job.to_dict())
+    job_id = store.create(JobKind.finetune, TRAINING_QUEUE, job.to_dict(), owner=ADMIN_TENANT)
     try:
         _send(celery, job_id)
     except Exception as exc:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from celery import Celery
@@ -15,17 +18,27 @@ from starlette.concurrency import run_in_threadpool
 from common.adaptor_manifest import list_manifests
 from common.adaptor_matching import adaptor_conflict, base_model_names, find_calibration, find_matching_adaptor
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
-from common.jobs import IDEMPOTENCY_KEY, JobStore, new_job_id
+from common.jobs import JobStore, new_job_id
 from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
 from common.settings import Settings
-from service.api.deps import CeleryDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import CallerDep, CeleryDep, SettingsDep, StoreDep
 from service.api.jobview import job_url, parse_prefer_wait, public_job, wait_for_finish
-from service.errors import Conflict, InvalidField, ServiceUnavailable, error_responses
+from service.errors import Conflict, InvalidField, ServiceUnavailable, TooManyRequests, error_responses
+from service.limits import WaitHolders, check_active, check_rate, rate_scope
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
 from service.validation import check_prompt, load_manifest, require_model_info
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generate"])
+
+REPLAY_HEADER = "Idempotent-Replayed"  # on the answer to a request whose Idempotency-Key named an earlier job
+
+_REPLAYED = {
+    REPLAY_HEADER: {
+        "description": "`true` when the Idempotency-Key named an earlier request's job, which this answer is",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
 
 # A second request with the same Idempotency-Key may arrive between the first one's claim and
 # its job record being written; it waits this long for the record before answering 409.
@@ -92,6 +105,15 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
                 param=field,
                 code="unsupported_size",
             )
+    steps = body.steps if body.steps is not None else info.default_steps
+    if body.num_images * steps > settings.max_work_per_request:
+        raise InvalidField(
+            f"num_images: {body.num_images} images x {steps} steps is {body.num_images * steps} image-steps, over this "
+            f"deployment's {settings.max_work_per_request} per request (FAIRDIFF_MAX_WORK_PER_REQUEST); ask for fewer "
+            "images or steps, or split the request",
+            param="num_images",
+            code="too_much_work",
+        )
     check_prompt(info, body.prompt, "prompt")
     if body.negative_prompt:
         check_prompt(info, body.negative_prompt, "negative_prompt")
@@ -180,36 +202,75 @@ def existing_job(store: JobStore, job_id: str) -> dict[str, Any]:
         time.sleep(0.05)
 
 
-def enqueue(store: JobStore, celery: Celery, job: GenerateJob, idem: tuple[str, str] | None) -> str:
-    """Claim the idempotency key, write the job, send the task; the id of the new job or of the key's owner.
+@dataclass(frozen=True)
+class Idempotency:
+    """A request's Idempotency-Key, scoped to its tenant, with the fingerprint of the body it came with."""
 
-    The key is claimed before anything is written or sent, so two requests with one key never
-    both enqueue; the later one answers with the earlier one's job.
+    tenant: str
+    key: str
+    fingerprint: str
+
+
+def request_fingerprint(body: GenerateRequest) -> str:
+    """The body as validated (defaults filled in), hashed: equal for the same request however it was written."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def enqueue(store: JobStore, celery: Celery, job: GenerateJob, owner: str, idem: Idempotency | None,
+            max_active: int = 0) -> tuple[str, bool]:  # fmt: skip
+    """Claim the idempotency key, write the job, send the task; (the id of the new job or of the key's owner,
+    whether it is a replay).
+
+    The key is claimed before anything is written or sent, so two requests with one key never both enqueue; the
+    later one answers with the earlier one's job, or 422 when it came with another body.
     """
     job_id = new_job_id()
     if idem is not None:
-        owner = store.claim_idempotency(idem[0], idem[1], job_id)
-        if owner != job_id:
-            existing_job(store, owner)
-            return owner
-    store.create(JobKind.generate, INFERENCE_QUEUE, job.to_dict(), job_id=job_id)
+        owner_id, fingerprint = store.claim_idempotency(idem.tenant, idem.key, job_id, idem.fingerprint)
+        if owner_id != job_id:
+            if fingerprint and fingerprint != idem.fingerprint:
+                raise InvalidField(
+                    "Idempotency-Key: this key was already used with a different request body; use a new key",
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                )
+            existing_job(store, owner_id)
+            return owner_id, True
+    try:  # a replay above is never refused: it adds no job
+        check_active(store, owner, max_active)
+    except TooManyRequests:
+        if idem is not None:
+            store.release_idempotency(idem.tenant, idem.key, job_id)
+        raise
+    store.create(JobKind.generate, INFERENCE_QUEUE, job.to_dict(), job_id=job_id, owner=owner)
     try:
         celery.send_task(GENERATE_TASK, args=[job_id], queue=INFERENCE_QUEUE, task_id=job_id)
     except Exception as exc:
         logger.exception("could not enqueue generate job %s", job_id)
         store.finish(job_id, JobState.failed, error={"message": "could not enqueue the job", "type": "broker"})
         if idem is not None:  # let the client retry with the same key
-            key = IDEMPOTENCY_KEY.format(scope=idem[0], key=idem[1])
-            if store.r.get(key) == job_id:
-                store.r.delete(key)
+            store.release_idempotency(idem.tenant, idem.key, job_id)
         raise ServiceUnavailable("the broker did not accept the job; retry shortly", code="broker_unavailable") from exc
     logger.info("job %s queued (%d images, strategy %s)", job_id, job.num_images, job.strategy)
-    return job_id
+    return job_id, False
 
 
 async def respond(request: Request, store: JobStore, job_id: str, wait_s: float) -> JSONResponse:
-    """200 with the whole job if it finished within the wait, else 202 with where to poll it."""
-    job = await wait_for_finish(store, job_id, wait_s)
+    """200 with the whole job if it finished within the wait, else 202 with where to poll it.
+
+    Only `max_wait_holders` requests per process wait at once; past them a request is answered at once, as
+    `Prefer` allows (it is a preference, not a demand).
+    """
+    holders: WaitHolders = request.app.state.wait_holders
+    held = wait_s > 0 and holders.acquire()
+    if not held:
+        wait_s = 0.0
+    try:
+        job = await wait_for_finish(store, job_id, wait_s)
+    finally:
+        if held:
+            holders.release()
     if job is None:  # expired between acceptance and now
         raise ServiceUnavailable("the job record disappeared; retry", code="job_lost")
     url = job_url(request, job)
@@ -226,9 +287,10 @@ async def respond(request: Request, store: JobStore, job_id: str, wait_s: float)
     response_model=None,
     summary="Generate images, optionally with a fairness target",
     responses={
-        200: {"model": JobPublic, "description": "Finished within `Prefer: wait=N`: the whole job."},
-        202: {"model": JobAccepted, "description": "Accepted; poll `url`."},
+        200: {"model": JobPublic, "description": "Finished within `Prefer: wait=N`: the whole job.", "headers": _REPLAYED},
+        202: {"model": JobAccepted, "description": "Accepted; poll `url`.", "headers": _REPLAYED},
         **error_responses(400, 401, 403, 404, 409, 413, 422, 503),
+        429: {**error_responses(429)[429], "headers": {"Retry-After": {"description": "Seconds", "schema": {"type": "integer"}}}},
     },
 )
 async def generate(
@@ -237,15 +299,24 @@ async def generate(
     settings: SettingsDep,
     store: StoreDep,
     celery: CeleryDep,
-    tenant: TenantDep,
+    caller: CallerDep,
     prefer: Annotated[str | None, Header(description="`wait=N`: answer 200 if the job finishes within N s.")] = None,
     idempotency_key: Annotated[
-        str | None, Header(max_length=255, description="Same key (per API key) = same job, enqueued once.")
+        str | None,
+        Header(
+            max_length=255,
+            description="Same key (per API key) and same body = same job, enqueued once; the answer then carries "
+            "`Idempotent-Replayed: true`. The same key with another body is a 422 (`idempotency_key_reused`).",
+        ),
     ] = None,
 ) -> JSONResponse:
+    await run_in_threadpool(check_rate, store, rate_scope(request, caller), settings.rate_limit_per_minute)
     info = await run_in_threadpool(require_model_info, store, settings.base_model)
     job = await run_in_threadpool(build_generate_job, body, settings, info)
-    job.ledger_scope = tenant
-    idem = (tenant, idempotency_key) if idempotency_key else None
-    job_id = await run_in_threadpool(enqueue, store, celery, job, idem)
-    return await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
+    job.ledger_scope = caller.tenant
+    idem = Idempotency(caller.tenant, idempotency_key, request_fingerprint(body)) if idempotency_key else None
+    job_id, replayed = await run_in_threadpool(enqueue, store, celery, job, caller.tenant, idem, settings.max_active_jobs_per_key)
+    response = await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
+    if replayed:
+        response.headers[REPLAY_HEADER] = "true"
+    return response
