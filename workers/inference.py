@@ -384,6 +384,8 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         if hold is not None:  # release the reservation: nothing was delivered
             ledger.settle(jobs.r, hold.lid, hold.reserved, [], list(req.fairness_target or {}))
         logger.info("generate %s failed: %s", job_id, exc.error.get("message"))
+        if exc.error.get("type") == "enforcement_incomplete":
+            incr_stats(jobs.r, enforcement_shortfalls=1)
         jobs.finish(job_id, JobState.failed, error=exc.error)
         return JobState.failed.value
     except BaseException as exc:

@@ -232,6 +232,11 @@ def test_enforce_makes_the_delivered_counts_exact(stack):
     failed = client.post("/v1/generate", json=strict, headers={"Prefer": "wait=120"}).json()
     assert failed["state"] == "failed" and failed["error"]["type"] == "enforcement_incomplete", failed
     assert "delivered" in failed["error"]["message"]
+    # /metrics counts the fairness side: images per strategy, enforcement rounds and shortfalls
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("fairdiff_worker_")}  # fmt: skip
+    assert metrics["fairdiff_worker_images_delivered_assign"] >= 8 and metrics["fairdiff_worker_enforcement_rounds"] >= 1
+    assert metrics["fairdiff_worker_requests_audited_assign"] >= 1 and metrics["fairdiff_worker_enforcement_shortfalls"] >= 1
 
 
 def test_a_ledger_makes_single_image_requests_add_up(stack):
