@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from common.errors import job_error
 from common.schemas import JobKind, JobState, ModelInfo
 
 PREFIX = "fairdiff"
@@ -148,7 +149,7 @@ class JobStore:
         if result is not None:
             mapping["result"] = json.dumps(result)
         if error is not None:
-            mapping["error"] = json.dumps(error)
+            mapping["error"] = json.dumps(job_error(error))
         pipe = self.r.pipeline()
         pipe.hset(JOB_KEY.format(id=job_id), mapping=mapping)
         if job:

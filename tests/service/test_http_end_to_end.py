@@ -230,7 +230,7 @@ def test_enforce_makes_the_delivered_counts_exact(stack):
     # "strict" with no rounds to spend: a 2-step request misses, so the job fails with the counts instead of succeeding
     strict = {**body, "steps": 2, "enforce": "strict", "seed": 6}
     failed = client.post("/v1/generate", json=strict, headers={"Prefer": "wait=120"}).json()
-    assert failed["state"] == "failed" and failed["error"]["type"] == "enforcement_incomplete", failed
+    assert failed["state"] == "failed" and failed["error"]["code"] == "enforcement_incomplete", failed
     assert "delivered" in failed["error"]["message"]
     # /metrics counts the fairness side: images per strategy, enforcement rounds and shortfalls
     metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()

@@ -122,7 +122,7 @@ def test_guidance_without_a_calibration_fails_the_job_clearly(
     )
     job = wait_finished(jobs, job_id, inference_worker)
     assert job["state"] == "failed"
-    assert job["error"]["type"] == "no_calibration" and "calibrat" in job["error"]["message"]
+    assert job["error"]["code"] == "no_calibration" and "calibrat" in job["error"]["message"]
 
 
 def test_redelivered_task_of_finished_job_changes_nothing(

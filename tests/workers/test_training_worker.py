@@ -102,7 +102,7 @@ def test_finetune_publishes_an_adaptor_that_generate_then_uses(
                       adaptor_id=adaptor_id, fairness_target=other).to_dict())  # fmt: skip
     celery_client.send_task(GENERATE_TASK, args=[gid])
     gen = wait_finished(jobs, gid, [inference_worker], timeout=60)
-    assert gen["state"] == "failed" and gen["error"]["type"] == "adaptor_target_mismatch"
+    assert gen["state"] == "failed" and gen["error"]["code"] == "adaptor_target_mismatch"
 
 
 def test_a_finetune_without_fairness_gain_fails_and_publishes_nothing(
@@ -116,7 +116,7 @@ def test_a_finetune_without_fairness_gain_fails_and_publishes_nothing(
     job = wait_finished(jobs, job_id, [training_worker])
     assert job["state"] == "failed", job
     error = job["error"]
-    assert error["type"] == "no_fairness_gain" and error["min_fairness_gain"] == 1.0
+    assert error["code"] == "no_fairness_gain" and error["type"] == "fairness_error" and error["min_fairness_gain"] == 1.0
     assert error["mean_prompt_tv"]["before"] > 0.3 and error["mean_prompt_tv"]["after"] > 0
     assert "nothing was published" in error["message"]
     assert (sorted(p.name for p in store_dir.iterdir()) if store_dir.exists() else []) == before
@@ -154,7 +154,7 @@ def test_a_finetune_that_loses_its_subject_fails_and_publishes_nothing(
     job_id = finetune(jobs, celery_client, worker_env, **wreck)
     job = wait_finished(jobs, job_id, [training_worker])
     assert job["state"] == "failed", job
-    assert job["error"]["type"] == "subject_lost" and job["error"]["subject_kept"]["share"] < 0.95
+    assert job["error"]["code"] == "subject_lost" and job["error"]["subject_kept"]["share"] < 0.95
     assert "min_subject_kept" in job["error"]["message"] and set(job["error"]["bias"]) == {"before", "after"}
     assert (sorted(p.name for p in store_dir.iterdir()) if store_dir.exists() else []) == before
     assert not (Path(worker_env["FAIRDIFF_DATA_DIR"]) / "checkpoints" / job_id).exists()
