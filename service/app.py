@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.celery_config import make_celery
 from common.jobs import JobStore
 from common.settings import Settings, get_settings
+from service.api.docs import install_docs, install_typed_openapi
 from service.api.routes import adaptors, admin, generate, health, jobs
 from service.errors import PayloadTooLarge, install_error_handlers
 from service.metrics import GatewayMetrics, MetricsMiddleware
@@ -139,7 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="fairdiff",
         version="0.1.0",
         description=DESCRIPTION,
-        docs_url="/docs",
+        docs_url=None,  # service.api.docs serves /docs and /redoc from local assets
+        redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=_lifespan,
     )
@@ -149,6 +151,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = GatewayMetrics(store)
 
     install_error_handlers(app)
+    install_docs(app)
+    install_typed_openapi(app)
     for module in (generate, jobs, adaptors, admin, health):
         app.include_router(module.router)
 

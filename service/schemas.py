@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.schemas import JobState, Strategy
+from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
 FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
@@ -111,10 +112,12 @@ class JobPublic(BaseModel):
     started: float | None = None
     finished: float | None = None
     request: dict[str, Any] | None = Field(None, description="The validated request, including the seed used.")
-    result: dict[str, Any] | None = Field(
+    # returned exactly as the worker wrote it (the dict matches first); GenerateResult types it in /openapi.json
+    result: dict[str, Any] | GenerateResult | None = Field(
         None,
-        description="Images (url, attributes with confidences), realised distribution, distance to the target, "
-        "strategy and adaptor used, timings.",
+        union_mode="left_to_right",
+        description="A generate job's result is a GenerateResult (images with attributes and confidences, realised "
+        "distribution, distance to the target, strategy, enforcement, ledger, timings); a finetune's is its own record.",
     )
     error: dict[str, Any] | None = None
 

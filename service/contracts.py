@@ -1,0 +1,234 @@
+"""Typed contracts for /openapi.json: what a generate job's `result` holds, and each finetune method's hyperparameters.
+
+The hyperparameter models are built from the trainers' own dataclasses (common.finetune_config), so the schema's
+names, types and defaults are the ones the trainers read; the gateway still checks a request with
+`check_hyperparameters`, whose errors name `hyperparameters.<key>`. The result models describe what the inference
+worker writes (workers/inference.py) and let fields it adds later through (`extra="allow"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from common.finetune_config import (
+    PRESERVE_REGIONS,
+    TEXT_ENCODER_MODULE_CHOICES,
+    TRAIN_CHOICES,
+    UNET_MODULE_CHOICES,
+    DFTConfig,
+    IDAConfig,
+)
+
+# -- the generate result ------------------------------------------------------------------------
+
+
+class ClassReading(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+
+    class_: str = Field(..., alias="class", description="The class the audit classifier reads.")
+    confidence: float = Field(..., description="Its probability, 0 to 1.")
+
+
+class ImageResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    url: str = Field(..., description="Where the PNG is served.")
+    seed_index: int = Field(..., description="The image's index in the request; its noise is drawn from the seed and it.")
+    attributes: dict[str, ClassReading] | None = Field(None, description="Per attribute, the class read; null unaudited.")
+    person: bool | None = Field(None, description="Whether the audit found a person.")
+    person_confidence: float | None = None
+    assigned: dict[str, str] | None = Field(None, description="With `assign`: the classes this image was conditioned on.")
+
+
+class TargetDistance(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    total_variation: float = Field(..., description="Half the L1 distance between realised and target (docs/api.md).")
+    kl: float = Field(..., description="KL(realised || target) in nats.")
+
+
+class StrategyUsed(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    requested: str
+    used: str = Field(..., description="The strategy that served the request.")
+    reason: str = Field(..., description="Why it was chosen.")
+
+
+class Enforcement(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    applied: bool
+    reason: str | None = Field(None, description="Why not, when it was not applied.")
+    rounds: int | None = None
+    regenerated: int | None = None
+    satisfied: bool | None = Field(None, description="Whether the audited counts met the assigned ones.")
+    missed: int | None = None
+
+
+class LedgerState(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    key: str
+    delivered: dict[str, int] = Field(..., description="Delivered images per joint class so far.")
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    queue_s: float
+    load_s: float
+    generate_s: float
+    audit_s: float
+    total_s: float
+
+
+class GenerateResult(BaseModel):
+    """A finished generate job's `result` (docs/api.md defines realised, bias, TV and KL)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    images: list[ImageResult]
+    realised: dict[str, dict[str, float]] | None = Field(None, description="Per attribute, each class's share.")
+    counts: dict[str, dict[str, int]] | None = None
+    bias: dict[str, float] | None = Field(None, description="Per attribute, Shen et al.'s bias of the realised shares.")
+    no_person: int | None = None
+    target_distance: dict[str, TargetDistance] | None = None
+    audited: bool
+    assigned_counts: dict[str, dict[str, int]] | None = None
+    enforcement: Enforcement | None = None
+    ledger: LedgerState | None = None
+    strategy: StrategyUsed
+    adaptor: str | None = None
+    timings: Timings
+
+
+# -- finetune hyperparameters -------------------------------------------------------------------
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "train": TRAIN_CHOICES,
+    "text_encoder_modules": TEXT_ENCODER_MODULE_CHOICES,
+    "unet_modules": UNET_MODULE_CHOICES,
+    "preserve_region": PRESERVE_REGIONS,
+    "solver": ("ida", "policy_gradient"),
+}
+_DESCRIPTIONS: dict[str, str] = {
+    "train": "What DFT trains: LoRA on the text encoder, the UNet, both, or soft prefix tokens.",
+    "text_encoder_modules": "Text-encoder LoRA targets: attention and MLP (Shen et al.), or attention only.",
+    "unet_modules": "UNet LoRA targets: every attention projection, or only the cross-attention's key and value.",
+    "rank": "LoRA rank.",
+    "num_tokens": "Soft prefix tokens.",
+    "init_scale": "Initial scale of the prefix tokens.",
+    "steps": "Sampling steps of each training image.",
+    "steps_jitter": "Random change of the steps per iteration, +- this many.",
+    "guidance_scale": "Classifier-free guidance scale (1: none).",
+    "images_per_prompt": "Images per training prompt and iteration.",
+    "prompts_per_iteration": "Training prompts per iteration.",
+    "adjusted": "Adjusted direct finetuning (latent input detached, per-step gradient rescaled); false: plain DFT.",
+    "iterations": "Training iterations.",
+    "lr": "Learning rate (0: 1e-2 for LoRA, 2e-2 for prefix tokens).",
+    "weight_decay": "AdamW weight decay.",
+    "ema_decay": "Decay of the published exponential moving average of the weights.",
+    "max_grad_norm": "Gradient clipping (0: none).",
+    "seed": "Seed of the initialisation and the noise.",
+    "confidence": "Only images whose optimal-transport target is at least this certain take one.",
+    "target_draws": "Target distributions drawn per batch for the optimal transport (0: exact counts).",
+    "ce_temperature": "Temperature of the alignment cross-entropy (> 1 softens a saturated classifier).",
+    "preserve_pixel_weight": "Weight of the pixel term of semantics preservation.",
+    "preserve_feature_weight": "Weight of the feature term of semantics preservation.",
+    "flip_weight": "Preservation weight on images meant to change class.",
+    "region_share": "Share of pixels taken as the attribute's region, spared by preservation (0: none).",
+    "preserve_region": "Where the attribute's region is spared: on images meant to flip, or on all.",
+    "person_weight": "Weight of the term that keeps a person in every image that had one.",
+    "checkpoint_every": "Iterations between checkpoints (a killed job resumes from the last).",
+    "eval_images": "Evaluation images per prompt, before and after.",
+    "eval_steps": "Sampling steps of the evaluation images.",
+    "eval_seed": "First seed of the evaluation images.",
+    "min_subject_kept": "Share of evaluation images that must keep their subject, or nothing is published (0: off).",
+    "solver": "ida: iterative distribution alignment; policy_gradient: the paper's baseline.",
+    "images_per_iteration": "Images per calibration iteration.",
+    "max_iterations": "Calibration iterations at most.",
+    "kl_threshold": "Stop once the KL to the target is below this.",
+    "step": "Initial step of each class's weight per unit of error.",
+    "warmup_steps": "Sampling steps before the guidance starts.",
+    "pg_samples": "Policy-gradient samples per iteration.",
+    "pg_sigma": "Policy-gradient exploration noise.",
+    "max_batch": "Images denoised together.",
+}
+
+
+# the ranges common.finetune_config checks, as schema bounds (it stays the check: its errors name the field)
+_RANGES: dict[str, dict[str, float]] = {
+    **{
+        k: {"ge": 1}
+        for k in (
+            "rank",
+            "num_tokens",
+            "steps",
+            "images_per_prompt",
+            "prompts_per_iteration",
+            "iterations",
+            "eval_images",
+            "eval_steps",
+            "checkpoint_every",
+            "images_per_iteration",
+            "max_iterations",
+            "pg_samples",
+            "max_batch",
+            "guidance_scale",
+        )
+    },  # fmt: skip
+    **{
+        k: {"ge": 0}
+        for k in (
+            "lr",
+            "weight_decay",
+            "steps_jitter",
+            "target_draws",
+            "preserve_pixel_weight",
+            "preserve_feature_weight",
+            "person_weight",
+            "max_grad_norm",
+            "init_scale",
+            "warmup_steps",
+            "seed",
+            "eval_seed",
+            "kl_threshold",
+        )
+    },  # fmt: skip
+    **{k: {"ge": 0, "le": 1} for k in ("confidence", "flip_weight", "region_share", "min_subject_kept")},
+    **{k: {"gt": 0} for k in ("ce_temperature", "step", "pg_sigma")},
+    "ema_decay": {"ge": 0, "lt": 1},
+}
+
+
+def _hyperparameter_model(name: str, config: type, doc: str, **fixed: Any) -> type[BaseModel]:
+    defaults = config()
+    spec: dict[str, Any] = {}
+    for f in fields(config):
+        if f.name in fixed:
+            continue
+        default = getattr(defaults, f.name) if f.default is MISSING else f.default
+        kind: Any = type(default)
+        if f.name in _CHOICES:
+            kind = Literal[_CHOICES[f.name]]  # type: ignore[valid-type]
+        spec[f.name] = (kind, Field(default, description=_DESCRIPTIONS.get(f.name), **_RANGES.get(f.name, {})))
+    model = create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **spec)
+    return model
+
+
+DFTHyperparameters = _hyperparameter_model(
+    "DFTHyperparameters", DFTConfig, "Method `dft` (docs/methods/dft.md); every key is optional."
+)
+PrefixHyperparameters = _hyperparameter_model(
+    "PrefixHyperparameters", DFTConfig, "Method `prefix`: `dft` on soft prefix tokens (docs/methods/prefix.md).", train="prefix"
+)
+IDAHyperparameters = _hyperparameter_model("IDAHyperparameters", IDAConfig, "Method `ida` (docs/methods/ida.md).")
+HYPERPARAMETERS: dict[str, type[BaseModel]] = {
+    "dft": DFTHyperparameters,
+    "prefix": PrefixHyperparameters,
+    "ida": IDAHyperparameters,
+}

@@ -1,0 +1,47 @@
+"""/openapi.json types each finetune method's hyperparameters and the generate job's result."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+from fastapi.testclient import TestClient
+
+from common.finetune_config import DFTConfig, IDAConfig, check_hyperparameters
+from service.contracts import HYPERPARAMETERS
+from service.schemas import FINETUNE_METHODS
+
+
+def test_one_hyperparameter_model_per_method_mirroring_the_trainers_config():
+    assert set(HYPERPARAMETERS) == FINETUNE_METHODS
+    assert set(HYPERPARAMETERS["dft"].model_fields) == {f.name for f in fields(DFTConfig)}
+    assert set(HYPERPARAMETERS["prefix"].model_fields) == {f.name for f in fields(DFTConfig)} - {"train"}
+    assert set(HYPERPARAMETERS["ida"].model_fields) == {f.name for f in fields(IDAConfig)}
+    for method, model in HYPERPARAMETERS.items():
+        assert all(f.description for f in model.model_fields.values()), method
+        defaults = model().model_dump()
+        check_hyperparameters(method, defaults)  # the schema's defaults are values the trainers accept
+
+
+def test_openapi_types_the_finetune_request_by_method_and_the_job_result(client: TestClient):
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/admin/finetunes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["discriminator"]["propertyName"] == "method"
+    assert set(body["discriminator"]["mapping"]) == {"dft", "prefix", "ida"}
+    components = schema["components"]["schemas"]
+    dft = components["FinetuneRequest_dft"]["properties"]["hyperparameters"]["$ref"].rsplit("/", 1)[1]
+    lr = components[dft]["properties"]["lr"]
+    assert lr["default"] == 0.0 and lr["minimum"] == 0 and lr["description"]
+    assert components[dft]["properties"]["unet_modules"]["enum"] == ["attention", "cross_attention_kv"]
+    result = components["JobPublic"]["properties"]["result"]["anyOf"]
+    assert {"$ref": "#/components/schemas/GenerateResult"} in result
+    image = components["ImageResult"]["properties"]
+    assert {"url", "attributes", "person", "assigned"} <= set(image)
+
+
+@pytest.mark.parametrize("method, hp", [("dft", {"lr": 0.01, "train": "both"}), ("ida", {"step": 5.0})])
+def test_a_request_of_the_typed_shape_is_accepted(client: TestClient, admin: dict[str, str], method: str, hp: dict):
+    body = {"method": method, "fairness_target": {"gender": {"female": 0.5, "male": 0.5}}, "prompt_set": "testbed-train",
+            "hyperparameters": hp}  # fmt: skip
+    resp = client.post("/v1/admin/finetunes", json=body, headers=admin)
+    assert resp.status_code == 202, resp.text
