@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -17,7 +18,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment(threads: int) -> dict[str, str]:
-    return {"device": f"cpu ({platform.machine()}, {threads} threads per process)", "torch": torch.__version__}
+    """Where a result comes from: the device, torch, the code revision and the testbed weights it ran on."""
+    from testbed import PIPELINE_DIR
+
+    return {
+        "device": f"cpu ({platform.machine()}, {threads} threads per process)",
+        "torch": torch.__version__,
+        "code_revision": code_revision(),
+        "testbed_weights": weights_fingerprint(PIPELINE_DIR),
+    }
+
+
+def code_revision() -> str:
+    """The git commit the benchmark ran at, with "+dirty" when the tree had uncommitted changes; "unknown" outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def weights_fingerprint(folder: str | Path) -> str:

@@ -39,3 +39,9 @@ def test_processes_finishing_at_once_each_keep_their_key(results_dir):
     merged = json.loads((results_dir / "shared.json").read_text())
     assert set(keys) <= set(merged)
     assert not list(results_dir.glob("*.tmp"))
+
+
+def test_the_environment_names_the_code_revision_and_the_weights():
+    env = results_io.environment(1)
+    assert env["code_revision"] == "unknown" or len(env["code_revision"].split("+")[0]) == 12
+    assert len(env["testbed_weights"]) == 12 and env["testbed_weights"] == results_io.environment(2)["testbed_weights"]
