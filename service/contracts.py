@@ -232,3 +232,58 @@ HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "prefix": PrefixHyperparameters,
     "ida": IDAHyperparameters,
 }
+
+
+# -- response examples (/openapi.json) ----------------------------------------------------------
+
+_JOB_ID = "3f2b9c0d4e5f46a7b8c9d0e1f2a3b4c5"
+GENERATE_ACCEPTED_EXAMPLE = {"id": _JOB_ID, "url": f"/v1/jobs/{_JOB_ID}", "state": "queued"}
+JOB_EXAMPLE = {
+    "id": _JOB_ID,
+    "kind": "generate",
+    "state": "succeeded",
+    "url": f"/v1/jobs/{_JOB_ID}",
+    "queue_position": None,
+    "progress": {"step": 20, "total": 20},
+    "cancel_requested": False,
+    "request": {"prompt": "a photo of the face of a nurse, a person", "num_images": 2, "seed": 7, "steps": 20,
+                "guidance_scale": 5.0, "fairness_target": {"gender": {"female": 0.5, "male": 0.5}}, "strategy": "auto"},
+    "result": {
+        "images": [
+            {"url": f"/v1/jobs/{_JOB_ID}/images/{k}.png", "seed_index": k, "person": True, "person_confidence": 0.99,
+             "attributes": {"gender": {"class": cls, "confidence": 0.98}}, "assigned": {"gender": cls}}
+            for k, cls in enumerate(("female", "male"))
+        ],
+        "realised": {"gender": {"female": 0.5, "male": 0.5}},
+        "counts": {"gender": {"female": 1, "male": 1}},
+        "bias": {"gender": 0.0},
+        "no_person": 0,
+        "target_distance": {"gender": {"total_variation": 0.0, "kl": 0.0}},
+        "audited": True,
+        "assigned_counts": {"gender": {"female": 1, "male": 1}},
+        "enforcement": None,
+        "ledger": None,
+        "strategy": {"requested": "auto", "used": "assign", "reason": "no stored adaptor matches this fairness_target ..."},
+        "adaptor": None,
+        "timings": {"queue_s": 0.01, "load_s": 0.0, "generate_s": 0.61, "audit_s": 0.01, "total_s": 0.65},
+    },
+    "error": None,
+}  # fmt: skip
+FINETUNE_REQUEST_EXAMPLES = {
+    "dft": {"method": "dft", "fairness_target": {"gender": {"female": 0.5, "male": 0.5}}, "prompt_set": "testbed-train",
+            "hyperparameters": {"train": "both", "iterations": 100}, "name": "fair gender"},
+    "prefix": {"method": "prefix", "fairness_target": {"gender": {"female": 0.5, "male": 0.5}},
+               "prompts": ["a photo of the face of a senator, a person"], "hyperparameters": {"num_tokens": 5}},
+    "ida": {"method": "ida", "fairness_target": {"gender": {"female": 0.5, "male": 0.5}}, "prompt_set": "testbed-test",
+            "hyperparameters": {"max_iterations": 8}},
+}  # fmt: skip
+FINETUNE_EXAMPLE = {
+    **{k: v for k, v in JOB_EXAMPLE.items() if k not in ("request", "result")},
+    "kind": "finetune",
+    "url": f"/v1/admin/finetunes/{_JOB_ID}",
+    "progress": {"step": 100, "total": 100},
+    "request": FINETUNE_REQUEST_EXAMPLES["dft"],
+    "result": {"adaptor_id": "fair-gender-1a2b3c4d", "manifest": {"id": "fair-gender-1a2b3c4d", "kind": "lora"},
+               "timings": {"total_s": 812.4}},
+    "curve": [{"iteration": 100, "loss": 0.41, "batch_bias": {"gender": 0.25}}],
+}  # fmt: skip

@@ -57,12 +57,14 @@ def install_docs(app: FastAPI, openapi_url: str = "/openapi.json") -> None:
 
 def install_typed_openapi(app: FastAPI, finetune_path: str = "/v1/admin/finetunes") -> None:
     """/openapi.json with each finetune method's hyperparameters typed (service.contracts), the request body of
-    `POST finetune_path` being one schema per method, discriminated by `method`.
+    `POST finetune_path` being one schema per method, discriminated by `method`, and examples of the generate,
+    job and finetune responses.
 
     The route still takes the body as one model and checks hyperparameters with the trainers' own rules, so its
     errors stay `invalid_hyperparameters` naming `hyperparameters.<key>`; this only describes what it accepts."""
     from pydantic.json_schema import models_json_schema
 
+    from service import contracts
     from service.contracts import HYPERPARAMETERS
 
     def openapi() -> dict:
@@ -87,6 +89,18 @@ def install_typed_openapi(app: FastAPI, finetune_path: str = "/v1/admin/finetune
             mapping[method] = f"#/components/schemas/{name}"
         body["schema"] = {"oneOf": [{"$ref": ref} for ref in mapping.values()],
                           "discriminator": {"propertyName": "method", "mapping": mapping}}  # fmt: skip
+        body["examples"] = {m: {"summary": f"method {m}", "value": v} for m, v in contracts.FINETUNE_REQUEST_EXAMPLES.items()}
+        examples = {
+            ("/v1/generate", "post", "202"): contracts.GENERATE_ACCEPTED_EXAMPLE,
+            ("/v1/generate", "post", "200"): contracts.JOB_EXAMPLE,
+            ("/v1/jobs/{job_id}", "get", "200"): contracts.JOB_EXAMPLE,
+            (finetune_path, "post", "202"): {**contracts.GENERATE_ACCEPTED_EXAMPLE, "url": contracts.FINETUNE_EXAMPLE["url"]},
+            (finetune_path + "/{job_id}", "get", "200"): contracts.FINETUNE_EXAMPLE,
+        }
+        for (path, verb, status), example in examples.items():
+            response = schema["paths"].get(path, {}).get(verb, {}).get("responses", {}).get(status)
+            if response is not None:
+                response.setdefault("content", {}).setdefault("application/json", {})["example"] = example
         app.openapi_schema = schema
         return schema
 

@@ -45,3 +45,22 @@ def test_a_request_of_the_typed_shape_is_accepted(client: TestClient, admin: dic
             "hyperparameters": hp}  # fmt: skip
     resp = client.post("/v1/admin/finetunes", json=body, headers=admin)
     assert resp.status_code == 202, resp.text
+
+
+def test_openapi_has_examples_of_the_generate_job_and_finetune_responses_and_they_fit_the_schemas(client: TestClient):
+    from service.contracts import FINETUNE_REQUEST_EXAMPLES, GenerateResult
+    from service.schemas import FinetunePublic, FinetuneRequest, JobAccepted, JobPublic
+
+    paths = client.get("/openapi.json").json()["paths"]
+
+    def example(path: str, verb: str, status: str) -> dict:
+        return paths[path][verb]["responses"][status]["content"]["application/json"]["example"]
+
+    JobAccepted.model_validate(example("/v1/generate", "post", "202"))
+    job = example("/v1/jobs/{job_id}", "get", "200")
+    JobPublic.model_validate(job)
+    GenerateResult.model_validate(job["result"])
+    FinetunePublic.model_validate(example("/v1/admin/finetunes/{job_id}", "get", "200"))
+    for method, body in FINETUNE_REQUEST_EXAMPLES.items():
+        request = FinetuneRequest.model_validate(body)
+        check_hyperparameters(method, request.hyperparameters)
