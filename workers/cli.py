@@ -93,7 +93,7 @@ def _ledger_client(args: argparse.Namespace):
     import redis
 
     url = get_settings().redis_url
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, decode_responses=True)  # as the job store reads it
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -142,3 +142,25 @@ def test_finetune_publishes_under_the_data_dir_the_service_reads_and_prints_its_
     store = tmp_path / "relative-data" / "adaptors"
     assert (store / "cli-data-dir" / "manifest.json").is_file()
     assert f"published adaptor cli-data-dir (lora) to {store}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_generate_with_a_ledger_adds_single_image_runs_up_in_redis(capsys, tmp_path, monkeypatch, redis_server):
+    import redis
+
+    url = redis_server.rsplit("/", 1)[0] + "/5"  # a database of its own on the session's redis-server
+    redis.Redis.from_url(url).flushdb()
+    monkeypatch.setenv("FAIRDIFF_REDIS_URL", url)
+    target = '{"gender": {"female": 0.5, "male": 0.5}}'
+    assigned, people = [], 0
+    for seed in (1, 2):
+        argv = ["generate", "a photo of the face of a nurse, a person", "--target", target, "--ledger", "stream", "-n", "1",
+                "--steps", "4", "--seed", str(seed), "--out", str(tmp_path / f"run{seed}")]  # fmt: skip
+        assert main(argv) == 0
+        report = json.loads((tmp_path / f"run{seed}" / "report.json").read_text())
+        assigned.append(report["images"][0]["assigned"]["gender"])
+        people += 1 - report["no_person"]
+        assert report["ledger"]["key"] == "stream"
+    assert sorted(assigned) == ["female", "male"]  # the second image goes to the class the first left behind
+    assert sum(report["ledger"]["delivered"].values()) == people  # what the audit saw, as the worker counts it
+    assert "ledger stream: delivered so far" in capsys.readouterr().out
