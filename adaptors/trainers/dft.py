@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,21 +120,42 @@ def semantics(classifier, before: torch.Tensor, after: torch.Tensor) -> dict[str
 
 
 class DFTLosses:
-    """One iteration's losses (alignment, preservation) and their diagnostics, apart from sampling so a test can
-    feed it chosen images."""
+    """One iteration's losses (alignment, preservation, person) and their diagnostics, apart from sampling so a test
+    can feed it chosen images."""
 
     def __init__(self, cfg: DFTConfig, shares: dict[str, np.ndarray], classifier: AttributeClassifier) -> None:
         self.cfg, self.shares, self.classifier = cfg, shares, classifier
 
     def losses(self, images, frozen, groups: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        cfg, classifier = self.cfg, self.classifier
-        n = images.shape[0]
-        per = n // groups
-        logits = classifier.logits(images)
+        """`images` (differentiable) and `frozen` (the base model's from the same noise) hold `groups` prompts' images
+        in equal consecutive blocks."""
+        logits = self.classifier.logits(images)
         probs = {a: torch.softmax(logits[a].float(), -1) for a in self.shares}
         person = (torch.sigmoid(logits["person"].detach()) > 0.5).cpu().numpy()
-        frozen_pred = classifier.predict(frozen)
-        frozen_person = (frozen_pred.person > 0.5).cpu().numpy()
+        frozen_pred = self.classifier.predict(frozen)
+        labels, dropped = self.targets(probs, person, groups, rng)
+        align = self.alignment(logits, labels, images)
+        flips = self.flips(labels, probs, frozen_pred)
+        preserve = self.preservation(images, frozen, flips)
+        person_loss = self.keep_person(logits, (frozen_pred.person > 0.5).cpu().numpy(), images)
+        loss = align + preserve + self.cfg.person_weight * person_loss
+        info = {
+            "loss": round(loss.item(), 5),
+            "align": round(align.item(), 5),
+            "preserve": round(preserve.item(), 5),
+            "person": round(person_loss.item(), 5),
+            "no_person": int((~person).sum()),
+            "no_target": dropped,
+            "flips": int(flips.sum()),
+            **self.batch_figures(probs, person, groups),
+        }
+        return loss, info
+
+    def targets(self, probs, person: np.ndarray, groups: int, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int]:
+        """Each image's target class per attribute by optimal transport within its prompt's block (-1: none, for
+        images with no person or an uncertain target), and how many were left without one."""
+        n = len(person)
+        per = n // groups
         labels = {a: np.full(n, -1, dtype=np.int64) for a in self.shares}
         dropped = 0
         for g in range(groups):
@@ -142,22 +164,36 @@ class DFTLosses:
             if len(rows) == 0:
                 continue
             targets = alignment_targets({a: probs[a][rows].detach().cpu().numpy() for a in self.shares}, self.shares,
-                                        draws=cfg.target_draws, confidence=cfg.confidence, rng=rng)  # fmt: skip
+                                        draws=self.cfg.target_draws, confidence=self.cfg.confidence, rng=rng)  # fmt: skip
             dropped += targets.dropped()
             for a in self.shares:
                 labels[a][rows] = targets.labels[a]
+        return labels, dropped
+
+    def alignment(self, logits, labels: dict[str, np.ndarray], images: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy to the targets, at `ce_temperature`, summed over attributes."""
         align = images.new_zeros(())
-        flips = np.zeros(n, dtype=bool)
         for a in self.shares:
             lab = torch.from_numpy(labels[a]).to(images.device)
             valid = lab >= 0
             if valid.any():
-                align = align + F.cross_entropy(logits[a].float()[valid] / cfg.ce_temperature, lab[valid])
+                align = align + F.cross_entropy(logits[a].float()[valid] / self.cfg.ce_temperature, lab[valid])
+        return align
+
+    def flips(self, labels: dict[str, np.ndarray], probs, frozen_pred) -> np.ndarray:
+        """Images meant to change class: their target says so, or (no target) they already have. Preserving the frozen
+        image there would pull the model back to the bias it is trained away from."""
+        flips = np.zeros(len(next(iter(labels.values()))), dtype=bool)
+        for a in self.shares:
             base_class = frozen_pred.probs[a].argmax(-1).cpu().numpy()
             current = probs[a].detach().argmax(-1).cpu().numpy()
-            # an image changes class if its target says so, or (no target) if it already has: preserving
-            # the frozen image there would pull the model back to the bias it is trained away from
             flips |= np.where(labels[a] >= 0, labels[a] != base_class, current != base_class)
+        return flips
+
+    def preservation(self, images: torch.Tensor, frozen: torch.Tensor, flips: np.ndarray) -> torch.Tensor:
+        """Semantics preservation: pixels and classifier features close to the frozen image, weighted down
+        (`flip_weight`) on flipped images, whose attribute's region (`region_share`) is spared instead."""
+        cfg, classifier = self.cfg, self.classifier
         flip_t = torch.from_numpy(flips).to(images.device)
         weight = torch.where(flip_t, cfg.flip_weight, 1.0).to(images)
         sq = (images - frozen) ** 2
@@ -178,17 +214,23 @@ class DFTLosses:
             outside = 1 - attribute_region(classifier, frozen[flip_t], list(self.shares), cfg.region_share)
             region = cfg.preserve_pixel_weight * (outside * sq[flip_t]).flatten(1).mean(1)
             preserve = preserve.index_add(0, torch.nonzero(flip_t).flatten(), region)
-        preserve = preserve.mean()
-        keep_person = torch.from_numpy(frozen_person).to(images.device)
-        person_loss = images.new_zeros(())
-        if keep_person.any():
-            person_logit = logits["person"].float()[keep_person]
-            person_loss = F.binary_cross_entropy_with_logits(person_logit, torch.ones_like(person_logit))
-        loss = align + preserve + cfg.person_weight * person_loss
-        # bias is per prompt, then averaged: pooled over prompts that lean opposite ways it looks fair when none is
+        return preserve.mean()
+
+    def keep_person(self, logits, frozen_person: np.ndarray, images: torch.Tensor) -> torch.Tensor:
+        """Every image whose frozen image shows a person must still show one."""
+        keep = torch.from_numpy(frozen_person).to(images.device)
+        if not keep.any():
+            return images.new_zeros(())
+        person_logit = logits["person"].float()[keep]
+        return F.binary_cross_entropy_with_logits(person_logit, torch.ones_like(person_logit))
+
+    def batch_figures(self, probs, person: np.ndarray, groups: int) -> dict[str, dict]:
+        """The batch's class shares and bias, per prompt and averaged (pooled over prompts that lean opposite ways the
+        batch would look fair when no prompt is)."""
+        per = len(person) // groups
         batch_bias, batch_share, prompt_bias = {}, {}, {}
         for a in self.shares:
-            names = classifier.attributes[a]
+            names = self.classifier.attributes[a]
             classes = probs[a].detach().argmax(-1).cpu().numpy()
             predicted = [names[i] for i in classes[person]]
             freqs = metrics.frequencies(predicted, names) if predicted else {}
@@ -201,19 +243,7 @@ class DFTLosses:
             prompt_bias[a] = per_prompt
             known = [b for b in per_prompt if b is not None]
             batch_bias[a] = round(float(np.mean(known)), 4) if known else None
-        info = {
-            "loss": round(loss.item(), 5),
-            "align": round(align.item(), 5),
-            "preserve": round(preserve.item(), 5),
-            "person": round(person_loss.item(), 5),
-            "no_person": int((~person).sum()),
-            "no_target": dropped,
-            "flips": int(flips.sum()),
-            "batch_bias": batch_bias,
-            "batch_share": batch_share,
-            "prompt_bias": prompt_bias,
-        }
-        return loss, info
+        return {"batch_bias": batch_bias, "batch_share": batch_share, "prompt_bias": prompt_bias}
 
 
 def train_dft(
@@ -234,73 +264,104 @@ def train_dft(
     check_prompts(cfg, list(job.prompts))
     trainable = make_trainable(pipe, cfg.train, cfg.rank, cfg.num_tokens, cfg.seed, cfg.init_scale,
                                cfg.text_encoder_modules, cfg.unet_modules)  # fmt: skip
+    run = DFTRun(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, staging_dir, checkpoint_dir,
+                 progress, should_stop)  # fmt: skip
     try:
-        return _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable,
-                      staging_dir, checkpoint_dir, progress, should_stop)  # fmt: skip
+        t0 = time.time()
+        history = optimise(run)
+        train_seconds = round(time.time() - t0, 2)
+        return export_adaptor(run, history, train_seconds)
     finally:
         trainable.remove()
 
 
-def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, staging_dir, checkpoint_dir,
-           progress, should_stop) -> AdaptorManifest:  # fmt: skip
-    t0 = time.time()
-    params = trainable.params
+@dataclass
+class DFTRun:
+    """Everything one finetune works with, named once."""
+
+    job: FinetuneJob
+    pipe: Any
+    classifier: AttributeClassifier
+    cfg: DFTConfig
+    shares: dict[str, np.ndarray]
+    target: dict[str, dict[str, float]]
+    eval_prompts: list[str]
+    trainable: Trainable
+    staging_dir: Path
+    checkpoint_dir: Path
+    progress: ProgressFn
+    should_stop: StopFn
+
+
+def optimise(run: DFTRun) -> list[dict[str, Any]]:
+    """The training iterations, resumed from the checkpoint if there is one; leaves the EMA in the trainable's
+    parameters and returns the history of iteration records."""
+    cfg, job, params = run.cfg, run.job, run.trainable.params
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMAModel(params, decay=cfg.ema_decay)
-    config_key = {**asdict(cfg), "prompts": list(job.prompts), "target": target}
-    state = load_checkpoint(checkpoint_dir, params, ema, opt, config_key) or {"iteration": 0, "history": []}
-    size = default_size(pipe)
-    step = DFTLosses(cfg, shares, classifier)
-    k = min(cfg.prompts_per_iteration, len(job.prompts))
-
+    config_key = {**asdict(cfg), "prompts": list(job.prompts), "target": run.target}
+    state = load_checkpoint(run.checkpoint_dir, params, ema, opt, config_key) or {"iteration": 0, "history": []}
+    losses = DFTLosses(cfg, run.shares, run.classifier)
     for it in range(state["iteration"], cfg.iterations):
-        if should_stop():
-            save_checkpoint(checkpoint_dir, params, ema, opt, {**state, "config": config_key})
+        if run.should_stop():
+            save_checkpoint(run.checkpoint_dir, params, ema, opt, {**state, "config": config_key})
             raise GenerationCancelled(f"training stopped at iteration {it}/{cfg.iterations}")
-        rng = np.random.default_rng([cfg.seed, it])
-        start = (it * k) % len(job.prompts)
-        prompts = [job.prompts[(start + j) % len(job.prompts)] for j in range(k)]
-        batch = [p for p in prompts for _ in range(cfg.images_per_prompt)]
-        n = len(batch)
-        steps = cfg.steps + int(rng.integers(-cfg.steps_jitter, cfg.steps_jitter + 1))
-        latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
-        empty = [""] * n
-        encode = trainable.encode
-        with torch.no_grad(), trainable.frozen():
-            frozen = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
-        images = sample(pipe, encode(batch), trainable.encode_negative(empty), latents, steps,
-                        cfg.guidance_scale, adjusted=cfg.adjusted)  # fmt: skip
-        loss, info = step.losses(images, frozen, k, rng)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-        skipped = not np.isfinite(grad_norm)
-        if not skipped:
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            ema.step(params)
-        record = {"iteration": it + 1, "step": it + 1, "total": cfg.iterations, **info,
-                  "grad_norm": round(grad_norm, 6) if not skipped else None, "skipped": skipped,
-                  "sampling_steps": steps}  # fmt: skip
+        record = train_step(run, losses, opt, ema, it)
         state["iteration"] = it + 1
         state["history"].append(record)
-        progress(dict(record))
+        run.progress(dict(record))
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_checkpoint(checkpoint_dir, params, ema, opt, {**state, "config": config_key})
-
+            save_checkpoint(run.checkpoint_dir, params, ema, opt, {**state, "config": config_key})
     ema.copy_to(params)  # what is published and evaluated is the EMA
-    train_seconds = round(time.time() - t0, 2)
+    return state["history"]
+
+
+def train_step(run: DFTRun, losses: DFTLosses, opt: torch.optim.Optimizer, ema: EMAModel, it: int) -> dict[str, Any]:
+    """One step: sample this iteration's prompts through the chain (and the frozen model from the same noise),
+    take the losses' gradient, step and average; returns the iteration's record."""
+    cfg, job, pipe, trainable, params = run.cfg, run.job, run.pipe, run.trainable, run.trainable.params
+    rng = np.random.default_rng([cfg.seed, it])
+    k = min(cfg.prompts_per_iteration, len(job.prompts))
+    start = (it * k) % len(job.prompts)
+    prompts = [job.prompts[(start + j) % len(job.prompts)] for j in range(k)]
+    batch = [p for p in prompts for _ in range(cfg.images_per_prompt)]
+    n = len(batch)
+    steps = cfg.steps + int(rng.integers(-cfg.steps_jitter, cfg.steps_jitter + 1))
+    size = default_size(pipe)
+    latents = initial_latents(pipe, cfg.seed, range(it * n, (it + 1) * n), size, size)
+    empty = [""] * n
+    with torch.no_grad(), trainable.frozen():
+        frozen = sample(pipe, trainable.encode(batch), trainable.encode_negative(empty), latents, steps, cfg.guidance_scale)
+    images = sample(pipe, trainable.encode(batch), trainable.encode_negative(empty), latents, steps,
+                    cfg.guidance_scale, adjusted=cfg.adjusted)  # fmt: skip
+    loss, info = losses.losses(images, frozen, k, rng)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+    skipped = not np.isfinite(grad_norm)
+    if not skipped:
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        ema.step(params)
+    return {"iteration": it + 1, "step": it + 1, "total": cfg.iterations, **info,
+            "grad_norm": round(grad_norm, 6) if not skipped else None, "skipped": skipped,
+            "sampling_steps": steps}  # fmt: skip
+
+
+def export_adaptor(run: DFTRun, history: list[dict[str, Any]], train_seconds: float) -> AdaptorManifest:
+    """Evaluate base and trained model on the evaluation prompts, apply the subject gate (SubjectLost: nothing is
+    written), and write the adaptor and its manifest to the staging folder."""
+    cfg, job, pipe, classifier, target, eval_prompts = run.cfg, run.job, run.pipe, run.classifier, run.target, run.eval_prompts
     with torch.no_grad():
-        before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=True)
-        after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=False)
+        before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, run.trainable, base=True)
+        after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, run.trainable, base=False)
     reader = subject_reader(job.base_model)
     kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
-    measured = {"before": before["bias"], "after": after["bias"]}
-    require_subject_kept(kept, cfg.min_subject_kept, measured)
+    require_subject_kept(kept, cfg.min_subject_kept, {"before": before["bias"], "after": after["bias"]})
     manifest = AdaptorManifest(
-        id=adaptor_id_for(staging_dir, job),
+        id=adaptor_id_for(run.staging_dir, job),
         kind="pending",
         base_model=job.base_model,
         attributes=list(target),
@@ -314,7 +375,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
             "semantics": {**semantics(classifier, before_images, after_images), "subject_kept": kept},
             "train_seconds": train_seconds,
             "iterations": cfg.iterations,
-            "history": state["history"][-5:],
+            "history": history[-5:],
         },
         hyperparameters={**asdict(cfg), "method": job.method},
         prompt_set=job.prompt_set,
@@ -322,7 +383,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
         sampler={"steps": cfg.eval_steps, "guidance_scale": cfg.guidance_scale, "scheduler": type(pipe.scheduler).__name__},
         name=job.name,
     )
-    trainable.export(manifest).save(staging_dir)
+    run.trainable.export(manifest).save(run.staging_dir)
     logger.info("%s adaptor %s: bias %s -> %s", job.method, manifest.id, before["bias"], after["bias"])
     return manifest
 
