@@ -39,10 +39,9 @@ from adaptors.audit import classify  # noqa: E402
 from adaptors.classifiers import TestbedAttributeClassifier  # noqa: E402
 from adaptors.enforce import enforce  # noqa: E402
 from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline  # noqa: E402
-from benchmarks.results_io import environment, publish, revision, weights_fingerprint  # noqa: E402
+from benchmarks.results_io import environment, publish  # noqa: E402
 from common.bias import frequencies, total_variation  # noqa: E402
 from common.settings import Settings  # noqa: E402
-from testbed import PIPELINE_DIR  # noqa: E402
 from testbed.oracle import read_batch  # noqa: E402
 from testbed.world import ATTRIBUTES, TEST_OCCUPATIONS, prompt_for  # noqa: E402
 
@@ -191,8 +190,6 @@ def main() -> None:
     per_image = {k: seconds[k] / max(1, done[k]) for k in WAYS}
     result = {
         "benchmark": "request_fairness",
-        "revision": revision(),
-        "weights": weights_fingerprint(PIPELINE_DIR),
         "reader": "testbed oracle (independent of the classifier that steers and enforces)",
         "requests_per_cell": args.requests,
         "images_per_request": args.images,

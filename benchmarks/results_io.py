@@ -42,19 +42,6 @@ def code_revision() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def revision() -> str:
-    """The code revision a figure was measured at (`+dirty` when the tree had uncommitted changes)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
 def weights_fingerprint(folder: str | Path) -> str:
     """Short sha256 over a model folder's weight files: a figure names the weights it was measured on,
     so one left over from weights since retrained is visible as such."""

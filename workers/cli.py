@@ -183,7 +183,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     width = max(len(p) for p in prompts)
     _out(f"{'prompt':{width}s} " + " ".join(f"{a + ' bias (leans to)':>26s}" for a in attrs) + "   no person")
     for prompt, row in rows.items():
-        cells = [f"{row['bias'][a]:>10.2f} ({_leaning(row['realised'][a]):>12s})" for a in attrs]
+        cells = [f"{row['bias'][a]:.2f} ({_leaning(row['realised'][a])})" for a in attrs]
         _out(f"{prompt:{width}s} " + " ".join(f"{c:>26s}" for c in cells) + f"   {row['no_person']:>9d}")
     mean = {a: sum(r["bias"][a] for r in rows.values()) / len(rows) for a in attrs}
     _out(f"{'mean':{width}s} " + " ".join(f"{mean[a]:>26.2f}" for a in attrs))

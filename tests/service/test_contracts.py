@@ -64,3 +64,13 @@ def test_openapi_has_examples_of_the_generate_job_and_finetune_responses_and_the
     for method, body in FINETUNE_REQUEST_EXAMPLES.items():
         request = FinetuneRequest.model_validate(body)
         check_hyperparameters(method, request.hyperparameters)
+
+
+def test_a_job_view_returns_the_workers_result_exactly_as_written():
+    """The typed schema documents the result; it never renames (`class`) or fills in keys of what the worker wrote."""
+    from service.contracts import JOB_EXAMPLE
+    from service.schemas import JobPublic
+
+    result = {**JOB_EXAMPLE["result"], "future_field": 1}
+    view = JobPublic.model_validate({**JOB_EXAMPLE, "result": result}).model_dump(mode="json")
+    assert view["result"] == result

@@ -164,3 +164,17 @@ def test_generate_with_a_ledger_adds_single_image_runs_up_in_redis(capsys, tmp_p
     assert sorted(assigned) == ["female", "male"]  # the second image goes to the class the first left behind
     assert sum(report["ledger"]["delivered"].values()) == people  # what the audit saw, as the worker counts it
     assert "ledger stream: delivered so far" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_audit_shows_which_class_each_bias_leans_to(capsys, tmp_path):
+    assert main(["audit", "-n", "4", "--steps", "2", "--json", str(tmp_path / "audit.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "gender bias (leans to)" in lines[0] and lines[-1].startswith("mean")
+    table = json.loads((tmp_path / "audit.json").read_text())
+    assert len(table["per_prompt"]) == len(lines) - 2  # the profile's held-out set, one row per prompt
+    for prompt, row in table["per_prompt"].items():
+        shares = row["realised"]["gender"]
+        line = next(text for text in lines if text.startswith(prompt))
+        if shares["female"] != shares["male"]:
+            assert f"({max(shares, key=shares.get)})" in line
