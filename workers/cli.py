@@ -109,8 +109,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from adaptors.generation import to_uint8
     from adaptors.report import caption_lines, contact_sheet
     from common.adaptor_manifest import AdaptorBaseMismatch, AdaptorIntegrityError, AdaptorNotCalibrated, AdaptorNotFound
+    from workers.inference import JobFailed
     from workers.local import render, summary_lines
-    from workers.strategy import StrategyError
 
     _check_request(args)
     client = _ledger_client(args)
@@ -118,11 +118,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     req = _build_request(args, model)
     try:
         images, result = render(model, req, client)
-    except StrategyError as exc:
-        sys.stderr.write(f"fairdiff generate: {exc.type}: {exc.message}\n")
-        return 1
     except (AdaptorNotFound, AdaptorBaseMismatch, AdaptorIntegrityError, AdaptorNotCalibrated) as exc:
         raise UsageError("--adaptor", str(exc)) from None
+    except JobFailed as exc:  # what a job would record: a strategy conflict, an unusable adaptor, strict enforcement
+        if exc.error.get("type") in ("adaptor_not_found", "adaptor_base_mismatch", "adaptor_integrity_error",
+                                     "no_calibration", "adaptor_unavailable"):  # fmt: skip
+            raise UsageError("--adaptor", exc.error["message"]) from None
+        sys.stderr.write(f"fairdiff generate: {exc.error.get('type')}: {exc.error.get('message')}\n")
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pixels = to_uint8(images)

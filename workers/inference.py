@@ -204,11 +204,17 @@ def load_step(runtime: Runtime, decision: Decision, prompt: str) -> tuple[Any, A
         raise JobFailed({"type": kind, "message": str(exc)}) from exc
 
 
-def reserve_step(jobs: JobStore, runtime: Runtime, req: GenerateJob, decision: Decision) -> LedgerHold | None:
+def reserve_step(r: Any, runtime: Runtime, req: GenerateJob, decision: Decision) -> LedgerHold | None:
+    """With a ledger: reserve the request's classes, each image to the class most behind (in Redis `r`)."""
     if not (req.ledger and req.fairness_target and decision.used == Strategy.assign.value):
         return None
     lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
-    return LedgerHold(lid, ledger.reserve(jobs.r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s))
+    return LedgerHold(lid, ledger.reserve(r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s))
+
+
+def release_step(r: Any, req: GenerateJob, hold: LedgerHold) -> None:
+    """Nothing was delivered: give the reservation back."""
+    ledger.settle(r, hold.lid, hold.reserved, [], list(req.fairness_target or {}))
 
 
 def render_step(runtime: Runtime, req: GenerateJob, decision: Decision, spec, encoder, directions, hold, on_step) -> Rendered:
@@ -262,7 +268,7 @@ def audit_step(runtime: Runtime, req: GenerateJob, rendered: Rendered) -> dict[s
     return audit(runtime.classifier, rendered.images, req.fairness_target).to_dict()
 
 
-def settle_step(jobs: JobStore, req: GenerateJob, hold: LedgerHold | None, report: dict[str, Any] | None) -> dict | None:
+def settle_step(r: Any, req: GenerateJob, hold: LedgerHold | None, report: dict[str, Any] | None) -> dict | None:
     """Count what the audit saw into the ledger, so conditioning misses are made up by later requests."""
     if hold is None:
         return None
@@ -271,8 +277,8 @@ def settle_step(jobs: JobStore, req: GenerateJob, hold: LedgerHold | None, repor
         got = [{a: img["attributes"][a]["class"] for a in attrs} if img["person"] else None for img in report["images"]]
     else:
         got = list(hold.reserved)
-    ledger.settle(jobs.r, hold.lid, hold.reserved, got, attrs)
-    return {"key": req.ledger, "delivered": ledger.delivered(jobs.r, hold.lid)}
+    ledger.settle(r, hold.lid, hold.reserved, got, attrs)
+    return {"key": req.ledger, "delivered": ledger.delivered(r, hold.lid)}
 
 
 def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
@@ -377,12 +383,12 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         load_s = time.perf_counter() - t0
         after = _cache_counters(cache)
         jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
-        hold = reserve_step(jobs, runtime, req, decision)
+        hold = reserve_step(jobs.r, runtime, req, decision)
         rendered = render_step(runtime, req, decision, spec, encoder, directions, hold, on_step)
         check_enforcement_step(req, rendered)
     except JobFailed as exc:
         if hold is not None:  # release the reservation: nothing was delivered
-            ledger.settle(jobs.r, hold.lid, hold.reserved, [], list(req.fairness_target or {}))
+            release_step(jobs.r, req, hold)
         logger.info("generate %s failed: %s", job_id, exc.error.get("message"))
         if exc.error.get("type") == "enforcement_incomplete":
             incr_stats(jobs.r, enforcement_shortfalls=1)
@@ -390,7 +396,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         return JobState.failed.value
     except BaseException as exc:
         if hold is not None:
-            ledger.settle(jobs.r, hold.lid, hold.reserved, [], list(req.fairness_target or {}))
+            release_step(jobs.r, req, hold)
         if not isinstance(exc, GenerationCancelled):
             raise
         logger.info("generate %s: cancelled between steps", job_id)
@@ -402,7 +408,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     t2 = time.perf_counter()
     report = audit_step(runtime, req, rendered)
     audit_s = time.perf_counter() - t2
-    ledger_state = settle_step(jobs, req, hold, report)
+    ledger_state = settle_step(jobs.r, req, hold, report)
     timings = {"queue_s": max(0.0, t_start - float(job.get("created", t_start))), "load_s": load_s,
                "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.time() - t_start}  # fmt: skip
     result = build_result(job_id, n, rendered, report, decision, ledger_state, timings)

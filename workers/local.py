@@ -11,8 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.schemas import GenerateJob, Strategy
-from workers.strategy import Decision, decide
+from common.schemas import GenerateJob
 
 
 @dataclass
@@ -47,126 +46,42 @@ def prompt_tokens(model: LocalModel, text: str) -> tuple[int, int]:
     return len(tokenizer(text).input_ids), int(tokenizer.model_max_length)
 
 
-def _assigned_counts(assignment: list[dict[str, str]]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = {}
-    for classes in assignment:
-        for attr, cls in classes.items():
-            counts.setdefault(attr, {}).setdefault(cls, 0)
-            counts[attr][cls] += 1
-    return counts
-
-
 def render(model: LocalModel, req: GenerateJob, redis_client: Any = None) -> tuple[Any, dict[str, Any]]:
-    """(images in [0, 1], result). Raises workers.strategy.StrategyError when the strategy cannot serve the request,
-    and the adaptor store's errors (common.adaptor_manifest) for an unusable adaptor."""
-    from adaptors.assign import class_texts_for, generate_assigned, generate_directed, joint_assignment
-    from adaptors.audit import audit, summarise
-    from adaptors.enforce import enforce
-    from adaptors.generation import GenerationSpec, generate
-    from common.adaptor_matching import base_model_names
+    """(images in [0, 1], result), by the inference worker's own steps (workers.inference): the same decision, the same
+    rendering, enforcement, audit and ledger. Raises workers.inference.JobFailed with the error body a job would record."""
+    from adaptors.generation import GenerationSpec
     from common.settings import get_settings
-    from workers import ledger
+    from workers import inference
+    from workers.runtime import Runtime
 
     settings = get_settings()
+    runtime = Runtime(settings, model.pipe, model.classifier, model.store, model.cache, 0.0)
     t_start = time.perf_counter()
-    manifests = (model.store.list() if model.store else []) if req.fairness_target and not req.adaptor_id else None
-    decision: Decision = decide(req.strategy, req.fairness_target, req.adaptor_id, manifests,
-                                base_model_names(model.name), req.prompt, req.steps, req.guidance_scale)  # fmt: skip
-    encoder = directions = None
-    if decision.adaptor_id is not None:
-        if model.cache is None:
-            from common.adaptor_manifest import AdaptorNotFound
-
-            raise AdaptorNotFound(f"no adaptor {decision.adaptor_id!r}: there is no adaptor store at {settings.adaptor_dir}")
-        encoder = model.cache.use(decision.adaptor_id)
-        directions = model.cache.directions(decision.adaptor_id, req.prompt)
+    decision = inference.decide_step(runtime, req)
+    encoder, directions = inference.load_step(runtime, decision, req.prompt)
     load_s = time.perf_counter() - t_start
     spec = GenerationSpec(prompt=req.prompt, num_images=req.num_images, seed=req.seed, steps=req.steps,
                           guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt)  # fmt: skip
-    assignment = audited = reserved = lid = None
-    enforcement: dict[str, Any] | None = None
-    if req.enforce and decision.used != Strategy.assign.value:
-        enforcement = {"applied": False, "reason": f"enforcement needs strategy 'assign'; this request used {decision.used!r}"}
-    t1 = time.perf_counter()
-    if decision.used == Strategy.assign.value and req.fairness_target:
-        texts = class_texts_for(model.name)
-        if req.ledger and redis_client is not None:
-            lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
-            reserved = ledger.reserve(redis_client, lid, req.num_images, req.fairness_target, settings.job_ttl_s)
-        assignment = [dict(a) for a in (reserved or joint_assignment(spec.num_images, req.fairness_target, spec.seed))]
-        options = {"mode": settings.assign_mode, "guidance_weight": settings.assign_guidance_weight,
-                   "max_batch": settings.max_batch, "classifier_scale": settings.assign_classifier_scale}  # fmt: skip
-        try:
-            images = generate_assigned(model.pipe, spec, assignment, texts, classifier=model.classifier, **options)
-            if req.enforce and model.classifier is not None:
-                images, audited, report = enforce(model.pipe, model.classifier, spec, assignment, texts, images,
-                                                  max_rounds=settings.enforce_max_rounds, **options)  # fmt: skip
-                enforcement = {"applied": True, **report.to_dict()}
-        except BaseException:
-            if lid and reserved:  # nothing was delivered: release the reservation
-                ledger.settle(redis_client, lid, reserved, [], list(req.fairness_target))
-            raise
-    elif directions is not None:
-        images = generate_directed(model.pipe, spec, [directions.rows] * spec.num_images, directions.warmup_steps,
-                                   None, settings.max_batch)  # fmt: skip
-    else:
-        images = generate(model.pipe, spec, max_batch=settings.max_batch, encode_prompt=encoder)
-    generate_s = time.perf_counter() - t1
+    hold = inference.reserve_step(redis_client, runtime, req, decision) if redis_client is not None else None
+    try:
+        rendered = inference.render_step(runtime, req, decision, spec, encoder, directions, hold, None)
+        inference.check_enforcement_step(req, rendered)
+    except BaseException:
+        if hold is not None:  # nothing was delivered: release the reservation
+            inference.release_step(redis_client, req, hold)
+        raise
     t2 = time.perf_counter()
-    report = None
-    if req.audit and model.classifier is not None:
-        if audited is not None:
-            report = summarise(audited, model.classifier.attributes, req.fairness_target).to_dict()
-        else:
-            report = audit(model.classifier, images, req.fairness_target).to_dict()
+    report = inference.audit_step(runtime, req, rendered)
     audit_s = time.perf_counter() - t2
-    ledger_state = None
-    if lid and reserved is not None:
-        attrs = list(req.fairness_target or {})
-        if report is not None:  # count what the audit saw, so conditioning misses are made up later
-            got = [{a: img["attributes"][a]["class"] for a in attrs} if img["person"] else None for img in report["images"]]
-        else:
-            got = list(reserved)
-        ledger.settle(redis_client, lid, reserved, got, attrs)
-        ledger_state = {"key": req.ledger, "delivered": ledger.delivered(redis_client, lid)}
-    per_image = report["images"] if report else [None] * len(images)
-    result: dict[str, Any] = {
-        "images": [
-            {
-                "file": f"image_{k:03d}.png",
-                "seed_index": k,
-                "attributes": img["attributes"] if img else None,
-                "person": img["person"] if img else None,
-                "person_confidence": img["person_confidence"] if img else None,
-                "assigned": assignment[k] if assignment else None,
-            }
-            for k, img in enumerate(per_image)
-        ],
-        "prompt": req.prompt,
-        "seed": req.seed,
-        "steps": req.steps,
-        "guidance_scale": req.guidance_scale,
-        "model": model.name,
-        "target": req.fairness_target,
-        "realised": report["realised"] if report else None,
-        "counts": report["counts"] if report else None,
-        "bias": report["bias"] if report else None,
-        "no_person": report["no_person"] if report else None,
-        "target_distance": (report["target_distance"] or None) if report else None,
-        "audited": report is not None,
-        "assigned_counts": _assigned_counts(assignment) if assignment else None,
-        "enforcement": enforcement,
-        "ledger": ledger_state,
-        "strategy": decision.to_dict(),
-        "adaptor": decision.adaptor_id,
-        "timings": {
-            "load_s": round(load_s, 4),
-            "generate_s": round(generate_s, 4),
-            "audit_s": round(audit_s, 4),
-            "total_s": round(time.perf_counter() - t_start, 4),
-        },  # fmt: skip
-    }
-    return images, result
+    ledger_state = inference.settle_step(redis_client, req, hold, report)
+    timings = {"load_s": load_s, "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.perf_counter() - t_start}
+    result = inference.build_result("", len(rendered.images), rendered, report, decision, ledger_state, timings)
+    for k, image in enumerate(result["images"]):  # local file names instead of URLs
+        image.pop("url", None)
+        image["file"] = f"image_{k:03d}.png"
+    result.update({"prompt": req.prompt, "seed": req.seed, "steps": req.steps, "guidance_scale": req.guidance_scale,
+                   "model": model.name, "target": req.fairness_target})  # fmt: skip
+    return rendered.images, result
 
 
 def summary_lines(result: dict[str, Any]) -> list[str]:

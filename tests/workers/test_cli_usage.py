@@ -131,7 +131,7 @@ def test_finetune_publishes_under_the_data_dir_the_service_reads_and_prints_its_
     monkeypatch.setenv("FAIRDIFF_DATA_DIR", "relative-data")  # as the service resolves it: from its working directory
     monkeypatch.setenv("FAIRDIFF_TORCH_THREADS", "1")
     hp = {"iterations": 1, "steps": 2, "images_per_prompt": 2, "eval_images": 2, "eval_steps": 2, "rank": 2,
-          "min_subject_kept": 0}  # fmt: skip
+          "min_subject_kept": 0, "min_fairness_gain": 0}  # fmt: skip
     get_settings.cache_clear()
     try:
         code = main(["finetune", "dft", "--target", TARGET, "--prompts", "a photo of the face of a doctor, a person",
