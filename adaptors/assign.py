@@ -97,30 +97,41 @@ def _rng(seed: int, *salt: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
+def _spread(seed: int, *salt: str) -> float:
+    """A point in [0, 1) for this seed: frac(seed * alpha + beta), alpha an irrational number chosen by `salt`.
+
+    Uniform over random seeds, so a class's chance equals its fractional quota; and consecutive seeds
+    (0, 1, 2, ... as clients often send them) spread evenly over [0, 1), so a run of one-image requests
+    follows the target far closer than independent draws would (a low-discrepancy sequence). Different
+    attributes get different alphas, so their draws are not tied to each other."""
+    key = zlib.crc32("\x1f".join(salt).encode())
+    alpha = math.sqrt(2 + key % 9973) % 1.0 or (math.sqrt(5) - 1) / 2  # sqrt of a non-square: irrational
+    beta = (key >> 8) / float(1 << 24)
+    return (int(seed) * alpha + beta) % 1.0
+
+
 def fair_round(n: int, shares: Mapping[str, float], seed: int) -> dict[str, int]:
     """Exact integer counts summing to `n`, each the floor or ceiling of `n * share`, drawn so no class is favoured.
 
     Every class gets the floor of its quota; the images left over go to classes drawn by
-    systematic sampling over the fractional parts (one uniform draw from the seed, classes in a
-    seeded order), so a class gets its extra image with probability equal to its fractional
-    quota. Over many requests each class's expected count is exactly `n * share`: a stream of
-    1-image requests at 30/70 is 30% female on average, where largest remainder made it all male.
-    Deterministic for a given (n, shares, seed).
+    systematic sampling over the fractional parts from one point per seed (`_spread`), so a class
+    gets its extra image with probability equal to its fractional quota. Over many requests each
+    class's expected count is exactly `n * share`: a stream of 1-image requests at 30/70 is 30%
+    female on average, where largest remainder made it all male. Deterministic for a given
+    (n, shares, seed).
     """
     quotas = _quotas(n, shares)
     counts = {c: math.floor(q) for c, q in quotas.items()}
     left = n - sum(counts.values())
     if left <= 0:
         return counts
-    rng = _rng(seed, *quotas)
-    names = [list(quotas)[i] for i in rng.permutation(len(quotas))]
-    point, edge, chosen = float(rng.random()), 0.0, []
-    for name in names:
+    point, edge, chosen = _spread(seed, *quotas), 0.0, []
+    for name in quotas:
         edge += quotas[name] % 1.0
         if point < edge and len(chosen) < left:
             chosen.append(name)
             point += 1.0
-    for name in sorted(names, key=lambda c: -(quotas[c] % 1.0)):  # float slack: top up from the largest fractions
+    for name in sorted(quotas, key=lambda c: -(quotas[c] % 1.0)):  # float slack: top up from the largest fractions
         if len(chosen) >= left:
             break
         if name not in chosen:
