@@ -7,18 +7,53 @@ dataclasses of `common.schemas`. Workers never see these classes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from common.finetune_config import DFT_MAXIMUM, IDA_MAXIMUM
 from common.schemas import JobState, Strategy
 from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
 FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
 
+
+def encodable(text: str) -> str:
+    """Valid Unicode only: a lone UTF-16 surrogate (JSON's "\\ud83d") passes JSON parsing but no tokenizer, file or
+    response can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"must be valid Unicode text (found an unpaired surrogate at character {exc.start})") from None
+    return text
+
+
+def _encodable_tree(value: Any, where: str) -> None:
+    """Every string in a JSON value (keys included) is valid Unicode; ValueError naming the first that is not."""
+    if isinstance(value, str):
+        try:
+            encodable(value)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _encodable_tree(key, where)
+            _encodable_tree(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _encodable_tree(item, where)
+
+
+def _encodable_target(target: Any) -> Any:
+    if target is not None:
+        _encodable_tree(target, "attribute and class names")
+    return target
+
+
+Text = Annotated[str, AfterValidator(encodable)]
 Probability = Annotated[float, Field(strict=True)]
-FairnessTargetIn = dict[str, dict[str, Probability]]
+FairnessTargetIn = Annotated[dict[str, dict[str, Probability]], AfterValidator(_encodable_target)]
 
 _TARGET_DOC = (
     "Per attribute, the wanted probability of each class, e.g. "
@@ -54,8 +89,8 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    prompt: str = Field(..., min_length=1, description="Text prompt; at most the base model's token limit.")
-    negative_prompt: str | None = Field(None, description="Optional negative prompt; same token limit.")
+    prompt: Text = Field(..., min_length=1, description="Text prompt; at most the base model's token limit.")
+    negative_prompt: Text | None = Field(None, description="Optional negative prompt; same token limit.")
     num_images: int = Field(1, ge=1, le=64)
     seed: int | None = Field(
         None, ge=0, le=2**63 - 1, description="Seed of the whole request; random when left out (recorded in the job)."
@@ -66,7 +101,7 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=4096, description="Must equal the base model's height.")
     fairness_target: FairnessTargetIn | None = Field(None, description=_TARGET_DOC)
     strategy: Strategy = Field(Strategy.auto, description="How the target is met; 'auto' picks and the result names it.")
-    adaptor_id: str | None = Field(None, description="Use this adaptor from the store (must match the base model).")
+    adaptor_id: Text | None = Field(None, description="Use this adaptor from the store (must match the base model).")
     audit: bool = Field(True, description="Classify every output and report the realised distribution.")
     ledger: str | None = Field(
         None,
@@ -76,10 +111,12 @@ class GenerateRequest(BaseModel):
         description="Count delivered classes across requests under this key (scoped to the API key) and assign "
         "each request's images to the classes most behind the target, so single-image streams converge.",
     )
-    enforce: bool = Field(
+    enforce: bool | Literal["strict"] = Field(
         False,
-        description="With `assign`: regenerate images that missed their assigned class (or show no person) "
-        "until the counts are exact or the retry budget is spent; the result says which.",
+        description="Regenerate images that missed their assigned class (or show no person) until the audited "
+        "counts are exact or the retry budget is spent; served by the exact `assign` (with `auto`, whatever "
+        "adaptors exist). `true`: a budget that ends short still succeeds and `enforcement.satisfied` is false, "
+        'with the counts per attribute. `"strict"`: such a job fails with `enforcement_incomplete` instead.',
     )
 
 
@@ -155,21 +192,31 @@ class AdaptorRetired(BaseModel):
 class FinetuneRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: str = Field(..., description=f"Trainer; one of {sorted(FINETUNE_METHODS)}.")
-    base_model: str | None = Field(None, description="Defaults to the gateway's configured base model.")
+    method: Text = Field(..., description=f"Trainer; one of {sorted(FINETUNE_METHODS)}.")
+    base_model: Text | None = Field(None, description="Defaults to the gateway's configured base model.")
     fairness_target: FairnessTargetIn = Field(..., description=_TARGET_DOC)
-    prompts: list[str] | None = Field(None, min_length=1, max_length=10_000)
-    prompt_set: str | None = Field(
+    prompts: list[Text] | None = Field(None, min_length=1, max_length=10_000)
+    prompt_set: Text | None = Field(
         None, description="Instead of prompts: a named prompt set of the base model (its workers publish the names)."
     )
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
-    name: str | None = Field(None, max_length=200)
-    eval_prompts: list[str] | None = Field(
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the method's defaults; every numeric one has an upper bound (`x-maximum`, per method).",
+        json_schema_extra={"x-maximum": {"dft": DFT_MAXIMUM, "prefix": DFT_MAXIMUM, "ida": IDA_MAXIMUM}},
+    )
+    name: Text | None = Field(None, max_length=200)
+    eval_prompts: list[Text] | None = Field(
         None, min_length=1, max_length=1_000, description="Held-out prompts for the before/after metrics."
     )
-    eval_prompt_set: str | None = Field(
+    eval_prompt_set: Text | None = Field(
         None, description="Instead of eval_prompts; a training prompt set defaults to its held-out partner, if it has one."
     )
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _encodable_hyperparameters(cls, hp: dict[str, Any]) -> dict[str, Any]:
+        _encodable_tree(hp, "names and values")
+        return hp
 
 
 class FinetunePublic(JobPublic):
