@@ -175,3 +175,18 @@ def test_the_audit_record_says_whether_the_auditor_steered(clip):
     assert audit_record(zero, cnn, steered=True) == {"name": "clip", "steered": False}
     assert audit_record(cnn, cnn, steered=True) == {"name": "testbed-cnn", "steered": True}
     assert audit_record(cnn, cnn, steered=False) == {"name": "testbed-cnn", "steered": False}
+
+
+def test_the_cli_fits_a_probe_and_refuses_a_missing_column(clip_dir, tmp_path, capsys):
+    from workers.cli import main
+
+    labels = _labelled_folder(tmp_path / "data", n=20)
+    assert (
+        main(["readers", "fit-probe", str(labels), "--clip", str(clip_dir), "--out", str(tmp_path / "p"), "--steps", "50"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["attributes"]["colour"]["held_out"] == 4
+    assert (tmp_path / "p" / "probe.safetensors").is_file()
+    code = main(
+        ["readers", "fit-probe", str(labels), "--clip", str(clip_dir), "--out", str(tmp_path / "q"), "--attributes", "race"]
+    )
+    assert code == 2 and "no column 'race'" in capsys.readouterr().err
