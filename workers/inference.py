@@ -97,10 +97,10 @@ def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, o
 
     settings = runtime.settings
     images, per_image, report = enforce(
-        runtime.pipe, runtime.classifier, spec, assignment, class_texts_for(settings.base_model), images,
+        runtime.pipe, runtime.auditor, spec, assignment, class_texts_for(settings.base_model), images,
         max_rounds=settings.enforce_max_rounds, mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
-        classifier_scale=settings.assign_classifier_scale,
+        classifier_scale=settings.assign_classifier_scale, steer=runtime.classifier,
     )  # fmt: skip
     return images, per_image, {"applied": True, **report.to_dict()}
 
@@ -200,7 +200,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
                 lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
                 reserved = ledger.reserve(jobs.r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s)
             assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, reserved)
-            if req.enforce and runtime.classifier is not None:
+            if req.enforce and runtime.auditor is not None:
                 images, audited, enforcement = _enforce(runtime, spec, assignment, images, on_step)
         elif directions is not None:
             from adaptors.assign import generate_directed
@@ -228,13 +228,13 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
 
     t2 = time.perf_counter()
     report = None
-    if req.audit and runtime.classifier is not None:
+    if req.audit and runtime.auditor is not None:
         from adaptors.audit import audit, summarise
 
         if audited is not None:
-            report = summarise(audited, runtime.classifier.attributes, req.fairness_target).to_dict()
+            report = summarise(audited, runtime.auditor.attributes, req.fairness_target).to_dict()
         else:
-            report = audit(runtime.classifier, images, req.fairness_target).to_dict()
+            report = audit(runtime.auditor, images, req.fairness_target).to_dict()
     audit_s = time.perf_counter() - t2
     ledger_state = None
     if lid and reserved is not None:
@@ -264,6 +264,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         "no_person": report["no_person"] if report else None,
         "target_distance": (report["target_distance"] or None) if report else None,
         "audited": report is not None,
+        "audit_reader": _audit_reader(runtime, decision) if report is not None else None,
         "assigned_counts": _assigned_counts(assignment) if assignment else None,
         "enforcement": enforcement,
         "ledger": ledger_state,
@@ -291,6 +292,15 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     jobs.finish(job_id, JobState.succeeded, result=result)
     logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, len(images), generate_s, decision.used)
     return JobState.succeeded.value
+
+
+def _audit_reader(runtime: Runtime, decision: Decision) -> dict[str, Any]:
+    """The reader that audited, and whether it also steered this job (classifier guidance in `assign`, or an
+    adaptor trained or calibrated against it)."""
+    from adaptors.readers.registry import audit_record
+
+    guided = decision.used == Strategy.assign.value and runtime.settings.assign_classifier_scale > 0
+    return audit_record(runtime.auditor, runtime.classifier, guided or decision.adaptor_id is not None)
 
 
 def _cache_counters(cache: Any) -> tuple[int, int, int, int]:

@@ -125,6 +125,10 @@ class ClipZeroShotReader(AttributeReader):
         self.person_text = clip.class_embeds([spec["person"]["yes"], spec["person"]["no"]]) if spec.get("person") else None
         self.name = name or f"clip-zero-shot:{clip.folder.name}"
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings: what DFT's semantics-preservation term compares."""
+        return self.clip.image_embeds(images)
+
     def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         emb = self.clip.image_embeds(images)
         scale = self.clip.logit_scale
@@ -154,6 +158,10 @@ class ClipProbeReader(AttributeReader):
         weights = load_file(str(folder / PROBE_WEIGHTS))
         self.heads = {a: (weights[f"{a}.weight"].to(clip.device), weights[f"{a}.bias"].to(clip.device)) for a in self.attributes}
         self.name = name or f"clip-probe:{folder.name}"
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings: what DFT's semantics-preservation term compares."""
+        return self.clip.image_embeds(images)
 
     def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         emb = self.clip.image_embeds(images)

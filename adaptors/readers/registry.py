@@ -87,3 +87,16 @@ def load_reader(setting: str, device: torch.device | str = "cpu") -> AttributeRe
 def audit_record(auditor: AttributeReader, steerer: AttributeReader | None, steered: bool) -> dict:
     """What a result says about its audit: the reader that read it, and whether that reader also steered it."""
     return {"name": auditor.name, "steered": bool(steered and steerer is not None and auditor is steerer)}
+
+
+def load_auditor(classifier_setting: str, audit_setting: str, base_model: str, steerer: AttributeReader | None,
+                 device: torch.device | str = "cpu") -> AttributeReader | None:  # fmt: skip
+    """The reader that audits for this base model: the steering reader itself where the profile has one reader."""
+    from common.readers import reader_choice
+
+    choice = reader_choice(classifier_setting, audit_setting, base_model)
+    if choice.audit == "none":
+        return None
+    if choice.audit_is_steer and steerer is not None:
+        return steerer
+    return load_reader(choice.audit, device)

@@ -412,7 +412,7 @@ def _train(job, pipe, classifier, cfg, shares, target, eval_prompts, trainable, 
     with torch.no_grad():
         before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=True)
         after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, trainable, base=False)
-    reader = subject_reader(job.base_model)
+    reader = subject_reader(job.base_model, eval_prompts)
     kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
     measured = {"before": before["bias"], "after": after["bias"]}
     require_subject_kept(kept, cfg.min_subject_kept, measured)

@@ -190,3 +190,17 @@ def test_the_cli_fits_a_probe_and_refuses_a_missing_column(clip_dir, tmp_path, c
         ["readers", "fit-probe", str(labels), "--clip", str(clip_dir), "--out", str(tmp_path / "q"), "--attributes", "race"]
     )
     assert code == 2 and "no column 'race'" in capsys.readouterr().err
+
+
+def test_the_subject_gate_reads_with_clip_prompt_retrieval_when_configured(clip_dir):
+    from adaptors.subject import subject_kept, subject_reader
+
+    prompts = [f"a photo of the face of a {o}, a person" for o in ("doctor", "nurse")]
+    name, read = subject_reader("/models/sd15", prompts, setting=str(clip_dir))
+    assert name.startswith("clip prompt retrieval")
+    images = torch.rand(4, 3, 32, 32)
+    kept = subject_kept((name, read), images, images, prompts)  # the same images: every subject kept
+    assert kept["share"] == 1.0 and kept["reader"] == name
+    assert subject_reader("/models/sd15", prompts, setting="none") is None
+    assert subject_reader("/models/sd15", prompts[:1], setting=str(clip_dir)) is None  # nothing to choose among
+    assert subject_reader("/models/sd15", prompts, setting="auto") is None  # no oracle outside the testbed
