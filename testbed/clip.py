@@ -75,15 +75,15 @@ def build_clip(tokenizer, seed: int = 0):
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
-def training_set(n_people: int, n_junk: int, seed: int, vae) -> tuple[torch.Tensor, np.ndarray]:
+def training_set(n_people: int, n_junk: int, seed: int, vae, roundtrip_share: float = 0.5) -> tuple[torch.Tensor, np.ndarray]:
     """Images in [0, 1] and facts (occupation, gender, skin_tone, age; -1 for no person), people first."""
     from testbed.classifier import _junk, _vae_roundtrip
     from testbed.data import render_balanced
 
     x, labels = render_balanced(n_people, seed + 100)
     x = torch.from_numpy(x)
-    half = n_people // 2
-    x[:half] = _vae_roundtrip(vae, x[:half])
+    k = int(n_people * roundtrip_share)
+    x[:k] = _vae_roundtrip(vae, x[:k])
     junk = _junk(vae, n_junk, seed + 200)
     images = (torch.cat([x, junk]) + 1) / 2
     facts = np.concatenate([labels, np.full((len(junk), 4), -1)])
@@ -101,7 +101,21 @@ def _tokens(tokenizer, texts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def train(steps: int, seed: int, n_people: int = 24_000, n_junk: int = 6_000, batch: int = 128, lr: float = 1e-3):
+def _soften(xb: torch.Tensor, rng: np.random.Generator, share: float = 0.3) -> torch.Tensor:
+    """Blur a share of the batch by a random amount: generated images are softer than renders."""
+    pick = torch.from_numpy(rng.random(len(xb)) < share)
+    if not pick.any():
+        return xb
+    blurred = F.avg_pool2d(F.pad(xb[pick], (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    alpha = torch.from_numpy(rng.uniform(0.3, 1.0, int(pick.sum()))).float().view(-1, 1, 1, 1)
+    xb = xb.clone()
+    xb[pick] = alpha * blurred + (1 - alpha) * xb[pick]
+    return xb
+
+
+def train(steps: int, seed: int, n_people: int = 24_000, n_junk: int = 6_000, batch: int = 128, lr: float = 1e-3,
+          init: Path | None = None, roundtrip_share: float = 0.5, soften: float = 0.0):  # fmt: skip
+    """Train from scratch, or continue from `init` (a saved folder) on a fresh draw of images."""
     from transformers import AutoTokenizer
 
     from testbed import PIPELINE_DIR
@@ -110,9 +124,14 @@ def train(steps: int, seed: int, n_people: int = 24_000, n_junk: int = 6_000, ba
     start = time.time()
     tokenizer = AutoTokenizer.from_pretrained(PIPELINE_DIR / "tokenizer")
     vae = load_vae(PIPELINE_DIR / "vae")
-    images, facts = training_set(n_people, n_junk, seed, vae)
+    images, facts = training_set(n_people, n_junk, seed, vae, roundtrip_share)
     logger.info("training set: %d images in %.0fs", len(images), time.time() - start)
-    model = build_clip(tokenizer, seed)
+    if init is not None:
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(init).train()
+    else:
+        model = build_clip(tokenizer, seed)
     prompts = [p for a in ATTRIBUTES for c in ATTRIBUTES[a] for p in READER_SPEC["attributes"][a][c]]
     prompt_ids = _tokens(tokenizer, prompts + [PERSON_PROMPT, NO_PERSON_CAPTION])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -121,7 +140,7 @@ def train(steps: int, seed: int, n_people: int = 24_000, n_junk: int = 6_000, ba
     log = []
     for step in range(steps):
         idx = rng.integers(len(images), size=batch)
-        xb = images[idx] + 0.02 * torch.randn(batch, 3, 32, 32)
+        xb = _soften(images[idx], rng, soften) + 0.02 * torch.randn(batch, 3, 32, 32)
         fb = facts[idx]
         texts, named = [], []
         for row in fb:
@@ -232,12 +251,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-only", action="store_true")
+    parser.add_argument("--init", type=Path, help="continue from this saved folder (on a fresh draw: use another --seed)")
+    parser.add_argument("--roundtrip-share", type=float, default=0.5, help="share of people seen through the testbed VAE")
+    parser.add_argument("--soften", type=float, default=0.0, help="share of each batch blurred by a random amount")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     if not args.eval_only:
-        model, tokenizer, log, seconds = train(args.steps, args.seed, args.people, args.junk, lr=args.lr)
+        model, tokenizer, log, seconds = train(args.steps, args.seed, args.people, args.junk, lr=args.lr, init=args.init,
+                                               roundtrip_share=args.roundtrip_share, soften=args.soften)  # fmt: skip
+        previous = json.loads((args.init / "training_log.json").read_text()) if args.init else None
         meta = {"steps": args.steps, "seed": args.seed, "people": args.people, "junk": args.junk, "lr": args.lr,
+                "roundtrip_share": args.roundtrip_share, "soften": args.soften, "continued_from": previous,
                 "wall_seconds": round(seconds, 1), "log": log}  # fmt: skip
         save(model, tokenizer, args.out, meta)
         logger.info("trained in %.0fs, saved to %s", seconds, args.out)

@@ -43,8 +43,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     procs: list[ManagedProcess] = []
     redis_proc = start_redis(free_port(), tmp_path_factory.mktemp("e2e-redis"), appendonly=True)
     procs.append(redis_proc)
+    # audit_reader=classifier: the per-request count assertions below were measured with the CNN reading the
+    # images it steered; the testbed's default audit (its CLIP) is exercised in tests/workers/test_audit_reader.py
     env = fairdiff_env(redis_proc.info["url"], tmp_path_factory.mktemp("e2e-data"), "testbed",
-                       admin_token="e2e-admin-secret", max_batch="16")  # fmt: skip
+                       admin_token="e2e-admin-secret", max_batch="16", audit_reader="classifier")  # fmt: skip
     try:
         workers = [start_worker("inference", env, logs), start_worker("training", env, logs)]
         procs += workers
