@@ -204,3 +204,11 @@ def test_the_subject_gate_reads_with_clip_prompt_retrieval_when_configured(clip_
     assert subject_reader("/models/sd15", prompts, setting="none") is None
     assert subject_reader("/models/sd15", prompts[:1], setting=str(clip_dir)) is None  # nothing to choose among
     assert subject_reader("/models/sd15", prompts, setting="auto") is None  # no oracle outside the testbed
+
+
+def test_image_similarity_keeps_the_same_image_and_can_refuse_another(clip):
+    from adaptors.readers.clip import image_similarity_kept
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert image_similarity_kept(clip, images, images, minimum=0.999) == [True] * 3
+    assert image_similarity_kept(clip, images, 1 - images, minimum=1.01) == [False] * 3  # no cosine exceeds 1

@@ -186,6 +186,9 @@ def test_assign_delivers_the_requested_split_and_reports_it(stack):
     assert [img["assigned"]["gender"] for img in result["images"]].count("male") == 4
     assert base["result"]["counts"]["gender"]["male"] <= 1
     assert abs(result["counts"]["gender"]["male"] - 4) <= 1, result["counts"]
+    # this stack audits with the CNN that steered `assign`: the result says so; the unsteered base image does not
+    assert result["audit_reader"] == {"name": "testbed-cnn", "steered": True}
+    assert base["result"]["audit_reader"] == {"name": "testbed-cnn", "steered": False}
 
 
 def test_enforce_makes_the_delivered_counts_exact(stack):
