@@ -238,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune_cli.add_parser(sub)
 
-    from workers import readers_cli
+    from workers import doctor, readers_cli
 
     readers_cli.add_parser(sub)
+    doctor.add_parser(sub)
 
     adp = sub.add_parser("adaptors", help="manage the adaptor store")
     adp_sub = adp.add_subparsers(dest="adaptors_command", required=True)
