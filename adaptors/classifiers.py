@@ -1,4 +1,5 @@
-"""Attribute classifiers behind one interface: the audit and the trainers never know which one.
+"""Attribute classifiers behind one interface (adaptors.readers.AttributeReader): the audit and the trainers
+never know which one.
 
 The testbed ships a small CNN; a real deployment supplies its own head in the same on-disk
 format (config.json + model.safetensors), found through the `classifier` setting.
@@ -6,49 +7,32 @@ format (config.json + model.safetensors), found through the `classifier` setting
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from adaptors.readers.base import AttributeReader, Prediction
 from common.settings import has_attribute_classifier
 
+# the attribute-reader interface under the name the trainers and strategies import
+AttributeClassifier = AttributeReader
 
-@dataclass
-class Prediction:
-    """Per-image probability that a person is present, and class probabilities per attribute."""
-
-    person: torch.Tensor
-    probs: dict[str, torch.Tensor]
-
-
-class AttributeClassifier(ABC):
-    """Maps images in [0, 1] (N x 3 x H x W) to attribute class probabilities."""
-
-    attributes: dict[str, list[str]]
-
-    @abstractmethod
-    def logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Differentiable logits per attribute plus 'person' (N); trainers backpropagate here."""
-
-    def predict(self, images: torch.Tensor) -> Prediction:
-        with torch.no_grad():
-            out = self.logits(images)
-        return Prediction(
-            person=torch.sigmoid(out["person"]).float(),
-            probs={a: torch.softmax(out[a].float(), dim=-1) for a in self.attributes},
-        )
+__all__ = ["AttributeClassifier", "Prediction", "TestbedAttributeClassifier", "load_classifier"]
 
 
 class TestbedAttributeClassifier(AttributeClassifier):
     """The testbed CNN (also any head saved in its format)."""
+
+    name = "testbed-cnn"
+    differentiable = True
 
     def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu") -> None:
         from testbed import CLASSIFIER_DIR
         from testbed.classifier import TestbedClassifier
 
         self.model = TestbedClassifier.from_pretrained(path or CLASSIFIER_DIR).to(device)
+        if path is not None and Path(path).resolve() != CLASSIFIER_DIR.resolve():
+            self.name = f"cnn:{Path(path).name}"
         self.model.requires_grad_(False)
         self.attributes = self.model.attributes
         self.device = torch.device(device)

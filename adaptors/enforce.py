@@ -54,12 +54,14 @@ def enforce(
     on_step: StepCallback | None = None,
     generate_fn: Callable[..., torch.Tensor] = generate_assigned,
     classifier_scale: float = 0.0,
+    steer: AttributeClassifier | None = None,
 ) -> tuple[torch.Tensor, list[ImageAttributes], EnforcementReport]:
     """Images (with misses replaced where a retry hit), their audit, and what enforcement did.
 
     Retry r of image i draws noise index `spec.num_images * r + i`, so every retry is
     reproducible from the request's seed and never reuses another image's noise. With
-    `classifier_scale` > 0 retries are also steered by the same classifier (see generate_assigned).
+    `classifier_scale` > 0 retries are also steered by classifier guidance (see generate_assigned), with
+    `steer` when given: the audit reader (`classifier`) checks, the steering reader guides.
     """
     images = images.clone()
     per_image = classify(classifier, images)
@@ -73,7 +75,8 @@ def enforce(
         )
         fresh = generate_fn(
             pipe, retry_spec, [assignment[i] for i in todo], texts, mode=mode, guidance_weight=guidance_weight,
-            on_step=on_step, max_batch=max_batch, classifier=classifier, classifier_scale=classifier_scale,
+            on_step=on_step, max_batch=max_batch, classifier=steer if steer is not None else classifier,
+            classifier_scale=classifier_scale,
         )  # fmt: skip
         regenerated += len(todo)
         fresh_attrs = classify(classifier, fresh)

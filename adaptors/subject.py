@@ -6,20 +6,22 @@ preservation losses, and a demanding operator wants it refused outright. The gat
 evaluation image with the base model's image from the same noise, as read by a reader that names
 the image's subject independently of the attribute classifier the finetune trained against.
 
-Only the testbed has such a reader today (its oracle reads the occupation from the background and
-shirt, the cues no attribute lives in). The preservation features are no substitute: the testbed
-classifier's trunk is trained to see attributes and tells occupations apart in a third of images,
-so a base model without a reader is reported as not gated rather than gated by a guess.
+On the testbed the oracle reads the occupation from the background and shirt, the cues no attribute
+lives in. A real Stable Diffusion reads it with CLIP prompt retrieval (FAIRDIFF_SUBJECT_READER names a
+local CLIP folder): an image's subject is the evaluation prompt it is closest to. The preservation
+features are no substitute: the testbed classifier's trunk is trained to see attributes and tells
+occupations apart in a third of images, so a base model without a reader is reported as not gated
+rather than gated by a guess.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from adaptors.fairness_gain import FinetuneRefused
-from common.settings import TESTBED_MODELS
+from common.settings import TESTBED_MODELS, get_settings
 
 SubjectReader = Callable[[torch.Tensor], list[str | None]]
 
@@ -41,8 +43,25 @@ class SubjectLost(FinetuneRefused):
         return {**super().error(), "subject_kept": self.kept, "bias": self.bias}
 
 
-def subject_reader(base_model: str) -> tuple[str, SubjectReader] | None:
-    """(what it reads, the reader) for this base model, or None where none exists."""
+def subject_reader(
+    base_model: str, prompts: Sequence[str] | None = None, setting: str | None = None
+) -> tuple[str, SubjectReader] | None:
+    """(what it reads, the reader) for this base model, or None where none exists.
+
+    `setting` (default FAIRDIFF_SUBJECT_READER): 'auto', 'none', 'testbed-clip' or a CLIP folder; a CLIP
+    reader retrieves among `prompts` (at least two distinct prompts, else there is nothing to choose among)."""
+    setting = get_settings().subject_reader if setting is None else setting
+    if setting == "none":
+        return None
+    if setting != "auto":
+        if not prompts or len(set(prompts)) < 2:
+            return None
+        from adaptors.readers.clip import ClipEncoder, ClipSubjectReader
+        from adaptors.readers.registry import testbed_clip_dir
+
+        clip = ClipEncoder(testbed_clip_dir() if setting == "testbed-clip" else setting)
+        clip_reader = ClipSubjectReader(clip, prompts)
+        return clip_reader.name, clip_reader.read
     if base_model not in TESTBED_MODELS:
         return None
     from testbed.oracle import read_batch

@@ -62,6 +62,18 @@ class Settings(BaseSettings):
         "auto",
         description="Attribute classifier: 'auto' (the testbed classifier for the testbed), 'none', or a folder.",
     )
+    audit_reader: str = Field(
+        "auto",
+        description="Reader that audits outputs and that `enforce` checks with: 'auto' (the profile's auditor: the "
+        "testbed's tiny CLIP on testbed models, the `classifier` elsewhere), 'classifier' (the steering reader), "
+        "'none', 'testbed-cnn', 'testbed-clip', or a reader folder (CLIP zero-shot reader.json, a CLIP probe, a CNN head).",
+    )
+    subject_reader: str = Field(
+        "auto",
+        description="What the finetune subject gate reads the subject with: 'auto' (the testbed oracle on testbed "
+        "models, none elsewhere), 'none', 'testbed-clip', or a local CLIP folder (prompt retrieval among the "
+        "evaluation prompts: an image keeps its subject when it is closest to its own prompt).",
+    )
     preserve_features: str = Field(
         "classifier",
         min_length=1,

@@ -346,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     hc.add_argument("--name", help="worker name as given to `fairdiff worker --name` (default: the queue)")
     hc.set_defaults(func=cmd_healthcheck)
 
+    from workers import doctor, readers_cli
+
+    readers_cli.add_parser(sub)
+    doctor.add_parser(sub)
+
     adp = command("adaptors", "manage the adaptor store")
     adp_sub = adp.add_subparsers(dest="adaptors_command", required=True, metavar="COMMAND")
     shen = adp_sub.add_parser(

@@ -98,10 +98,10 @@ def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, o
 
     settings = runtime.settings
     images, per_image, report = enforce(
-        runtime.pipe, runtime.classifier, spec, assignment, class_texts_for(settings.base_model), images,
+        runtime.pipe, runtime.auditor, spec, assignment, class_texts_for(settings.base_model), images,
         max_rounds=settings.enforce_max_rounds, mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
-        classifier_scale=settings.assign_classifier_scale,
+        classifier_scale=settings.assign_classifier_scale, steer=runtime.classifier,
     )  # fmt: skip
     per_attribute = _delivered_vs_assigned(per_image, assignment)
     return images, per_image, {"applied": True, **report.to_dict(), "per_attribute": per_attribute}
@@ -226,7 +226,7 @@ def render_step(runtime: Runtime, req: GenerateJob, decision: Decision, spec, en
     if decision.used == Strategy.assign.value and req.fairness_target:
         assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, hold.reserved if hold else None)
         out = Rendered(images, assignment)
-        if req.enforce and runtime.classifier is not None:
+        if req.enforce and runtime.auditor is not None:
             out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step)
     elif directions is not None:
         from adaptors.assign import generate_directed
@@ -259,13 +259,13 @@ def check_enforcement_step(req: GenerateJob, rendered: Rendered) -> None:
 
 def audit_step(runtime: Runtime, req: GenerateJob, rendered: Rendered) -> dict[str, Any] | None:
     """Every image's attributes and the realised distribution, by the audit classifier (None without one)."""
-    if not req.audit or runtime.classifier is None:
+    if not req.audit or runtime.auditor is None:
         return None
     from adaptors.audit import audit, summarise
 
     if rendered.audited is not None:
-        return summarise(rendered.audited, runtime.classifier.attributes, req.fairness_target).to_dict()
-    return audit(runtime.classifier, rendered.images, req.fairness_target).to_dict()
+        return summarise(rendered.audited, runtime.auditor.attributes, req.fairness_target).to_dict()
+    return audit(runtime.auditor, rendered.images, req.fairness_target).to_dict()
 
 
 def settle_step(r: Any, req: GenerateJob, hold: LedgerHold | None, report: dict[str, Any] | None) -> dict | None:
@@ -294,7 +294,8 @@ def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
 
 
 def build_result(job_id: str, n: int, rendered: Rendered, report: dict[str, Any] | None, decision: Decision,
-                 ledger_state: dict | None, timings: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+                 ledger_state: dict | None, timings: dict[str, float], audit_reader: dict | None = None,
+                 ) -> dict[str, Any]:  # fmt: skip
     """The job's result record, in the shape service.schemas.GenerateResult declares."""
     assignment = rendered.assignment
     images = report["images"] if report else [None] * n
@@ -316,6 +317,7 @@ def build_result(job_id: str, n: int, rendered: Rendered, report: dict[str, Any]
         "no_person": report["no_person"] if report else None,
         "target_distance": (report["target_distance"] or None) if report else None,
         "audited": report is not None,
+        "audit_reader": audit_reader if report is not None else None,
         "assigned_counts": _assigned_counts(assignment) if assignment else None,
         "guarantee": decision.guarantee,
         "enforcement": rendered.enforcement,
@@ -411,7 +413,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     ledger_state = settle_step(jobs.r, req, hold, report)
     timings = {"queue_s": max(0.0, t_start - float(job.get("created", t_start))), "load_s": load_s,
                "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.time() - t_start}  # fmt: skip
-    result = build_result(job_id, n, rendered, report, decision, ledger_state, timings)
+    result = build_result(job_id, n, rendered, report, decision, ledger_state, timings, audit_reader_record(runtime, decision))
     # counted before the job shows as succeeded, so a client that sees it finished also sees it in the stats
     incr_stats(
         jobs.r,
@@ -427,6 +429,17 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     jobs.finish(job_id, JobState.succeeded, result=result)
     logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, n, rendered.seconds, decision.used)
     return JobState.succeeded.value
+
+
+def audit_reader_record(runtime: Runtime, decision: Decision) -> dict[str, Any] | None:
+    """The reader that audited, and whether it also steered this job (classifier guidance in `assign`, or an
+    adaptor trained or calibrated against it)."""
+    if runtime.auditor is None:
+        return None
+    from adaptors.readers.registry import audit_record
+
+    guided = decision.used == Strategy.assign.value and runtime.settings.assign_classifier_scale > 0
+    return audit_record(runtime.auditor, runtime.classifier, guided or decision.adaptor_id is not None)
 
 
 def _cache_counters(cache: Any) -> tuple[int, int, int, int]:

@@ -55,7 +55,7 @@ def render(model: LocalModel, req: GenerateJob, redis_client: Any = None) -> tup
     from workers.runtime import Runtime
 
     settings = get_settings()
-    runtime = Runtime(settings, model.pipe, model.classifier, model.store, model.cache, 0.0)
+    runtime = Runtime(settings, model.pipe, model.classifier, model.store, model.cache, 0.0, auditor=model.classifier)
     t_start = time.perf_counter()
     decision = inference.decide_step(runtime, req)
     encoder, directions = inference.load_step(runtime, decision, req.prompt)

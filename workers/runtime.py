@@ -33,6 +33,9 @@ class Runtime:
     cache: Any | None  # adaptors.cache.AdaptorCache
     load_s: float
     _training_classifier: Any | None = field(default=None, repr=False)
+    # the reader that audits (and that `enforce` checks with); `classifier` steers. The same object where the
+    # profile has one reader, None where nothing audits
+    auditor: Any | None = None
 
     def training_classifier(self) -> Any | None:
         """The classifier trainers get: with CLIP / DINOv2 preservation features when configured (loaded once, lazily,
@@ -119,6 +122,9 @@ def _build(settings: Settings) -> Runtime:
     configure_threads(settings.torch_threads)
     pipe = load_pipeline(settings.base_model, settings.device, settings.offline)
     classifier = load_classifier(settings.classifier, settings.base_model, device=pipe.device)
+    from adaptors.readers.registry import load_auditor
+
+    auditor = load_auditor(settings.classifier, settings.audit_reader, settings.base_model, classifier, device=pipe.device)
     store = cache = None
     from adaptors.cache import AdaptorCache
     from adaptors.store import AdaptorStore
@@ -127,8 +133,9 @@ def _build(settings: Settings) -> Runtime:
     store = AdaptorStore(settings.adaptor_dir)
     cache = AdaptorCache(pipe, store, settings.adaptor_cache_bytes, base_model=settings.base_model)
     load_s = time.perf_counter() - t0
-    logger.info("worker runtime ready in %.2fs (classifier: %s)", load_s, "yes" if classifier else "none")
-    return Runtime(settings, pipe, classifier, store, cache, load_s)
+    logger.info("worker runtime ready in %.2fs (steering reader: %s, audit reader: %s)", load_s,
+                getattr(classifier, "name", "none"), getattr(auditor, "name", "none"))  # fmt: skip
+    return Runtime(settings, pipe, classifier, store, cache, load_s, auditor=auditor)
 
 
 def warm_up(runtime: Runtime) -> None:

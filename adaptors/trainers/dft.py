@@ -362,7 +362,7 @@ def export_adaptor(run: DFTRun, history: list[dict[str, Any]], train_seconds: fl
     with torch.no_grad():
         before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, run.trainable, base=True)
         after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, run.trainable, base=False)
-    reader = subject_reader(job.base_model)
+    reader = subject_reader(job.base_model, eval_prompts)
     kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
     require_subject_kept(kept, cfg.min_subject_kept, {"before": before["bias"], "after": after["bias"]})
     require_fairness_gain(before["mean_prompt_tv"], after["mean_prompt_tv"], cfg.min_fairness_gain)

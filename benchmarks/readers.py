@@ -1,0 +1,154 @@
+"""How well each attribute reader reads what the independent oracle reads, and what the face detector finds.
+
+Per reader (the testbed CNN, which steers, and the testbed's tiny CLIP, which audits): accuracy against
+the oracle per attribute on fresh renderer images and on generated images of the held-out occupations
+per strategy -- `none`, `assign` (class prompts, group-direction guidance and the CNN's classifier
+guidance), `assign_enforce` (misses regenerated until the audit reader, the CLIP, is satisfied) -- where
+accuracy on guided images is the audit/oracle agreement the audit's figures rest on; time per image.
+The face detector's time and result on the photographs inside the scikit-image wheel. The request-
+fairness benchmark's headline numbers stay oracle-read; this one measures the readers themselves.
+Writes benchmarks/results/readers.json.
+
+    python benchmarks/readers.py [--requests 2] [--images 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from adaptors.assign import class_texts_for_testbed, generate_assigned, joint_assignment  # noqa: E402
+from adaptors.enforce import enforce  # noqa: E402
+from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline  # noqa: E402
+from adaptors.readers.registry import load_reader, testbed_clip_dir  # noqa: E402
+from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+from common.settings import Settings  # noqa: E402
+from testbed.data import render_balanced  # noqa: E402
+from testbed.oracle import read_batch  # noqa: E402
+from testbed.world import ATTRIBUTES, TEST_OCCUPATIONS, prompt_for  # noqa: E402
+
+TARGETS = {
+    "gender_50_50": {"gender": {"female": 0.5, "male": 0.5}},
+    "skin_tone_40_30_20_10": {"skin_tone": {"I": 0.4, "II": 0.3, "III": 0.2, "IV": 0.1}},
+}
+STRATEGIES = ("none", "assign", "assign_enforce")
+
+
+def agreement(reader, images: torch.Tensor, readings) -> dict:
+    """Per attribute, the share of images with a person (by the oracle) whose class the reader reads as the oracle does."""
+    t0 = time.perf_counter()
+    pred = reader.predict(images)
+    seconds = time.perf_counter() - t0
+    out: dict = {"images": len(images), "oracle_person": int(sum(r.person for r in readings))}
+    for a, classes in reader.attributes.items():
+        pairs = [(classes[int(pred.probs[a][i].argmax())], getattr(r, a)) for i, r in enumerate(readings) if r.person]
+        out[a] = round(float(np.mean([p == o for p, o in pairs])), 4) if pairs else None
+    out["person_agreement"] = round(float(np.mean([(float(p) >= 0.5) == r.person for p, r in zip(pred.person, readings)])), 4)
+    out["ms_per_image"] = round(1000 * seconds / len(images), 3)
+    return out
+
+
+def per_occupation_agreement(reader, images, readings, occupations) -> dict:
+    out = {}
+    for occ in sorted(set(occupations)):
+        idx = [i for i, o in enumerate(occupations) if o == occ]
+        res = agreement(reader, images[idx], [readings[i] for i in idx])
+        out[occ] = {a: res[a] for a in ATTRIBUTES}
+    return out
+
+
+def face_detectors() -> dict:
+    from skimage import data
+
+    from adaptors.readers.faces import HaarFaceDetector
+
+    def tensor(px):
+        x = torch.from_numpy(px).float() / 255
+        return (x.permute(2, 0, 1) if x.ndim == 3 else x[None].repeat(3, 1, 1))[None]
+
+    photos = {"astronaut": tensor(data.astronaut()), "camera": tensor(data.camera()),
+              "noise": torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0)),
+              "blank": torch.full((1, 3, 512, 512), 0.5)}  # fmt: skip
+    det = HaarFaceDetector()
+    out = {}
+    for name, img in photos.items():
+        det.detect(img)  # warm-up
+        t0 = time.perf_counter()
+        found = det.detect(img)[0]
+        out[name] = {"faces": len(found.boxes), "boxes": found.boxes.round(1).tolist(), "scores": found.scores.round(3).tolist(),
+                     "ms": round(1000 * (time.perf_counter() - t0), 1)}  # fmt: skip
+    return {"haar": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2, help="requests per occupation and target")
+    parser.add_argument("--images", type=int, default=8, help="images per request")
+    parser.add_argument("--renders", type=int, default=1000)
+    args = parser.parse_args()
+    settings = Settings()
+    threads = configure_threads(0)
+    pipe = load_pipeline("testbed", device="cpu")
+    readers = {"testbed-cnn": load_reader("testbed-cnn"), "testbed-clip": load_reader("testbed-clip")}
+    steer, auditor = readers["testbed-cnn"], readers["testbed-clip"]
+    texts = class_texts_for_testbed()
+    kw = {"mode": settings.assign_mode, "guidance_weight": settings.assign_guidance_weight,
+          "classifier_scale": settings.assign_classifier_scale}  # fmt: skip
+
+    x, _ = render_balanced(args.renders, 4242)
+    renders = (torch.from_numpy(x) + 1) / 2
+    render_readings = read_batch(x)
+
+    images = {k: [] for k in STRATEGIES}
+    occupations: list[str] = []
+    satisfied = []
+    for occ in TEST_OCCUPATIONS:
+        for target in TARGETS.values():
+            for r in range(args.requests):
+                seed = 20_000 + r
+                spec = GenerationSpec(prompt_for(occ), num_images=args.images, seed=seed,
+                                      steps=settings.default_steps, guidance_scale=settings.default_guidance_scale)  # fmt: skip
+                assignment = joint_assignment(args.images, target, seed)
+                images["none"].append(generate(pipe, spec))
+                assigned = generate_assigned(pipe, spec, assignment, texts, classifier=steer, **kw)
+                images["assign"].append(assigned)
+                enforced, _, report = enforce(pipe, auditor, spec, assignment, texts, assigned,
+                                              max_rounds=settings.enforce_max_rounds, steer=steer, **kw)  # fmt: skip
+                images["assign_enforce"].append(enforced)
+                satisfied.append(report.satisfied)
+                occupations += [occ] * args.images
+        print(f"generated {occ}", file=sys.stderr)
+    stacked = {k: torch.cat(v) for k, v in images.items()}
+    readings = {k: read_batch(v.numpy() * 2 - 1) for k, v in stacked.items()}
+
+    result: dict = {"benchmark": "readers", "requests_per_cell": args.requests, "images_per_request": args.images,
+                    "occupations": list(TEST_OCCUPATIONS), "targets": TARGETS, "auditor": "testbed-clip",
+                    "steering_reader": "testbed-cnn", "readers": {}}  # fmt: skip
+    for name, reader in readers.items():
+        entry = {"renders": agreement(reader, renders, render_readings)}
+        for k in STRATEGIES:
+            entry[k] = agreement(reader, stacked[k], readings[k])
+        entry["guided_per_occupation"] = per_occupation_agreement(reader, stacked["assign"], readings["assign"], occupations)
+        result["readers"][name] = entry
+    worst = {a: min(result["readers"]["testbed-clip"][k][a] for k in ("assign", "assign_enforce")) for a in ATTRIBUTES}
+    result["auditor_guided_agreement_min"] = worst
+    result["auditor_meets_0_97"] = all(v is not None and v >= 0.97 for v in worst.values())
+    result["enforce_satisfied_per_auditor"] = round(float(np.mean(satisfied)), 4)
+    # how often `enforce` believes it is exact while the oracle disagrees with the assignment is the
+    # request-fairness benchmark's business; here: the auditor's reading of enforced images vs the oracle
+    result["face_detectors"] = face_detectors()
+    result["weights"] = {"testbed-clip": weights_fingerprint(testbed_clip_dir())}
+    result.update(environment(threads))
+    publish("readers", result)
+
+
+if __name__ == "__main__":
+    main()
