@@ -98,6 +98,13 @@ class Timings(BaseModel):
     total_s: float
 
 
+class AdaptorApplication(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    applied: bool = Field(..., description="Whether the adaptor changed this request's prompt embedding.")
+    reason: str = Field(..., description="Why (a skipped map names the group words the prompt already holds).")
+
+
 class GenerateResult(BaseModel):
     """A finished generate job's `result` (docs/api.md defines realised, bias, TV and KL)."""
 
@@ -118,6 +125,9 @@ class GenerateResult(BaseModel):
     ledger: LedgerState | None = None
     strategy: StrategyUsed
     adaptor: str | None = None
+    adaptor_application: AdaptorApplication | None = Field(
+        None, description="For an adaptor that may skip a prompt (a `mapping`'s keyword detector): whether it applied."
+    )
     timings: Timings
 
 

@@ -159,6 +159,7 @@ def render(model: LocalModel, req: GenerateJob, redis_client: Any = None) -> tup
         "ledger": ledger_state,
         "strategy": decision.to_dict(),
         "adaptor": decision.adaptor_id,
+        "adaptor_application": model.cache.application(decision.adaptor_id, req.prompt) if model.cache else None,
         "timings": {
             "load_s": round(load_s, 4),
             "generate_s": round(generate_s, 4),
@@ -174,6 +175,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"strategy: {result['strategy']['used']} ({result['strategy']['reason']})"]
     if result.get("adaptor"):
         lines.append(f"adaptor: {result['adaptor']}")
+        if result.get("adaptor_application"):
+            lines.append(f"adaptor applied: {result['adaptor_application']['applied']} "
+                         f"({result['adaptor_application']['reason']})")  # fmt: skip
     realised, target = result.get("realised") or {}, result.get("target") or {}
     distance = result.get("target_distance") or {}
     for attr, shares in realised.items():
