@@ -190,7 +190,7 @@ class FairMappingConfig:
 
     depth: int = 2  # linear layers of the residual MLP (the last starts at zero: the map starts as the identity)
     # lambda of L = L_text + lambda * L_fair (the fair-distance term against the text-consistency term)
-    fair_weight: float = 1.0
+    fair_weight: float = 10.0
     lr: float = 1e-2
     iterations: int = 300
     seed: int = 0
