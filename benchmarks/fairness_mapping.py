@@ -123,6 +123,31 @@ def gates(manifest) -> dict:
             "subject_kept": kept.get("share"), "subject_gate_passed": kept.get("share", 1.0) >= cfg.min_subject_kept}  # fmt: skip
 
 
+def generation_cost(pipe, classifier, hp: dict, repeats: int, store: Path) -> dict:
+    """Time of a mapped batch over a plain one, alternated `repeats` times on the same seeds (median of the ratios), so
+    that a machine shared with other jobs slows both alike; the per-run figures above time one pass each."""
+    import statistics
+
+    from adaptors.generation import GenerationSpec, generate
+    from testbed.world import prompt_for
+
+    adaptor, _, _ = train("fair_mapping", GENDER, {**hp, "eval_images": 1, "eval_steps": 1}, pipe, classifier, store, "cost")
+    adaptor.attach(pipe)
+    encoder = adaptor.prompt_encoder(pipe)
+    spec = GenerationSpec(prompt_for("senator"), num_images=16, seed=1, steps=20, guidance_scale=5.0)
+    generate(pipe, spec, max_batch=16)  # warm-up
+    ratios = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        generate(pipe, spec, max_batch=16)
+        t1 = time.perf_counter()
+        generate(pipe, spec, max_batch=16, encode_prompt=encoder)
+        ratios.append((time.perf_counter() - t1) / (t1 - t0))
+    adaptor.detach(pipe)
+    return {"mapped_over_none_median": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+            "batch": 16, "steps": 20}  # fmt: skip
+
+
 def ida_reference() -> dict | None:
     path = RESULTS / "fairness_ida.json"
     if not path.is_file():
@@ -146,9 +171,17 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--hp", default="{}", help="JSON fair_mapping hyperparameters for every mapping run (recorded)")
     parser.add_argument("--no-dft", action="store_true", help="leave out DFT's text-encoder LoRA")
+    parser.add_argument("--cost-only", type=int, metavar="REPEATS", help="only the alternated generation-cost measurement, "
+                        "merged into the committed JSON under `generation_cost`")  # fmt: skip
     parser.add_argument("--dft-hp", default="{}", help="JSON overrides of DFT's default recipe (recorded; none by default)")
     args = parser.parse_args()
     threads = configure_threads(1)
+    if args.cost_only:
+        pipe, classifier = load_pipeline("testbed", device="cpu"), TestbedAttributeClassifier()
+        with tempfile.TemporaryDirectory() as tmp:
+            cost = generation_cost(pipe, classifier, {**MAPPING_HP, **json.loads(args.hp)}, args.cost_only, Path(tmp))
+        publish("fairness_mapping", {"generation_cost": {**cost, "revision": revision()}}, merge=True)
+        return
     sizes = {"per_seed": args.per_seed, "seeds": SEEDS[: args.seeds], "train_images": args.train_images}
     pipe = load_pipeline("testbed", device="cpu")
     classifier = TestbedAttributeClassifier()
