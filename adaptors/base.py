@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError
@@ -70,6 +70,10 @@ class Adaptor(ABC):
 
     def prompt_encoder(self, pipe) -> PromptEncoder | None:
         """Embedding-space kinds replace the positive prompt's encoding; weight-space kinds return None."""
+        return None
+
+    def application(self, prompt: str) -> dict[str, Any] | None:
+        """For kinds that may skip a prompt (a mapping's keyword detector): {applied, reason}; None for the rest."""
         return None
 
     def save(self, folder: str | Path) -> Path:

@@ -75,6 +75,11 @@ class AdaptorCache:
             raise AdaptorNotCalibrated(f"guidance weights {adaptor_id!r} were not calibrated for the prompt {prompt!r}")
         return GuidanceDirections(rows, entry.adaptor.warmup_steps)
 
+    def application(self, adaptor_id: str | None, prompt: str) -> dict | None:
+        """Whether the (cached) adaptor applies to `prompt` and why (a mapping's detector); None for other kinds."""
+        entry = self.entries.get(adaptor_id) if adaptor_id is not None else None
+        return entry.adaptor.application(prompt) if entry is not None and entry.adaptor is not None else None
+
     def use(self, adaptor_id: str | None) -> PromptEncoder | None:
         """Make `adaptor_id` (None = base) the one in effect; returns its prompt encoder if it has one."""
         if adaptor_id == self.active:

@@ -50,9 +50,16 @@ IDA_MAXIMUM: dict[str, float] = {
 }  # fmt: skip
 
 
+FAIR_MAPPING_MAXIMUM: dict[str, float] = {
+    "depth": 16, "fair_weight": WEIGHT_MAX, "lr": 10.0, "iterations": 100_000, "guidance_scale": 50.0, "seed": SEED_MAX,
+    "eval_images": 1024, "eval_steps": STEPS_MAX, "eval_seed": SEED_MAX, "min_subject_kept": 1.0, "min_fairness_gain": 1.0,
+}  # fmt: skip
+SKIP_KEYWORDS_MAX_CHARS = 4000
+
+
 def upper_bounds(cls: type) -> dict[str, float]:
     """The upper bound of each numeric hyperparameter of a config class (shown in OpenAPI, checked at the gateway)."""
-    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM}[cls]
+    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM, FairMappingConfig: FAIR_MAPPING_MAXIMUM}[cls]
 
 
 @dataclass
@@ -141,7 +148,7 @@ class DFTConfig:
         return cfg
 
 
-def check_prompts(cfg: DFTConfig | IDAConfig, prompts: list[str]) -> None:
+def check_prompts(cfg: DFTConfig | IDAConfig | FairMappingConfig, prompts: list[str]) -> None:
     """What a config asks of the training prompts, checked where the prompts are known (the gateway, the trainer)."""
     if not prompts:
         raise ValueError("prompts: a finetune needs at least one training prompt")
@@ -177,10 +184,53 @@ class IDAConfig:
         return cfg
 
 
-def check_hyperparameters(method: str, hp: dict[str, Any]) -> DFTConfig | IDAConfig:
+@dataclass
+class FairMappingConfig:
+    """Fair Mapping (Li et al.): a residual MLP after the frozen text encoder, trained in text space only."""
+
+    depth: int = 2  # linear layers of the residual MLP (the last starts at zero: the map starts as the identity)
+    # lambda of L = L_text + lambda * L_fair (the fair-distance term against the text-consistency term)
+    fair_weight: float = 10.0
+    lr: float = 1e-2
+    iterations: int = 300
+    seed: int = 0
+    # words besides the profile's class words whose presence in a prompt skips the map, comma-separated
+    skip_keywords: str = ""
+
+    # evaluation and the gates, as DFTConfig's
+    guidance_scale: float = 5.0
+    eval_images: int = 16
+    eval_steps: int = 20
+    eval_seed: int = 10_000
+    min_subject_kept: float = 0.95
+    min_fairness_gain: float = 0.25
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> FairMappingConfig:
+        cfg = parse_hyperparameters(cls, hp, "fair_mapping")
+        require_at_most(cfg, FAIR_MAPPING_MAXIMUM)
+        require_positive(cfg, "depth", "iterations", "eval_images", "eval_steps")
+        require_non_negative(cfg, "fair_weight", "seed", "eval_seed")
+        if cfg.lr <= 0:
+            raise ValueError("hyperparameters.lr: must be > 0")
+        if cfg.guidance_scale < 1:
+            raise ValueError("hyperparameters.guidance_scale: must be >= 1 (1: no classifier-free guidance)")
+        require_unit_interval(cfg, "min_subject_kept", "min_fairness_gain")
+        if len(cfg.skip_keywords) > SKIP_KEYWORDS_MAX_CHARS:
+            raise ValueError(f"hyperparameters.skip_keywords: must be at most {SKIP_KEYWORDS_MAX_CHARS} characters")
+        return cfg
+
+    def keywords(self) -> list[str]:
+        """The configured skip keywords, trimmed and lower-cased, empty entries dropped."""
+        return [w.strip().lower() for w in self.skip_keywords.split(",") if w.strip()]
+
+
+def check_hyperparameters(method: str, hp: dict[str, Any]) -> DFTConfig | IDAConfig | FairMappingConfig:
     """The validated config of a finetune `method` (a key of FINETUNE_METHODS); ValueError naming the field."""
     if method == "ida":
         return IDAConfig.from_hyperparameters(hp)
+    if method == "fair_mapping":
+        return FairMappingConfig.from_hyperparameters(hp)
     if method == "prefix":  # `dft` with the prefix tokens as what it trains
         if hp.get("train", "prefix") != "prefix":
             raise ValueError("hyperparameters.train: method 'prefix' trains prefix tokens only; use method 'dft'")

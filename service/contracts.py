@@ -19,6 +19,7 @@ from common.finetune_config import (
     TRAIN_CHOICES,
     UNET_MODULE_CHOICES,
     DFTConfig,
+    FairMappingConfig,
     IDAConfig,
 )
 
@@ -97,6 +98,13 @@ class Timings(BaseModel):
     total_s: float
 
 
+class AdaptorApplication(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    applied: bool = Field(..., description="Whether the adaptor changed this request's prompt embedding.")
+    reason: str = Field(..., description="Why (a skipped map names the group words the prompt already holds).")
+
+
 class GenerateResult(BaseModel):
     """A finished generate job's `result` (docs/api.md defines realised, bias, TV and KL)."""
 
@@ -117,6 +125,9 @@ class GenerateResult(BaseModel):
     ledger: LedgerState | None = None
     strategy: StrategyUsed
     adaptor: str | None = None
+    adaptor_application: AdaptorApplication | None = Field(
+        None, description="For an adaptor that may skip a prompt (a `mapping`'s keyword detector): whether it applied."
+    )
     timings: Timings
 
 
@@ -173,6 +184,9 @@ _DESCRIPTIONS: dict[str, str] = {
     "pg_samples": "Policy-gradient samples per iteration.",
     "pg_sigma": "Policy-gradient exploration noise.",
     "max_batch": "Images denoised together.",
+    "depth": "Linear layers of the residual mapping network (its last layer starts at zero: the identity map).",
+    "fair_weight": "lambda: weight of the fair-distance term against the text-consistency term.",
+    "skip_keywords": "Comma-separated words besides the base model's class words that make the map skip a prompt.",
 }
 
 
@@ -182,6 +196,7 @@ _RANGES: dict[str, dict[str, float]] = {
         k: {"ge": 1}
         for k in (
             "rank",
+            "depth",
             "num_tokens",
             "steps",
             "images_per_prompt",
@@ -213,6 +228,7 @@ _RANGES: dict[str, dict[str, float]] = {
             "seed",
             "eval_seed",
             "kl_threshold",
+            "fair_weight",
         )
     },  # fmt: skip
     **{k: {"ge": 0, "le": 1} for k in ("confidence", "flip_weight", "region_share", "min_subject_kept", "min_fairness_gain")},
@@ -243,10 +259,14 @@ PrefixHyperparameters = _hyperparameter_model(
     "PrefixHyperparameters", DFTConfig, "Method `prefix`: `dft` on soft prefix tokens (docs/methods/prefix.md).", train="prefix"
 )
 IDAHyperparameters = _hyperparameter_model("IDAHyperparameters", IDAConfig, "Method `ida` (docs/methods/ida.md).")
+FairMappingHyperparameters = _hyperparameter_model(
+    "FairMappingHyperparameters", FairMappingConfig, "Method `fair_mapping` (docs/methods/fair_mapping.md)."
+)
 HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "dft": DFTHyperparameters,
     "prefix": PrefixHyperparameters,
     "ida": IDAHyperparameters,
+    "fair_mapping": FairMappingHyperparameters,
 }
 
 

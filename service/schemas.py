@@ -11,12 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from common.finetune_config import DFT_MAXIMUM, IDA_MAXIMUM
+from common.finetune_config import DFT_MAXIMUM, FAIR_MAPPING_MAXIMUM, IDA_MAXIMUM
 from common.schemas import JobState, Strategy
 from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
-FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "ida", "prefix"})
+FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "ida", "prefix"})
 
 
 def encodable(text: str) -> str:
@@ -202,7 +202,9 @@ class FinetuneRequest(BaseModel):
     hyperparameters: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of the method's defaults; every numeric one has an upper bound (`x-maximum`, per method).",
-        json_schema_extra={"x-maximum": {"dft": DFT_MAXIMUM, "prefix": DFT_MAXIMUM, "ida": IDA_MAXIMUM}},
+        json_schema_extra={
+            "x-maximum": {"dft": DFT_MAXIMUM, "prefix": DFT_MAXIMUM, "ida": IDA_MAXIMUM, "fair_mapping": FAIR_MAPPING_MAXIMUM}
+        },
     )
     name: Text | None = Field(None, max_length=200)
     eval_prompts: list[Text] | None = Field(

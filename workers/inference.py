@@ -204,6 +204,17 @@ def load_step(runtime: Runtime, decision: Decision, prompt: str) -> tuple[Any, A
         raise JobFailed({"type": kind, "message": str(exc)}) from exc
 
 
+def application_step(cache: Any, decision: Decision, prompt: str) -> dict[str, Any] | None:
+    """Whether the adaptor applied to this prompt and why (a mapping's keyword detector may skip it); logged."""
+    if cache is None or decision.adaptor_id is None:
+        return None
+    application = cache.application(decision.adaptor_id, prompt)
+    if application is not None:
+        logger.info("adaptor %s %s: %s", decision.adaptor_id, "applied" if application["applied"] else "skipped",
+                    application["reason"])  # fmt: skip
+    return application
+
+
 def reserve_step(r: Any, runtime: Runtime, req: GenerateJob, decision: Decision) -> LedgerHold | None:
     """With a ledger: reserve the request's classes, each image to the class most behind (in Redis `r`)."""
     if not (req.ledger and req.fairness_target and decision.used == Strategy.assign.value):
@@ -414,6 +425,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     timings = {"queue_s": max(0.0, t_start - float(job.get("created", t_start))), "load_s": load_s,
                "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.time() - t_start}  # fmt: skip
     result = build_result(job_id, n, rendered, report, decision, ledger_state, timings, audit_reader_record(runtime, decision))
+    result["adaptor_application"] = application_step(cache, decision, req.prompt)
     # counted before the job shows as succeeded, so a client that sees it finished also sees it in the stats
     incr_stats(
         jobs.r,

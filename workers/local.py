@@ -76,6 +76,7 @@ def render(model: LocalModel, req: GenerateJob, redis_client: Any = None) -> tup
     ledger_state = inference.settle_step(redis_client, req, hold, report)
     timings = {"load_s": load_s, "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.perf_counter() - t_start}
     result = inference.build_result("", len(rendered.images), rendered, report, decision, ledger_state, timings)
+    result["adaptor_application"] = inference.application_step(model.cache, decision, req.prompt)
     for k, image in enumerate(result["images"]):  # local file names instead of URLs
         image.pop("url", None)
         image["file"] = f"image_{k:03d}.png"
@@ -89,6 +90,9 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"strategy: {result['strategy']['used']} ({result['strategy']['reason']})"]
     if result.get("adaptor"):
         lines.append(f"adaptor: {result['adaptor']}")
+        if result.get("adaptor_application"):
+            lines.append(f"adaptor applied: {result['adaptor_application']['applied']} "
+                         f"({result['adaptor_application']['reason']})")  # fmt: skip
     realised, target = result.get("realised") or {}, result.get("target") or {}
     distance = result.get("target_distance") or {}
     for attr, shares in realised.items():

@@ -31,7 +31,7 @@ from diffusers.training_utils import EMAModel
 from adaptors.audit import classify, summarise
 from adaptors.classifiers import AttributeClassifier
 from adaptors.fairness_gain import fit_summary, require_fairness_gain
-from adaptors.generation import GenerationCancelled, GenerationSpec, default_size, generate, initial_latents
+from adaptors.generation import GenerationCancelled, GenerationSpec, PromptEncoder, default_size, generate, initial_latents
 from adaptors.subject import require_subject_kept, subject_kept, subject_reader
 from adaptors.trainers.alignment import alignment_targets
 from adaptors.trainers.checkpoint import load_checkpoint, save_checkpoint
@@ -81,15 +81,21 @@ def attribute_region(classifier: AttributeClassifier, images: torch.Tensor, attr
 
 def evaluate(pipe, classifier, prompts: list[str], target: dict, cfg: DFTConfig, trainable: Trainable, base: bool):
     """Images and audit of `eval_images` per prompt on fixed evaluation seeds (base or trained model)."""
+    if base:
+        with trainable.frozen():
+            return evaluate_prompts(pipe, classifier, prompts, target, cfg, None)
+    return evaluate_prompts(pipe, classifier, prompts, target, cfg, trainable.prompt_encoder())
+
+
+def evaluate_prompts(pipe, classifier, prompts: list[str], target: dict, cfg: Any, encode_prompt: PromptEncoder | None):
+    """Images and audit of `cfg.eval_images` per prompt on fixed evaluation seeds (`cfg.eval_seed` + the prompt's
+    index, `cfg.eval_steps`, `cfg.guidance_scale`), encoded by `encode_prompt` (None: the pipeline as it is); the
+    summary every trainer's manifest reports (fit_summary per prompt and pooled, bias)."""
     images = []
     for j, prompt in enumerate(prompts):
         spec = GenerationSpec(prompt=prompt, num_images=cfg.eval_images, seed=cfg.eval_seed + j,
                               steps=cfg.eval_steps, guidance_scale=cfg.guidance_scale)  # fmt: skip
-        if base:
-            with trainable.frozen():
-                images.append(generate(pipe, spec, max_batch=64))
-        else:
-            images.append(generate(pipe, spec, max_batch=64, encode_prompt=trainable.prompt_encoder()))
+        images.append(generate(pipe, spec, max_batch=64, encode_prompt=encode_prompt))
     images_t = torch.cat(images)
     labels = classify(classifier, images_t)  # once: the pooled and the per-prompt summaries share it
     report = summarise(labels, classifier.attributes, target)

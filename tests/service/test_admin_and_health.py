@@ -114,6 +114,12 @@ def test_finetune_unknown_method(client: TestClient, admin: dict[str, str]) -> N
     ("ida", {"step": -1}, "hyperparameters.step"),
     ("dft", {"ema_decay": 1.0}, "hyperparameters.ema_decay"),  # the published average would never move
     ("dft", {"eval_images": 0}, "hyperparameters.eval_images"),  # would fail only after all the training
+    ("fair_mapping", {"depth": 0}, "hyperparameters.depth"),
+    ("fair_mapping", {"depth": 17}, "hyperparameters.depth"),
+    ("fair_mapping", {"lr": 0}, "hyperparameters.lr"),
+    ("fair_mapping", {"fair_weight": -1}, "hyperparameters.fair_weight"),
+    ("fair_mapping", {"skip_keywords": ["woman"]}, "hyperparameters.skip_keywords"),
+    ("fair_mapping", {"rank": 4}, "hyperparameters"),  # a DFT knob: unknown to fair_mapping
 ])  # fmt: skip
 def test_finetune_bad_hyperparameters_are_refused_before_any_job_is_queued(
     client: TestClient, admin: dict[str, str], store: JobStore, method: str, hp: dict, param: str

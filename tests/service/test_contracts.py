@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 from fastapi.testclient import TestClient
 
-from common.finetune_config import DFTConfig, IDAConfig, check_hyperparameters
+from common.finetune_config import DFTConfig, FairMappingConfig, IDAConfig, check_hyperparameters
 from service.contracts import HYPERPARAMETERS
 from service.schemas import FINETUNE_METHODS
 
@@ -17,6 +17,7 @@ def test_one_hyperparameter_model_per_method_mirroring_the_trainers_config():
     assert set(HYPERPARAMETERS["dft"].model_fields) == {f.name for f in fields(DFTConfig)}
     assert set(HYPERPARAMETERS["prefix"].model_fields) == {f.name for f in fields(DFTConfig)} - {"train"}
     assert set(HYPERPARAMETERS["ida"].model_fields) == {f.name for f in fields(IDAConfig)}
+    assert set(HYPERPARAMETERS["fair_mapping"].model_fields) == {f.name for f in fields(FairMappingConfig)}
     for method, model in HYPERPARAMETERS.items():
         assert all(f.description for f in model.model_fields.values()), method
         defaults = model().model_dump()
@@ -27,7 +28,7 @@ def test_openapi_types_the_finetune_request_by_method_and_the_job_result(client:
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/admin/finetunes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["discriminator"]["propertyName"] == "method"
-    assert set(body["discriminator"]["mapping"]) == {"dft", "prefix", "ida"}
+    assert set(body["discriminator"]["mapping"]) == {"dft", "prefix", "ida", "fair_mapping"}
     components = schema["components"]["schemas"]
     dft = components["FinetuneRequest_dft"]["properties"]["hyperparameters"]["$ref"].rsplit("/", 1)[1]
     lr = components[dft]["properties"]["lr"]

@@ -445,3 +445,41 @@ def test_ida_calibration_serves_the_guidance_strategy(stack):
     assert client.post("/v1/generate", json={**body, "steps": 6, "strategy": "guidance"}).status_code == 409
     other = client.post("/v1/generate", json={**body, "steps": 6}, headers={"Prefer": "wait=60"}).json()
     assert other["result"]["strategy"]["used"] == "assign"
+
+
+def test_fair_mapping_finetune_serves_the_adaptor_strategy_and_says_when_the_map_is_skipped(stack):
+    """A `fair_mapping` job trains in text space, publishes a `mapping` adaptor; `adaptor_id` uses it, and a prompt
+    that names a gender gets the base embedding (the result says the map was skipped and why)."""
+    client = stack["client"]
+    target = {"gender": {"female": 0.45, "male": 0.55}}  # a target no other test trains for
+    resp = client.post("/v1/admin/finetunes", headers=ADMIN, json={
+        "method": "fair_mapping", "fairness_target": target, "prompts": [SENATOR, prompt_for("pilot")],
+        "name": "senator-map",
+        # the plumbing: 4 evaluation steps are too rough for the gates, which tests/adaptors/test_fair_mapping.py covers
+        "hyperparameters": {"iterations": 60, "eval_images": 4, "eval_steps": 4, "min_subject_kept": 0,
+                            "min_fairness_gain": 0}})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, f"/v1/admin/finetunes/{resp.json()['id']}", timeout=180, headers=ADMIN)
+    assert job["state"] == "succeeded", job.get("error")
+    assert job["curve"] and "fair_distance" in job["curve"][-1]
+    adaptor_id = job["result"]["adaptor_id"]
+    assert adaptor_id in [a["id"] for a in client.get("/v1/adaptors").json()["data"]]
+    manifest = client.get(f"/v1/adaptors/{adaptor_id}").json()
+    assert manifest["kind"] == "mapping" and all(len(h) == 64 for h in manifest["files"].values())
+
+    body = {"num_images": 2, "steps": 4, "seed": 3, "strategy": "adaptor", "adaptor_id": adaptor_id, "fairness_target": target}
+    mapped = client.post("/v1/generate", json={**body, "prompt": SENATOR}, headers={"Prefer": "wait=60"}).json()
+    assert mapped["state"] == "succeeded", mapped
+    assert mapped["result"]["adaptor"] == adaptor_id and mapped["result"]["adaptor_application"]["applied"] is True
+    named = "a photo of the face of a female senator, a person"
+    skipped = client.post("/v1/generate", json={**body, "prompt": named}, headers={"Prefer": "wait=60"}).json()
+    assert skipped["state"] == "succeeded", skipped
+    application = skipped["result"]["adaptor_application"]
+    assert application["applied"] is False and "'female'" in application["reason"]
+    # bad hyperparameters are refused before anything is queued
+    bad = client.post(
+        "/v1/admin/finetunes",
+        headers=ADMIN,
+        json={"method": "fair_mapping", "fairness_target": target, "prompts": [SENATOR], "hyperparameters": {"depth": 99}},
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "hyperparameters.depth", bad.text

@@ -8,7 +8,7 @@ from dataclasses import fields
 import pytest
 from fastapi.testclient import TestClient
 
-from common.finetune_config import DFTConfig, IDAConfig, upper_bounds
+from common.finetune_config import DFTConfig, FairMappingConfig, IDAConfig, upper_bounds
 from tests.service.helpers import PROMPT, assert_error
 
 LONE = "\\ud83d"  # as JSON writes it: a lone UTF-16 surrogate, valid JSON, invalid Unicode
@@ -81,12 +81,12 @@ def _numeric(cls: type) -> list[str]:
     return [f.name for f in fields(cls) if f.type in ("int", "float")]
 
 
-@pytest.mark.parametrize("cls", [DFTConfig, IDAConfig])
+@pytest.mark.parametrize("cls", [DFTConfig, IDAConfig, FairMappingConfig])
 def test_every_numeric_hyperparameter_has_an_upper_bound(cls: type) -> None:
     assert sorted(_numeric(cls)) == sorted(upper_bounds(cls))
 
 
-@pytest.mark.parametrize(("method", "cls"), [("dft", DFTConfig), ("ida", IDAConfig)])
+@pytest.mark.parametrize(("method", "cls"), [("dft", DFTConfig), ("ida", IDAConfig), ("fair_mapping", FairMappingConfig)])
 def test_hyperparameters_over_their_bound_are_422_naming_them(client: TestClient, admin: dict[str, str], method: str,
                                                               cls: type) -> None:  # fmt: skip
     for key, bound in upper_bounds(cls).items():

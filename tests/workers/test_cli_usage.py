@@ -50,7 +50,7 @@ def test_help_shows_defaults_and_the_finetune_methods(capsys):
     assert "(default: 8)" in text and "(default: auto)" in text and "--target JSON" in text
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
-    assert "dft, prefix or ida" in " ".join(capsys.readouterr().out.split())
+    assert "dft, prefix, ida or fair_mapping" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,7 @@ def test_help_shows_defaults_and_the_finetune_methods(capsys):
         (["finetune", "dft", "--target", TARGET, "--prompts", "x", "--hparams", "{lr: 1}"], "--hparams"),
         (["finetune", "dft", "--target", TARGET, "--prompts", "x", "--hparams", '{"token_map_read": "span"}'], "--hparams"),
         (["finetune", "dft", "--target", "{", "--prompts", "x"], "--target"),
+        (["finetune", "fair_mapping", "--target", TARGET, "--prompts", "x", "--hparams", '{"depth": 0}'], "--hparams"),
         (["audit", "-n", "0"], "-n/--num-images"),
     ],
 )
@@ -142,6 +143,16 @@ def test_finetune_publishes_under_the_data_dir_the_service_reads_and_prints_its_
     store = tmp_path / "relative-data" / "adaptors"
     assert (store / "cli-data-dir" / "manifest.json").is_file()
     assert f"published adaptor cli-data-dir (lora) to {store}" in capsys.readouterr().out
+
+
+def test_finetune_fair_mapping_publishes_a_mapping_adaptor(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FAIRDIFF_TORCH_THREADS", "1")
+    hp = {"iterations": 20, "eval_images": 2, "eval_steps": 2, "min_subject_kept": 0, "min_fairness_gain": 0}
+    code = main(["finetune", "fair_mapping", "--target", TARGET, "--prompts", "a photo of the face of a doctor, a person",
+                 "--hparams", json.dumps(hp), "--id", "cli-map", "--store", str(tmp_path / "store")])  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "store" / "cli-map" / "mapping.safetensors").is_file()
+    assert "published adaptor cli-map (mapping)" in capsys.readouterr().out
 
 
 @pytest.mark.slow
