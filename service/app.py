@@ -21,7 +21,8 @@ from common.celery_config import make_celery
 from common.jobs import JobStore
 from common.settings import Settings, get_settings
 from service.api.docs import install_docs, install_typed_openapi
-from service.api.routes import adaptors, admin, generate, health, jobs
+from service.api.routes import adaptors, admin, generate, health, jobs, models
+from service.api.routes.playground import install_playground
 from service.errors import PayloadTooLarge, install_error_handlers
 from service.limits import WaitHolders
 from service.metrics import GatewayMetrics, MetricsMiddleware
@@ -155,8 +156,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_docs(app)
     install_typed_openapi(app)
-    for module in (generate, jobs, adaptors, admin, health):
+    for module in (generate, jobs, adaptors, models, admin, health):
         app.include_router(module.router)
+    install_playground(app)
 
     app.state.metrics.routes = list(app.routes)
     # Added last = outermost: metrics see every request, including ones refused for their size.

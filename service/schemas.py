@@ -225,6 +225,29 @@ class FinetuneList(BaseModel):
     data: list[FinetunePublic]
 
 
+# -- models -------------------------------------------------------------------------------------
+class ModelPublic(BaseModel):
+    """A base model as its workers registered it; OpenAI's model object plus what a fairness target needs."""
+
+    id: str = Field(..., description="The base model's name.")
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "fairdiff"
+    attributes: dict[str, list[str]] | None = Field(None, description="Attribute -> its classes; null without a classifier.")
+    height: int
+    width: int
+    max_tokens: int
+    default_steps: int
+    default_guidance_scale: float
+    prompt_sets: list[str] = Field(default_factory=list, description="Named prompt sets (for finetunes).")
+    strategies: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]
+
+
 # -- health -------------------------------------------------------------------------------------
 class Health(BaseModel):
     status: str
