@@ -7,11 +7,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
+from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from common.jobs import JobStore
 from common.schemas import JobKind, JobState
 from service.api.deps import Caller, CallerDep, SettingsDep, StoreDep
+from service.api.events import SSE_RESPONSES, job_event_stream, job_view
 from service.api.jobview import load_job, public_job
 from service.errors import NotFound, error_responses
 from service.schemas import JobPublic
@@ -29,6 +31,15 @@ def _get(request: Request, store: JobStore, job_id: str, caller: Caller) -> JobP
 def get_job(job_id: str, request: Request, store: StoreDep, caller: CallerDep) -> JobPublic:
     """State, queue position while queued, progress (step i of n), result or error. Another API key's job is a 404."""
     return _get(request, store, job_id, caller)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=SSE_RESPONSES | error_responses(401, 403, 404))
+async def job_events(job_id: str, request: Request, store: StoreDep, caller: CallerDep) -> EventSourceResponse:
+    """Live progress as Server-Sent Events: `state` and `progress` (step i of n) as they change, then `done` with the
+    whole job (what GET on the job answers), then the stream ends. Same ownership as GET: another API key's job is a
+    404."""
+    await run_in_threadpool(load_job, store, job_id, JobKind.generate, caller)
+    return job_event_stream(request, store, job_id, job_view(request, store, JobPublic))
 
 
 @router.delete(
