@@ -21,7 +21,7 @@ from common.celery_config import make_celery
 from common.jobs import JobStore
 from common.settings import Settings, get_settings
 from service.api.docs import install_docs, install_typed_openapi
-from service.api.routes import adaptors, admin, generate, health, jobs, models
+from service.api.routes import adaptors, admin, generate, health, jobs, models, openai_images
 from service.api.routes.playground import install_playground
 from service.errors import PayloadTooLarge, install_error_handlers
 from service.limits import WaitHolders
@@ -156,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_docs(app)
     install_typed_openapi(app)
-    for module in (generate, jobs, adaptors, models, admin, health):
+    for module in (generate, openai_images, jobs, adaptors, models, admin, health):
         app.include_router(module.router)
     install_playground(app)
 

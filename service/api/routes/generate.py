@@ -183,7 +183,14 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         enforce=bool(body.enforce),
         strict=body.enforce == "strict",
         ledger=body.ledger,
+        extra=output_options(body),
     )
+
+
+def output_options(body: GenerateRequest) -> dict[str, str]:
+    """How the gateway presents the images (workers ignore it): only what differs from the defaults."""
+    options = {"output_format": body.output_format, "response_format": body.response_format}
+    return {k: v for k, v in options.items() if v != GenerateRequest.model_fields[k].default}
 
 
 def existing_job(store: JobStore, job_id: str) -> dict[str, Any]:

@@ -265,7 +265,7 @@ async function onGenerate(ev) {
 }
 
 async function imageSource(img, job) {
-  if (img.b64_json) return `data:image/${job.request.extra && job.request.extra.output_format || "png"};base64,${img.b64_json}`;
+  if (img.b64_json) return `data:image/${(job.request.extra && job.request.extra.output_format) || "png"};base64,${img.b64_json}`;
   const resp = await fetch(img.url, { headers: authHeaders() });
   if (!resp.ok) return "";
   return URL.createObjectURL(await resp.blob());
