@@ -112,6 +112,6 @@ def job_view(request: Request, store: JobStore, model: Any) -> Callable[[dict[st
     """A function from a job record to what GET on the job answers (model: JobPublic or FinetunePublic)."""
 
     def view(job: dict[str, Any]) -> dict[str, Any]:
-        return model.model_validate(public_job(request, store, job)).model_dump(mode="json")
+        return model.model_validate(public_job(request, store, job)).model_dump(mode="json", by_alias=True)
 
     return view

@@ -283,7 +283,7 @@ async def respond(request: Request, store: JobStore, job_id: str, wait_s: float)
     url = job_url(request, job)
     if JobState(job["state"]).finished and wait_s > 0:
         view = await run_in_threadpool(public_job, request, store, job)
-        return JSONResponse(JobPublic.model_validate(view).model_dump(mode="json"), status_code=200)
+        return JSONResponse(JobPublic.model_validate(view).model_dump(mode="json", by_alias=True), status_code=200)
     accepted = JobAccepted(id=job_id, url=url, state=JobState(job["state"]))
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers={"Location": url})
 

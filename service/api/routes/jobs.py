@@ -54,7 +54,7 @@ def cancel_job(job_id: str, request: Request, store: StoreDep, caller: CallerDep
     store.request_cancel(job_id)
     view = _get(request, store, job_id, caller)
     status = 202 if view.state is JobState.running else 200
-    return JSONResponse(view.model_dump(mode="json"), status_code=status)
+    return JSONResponse(view.model_dump(mode="json", by_alias=True), status_code=status)
 
 
 @router.get(

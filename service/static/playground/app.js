@@ -197,6 +197,7 @@ async function streamEvents(path, token, onEvent) {
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
+  let finished = false;
   for (;;) {
     const { value, done } = await reader.read();
     if (done) return;
@@ -211,10 +212,8 @@ async function streamEvents(path, token, onEvent) {
         if (line.startsWith("event:")) event = line.slice(6).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
       }
-      if (data.length && onEvent(event, JSON.parse(data.join("\n"))) === false) {
-        reader.cancel();
-        return;
-      }
+      // after the last event the server closes the stream; reading on to its end leaves no aborted request
+      if (data.length && !finished && onEvent(event, JSON.parse(data.join("\n"))) === false) finished = true;
     }
   }
 }
