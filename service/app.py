@@ -6,6 +6,8 @@ default admin token outside dev), which should fail the server start, not an imp
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -26,6 +28,7 @@ from service.api.routes.playground import install_playground
 from service.errors import PayloadTooLarge, install_error_handlers
 from service.limits import WaitHolders
 from service.metrics import GatewayMetrics, MetricsMiddleware
+from service.webhooks import run_dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +124,12 @@ class LazyCelery:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    dispatcher = asyncio.create_task(run_dispatcher(app)) if app.state.settings.webhook_secret else None
     yield
+    if dispatcher is not None:
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
     # Release broker and store connections on shutdown.
     app.state.celery.close()
     app.state.store.r.close()

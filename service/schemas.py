@@ -125,6 +125,14 @@ class GenerateRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = Field(
         "url", description="`b64_json`: the finished job's images are also inline, base64 in each image's `b64_json`."
     )
+    webhook: Text | None = Field(
+        None, max_length=2048, description="An http(s) URL POSTed the finished job once, signed (Standard Webhooks headers "
+        "`webhook-id`, `webhook-timestamp`, `webhook-signature`), retried with backoff. Private and loopback addresses "
+        "are refused unless the deployment allows them.",
+    )  # fmt: skip
+    webhook_events: list[Literal["succeeded", "failed", "cancelled"]] | None = Field(
+        None, min_length=1, description="Final states that call the webhook; all three when left out."
+    )
 
 
 class JobAccepted(BaseModel):
@@ -162,6 +170,10 @@ class JobPublic(BaseModel):
         "distribution, distance to the target, strategy, enforcement, ledger, timings); a finetune's own record.",
     )
     error: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = Field(
+        None, description="With a `webhook`: its delivery `state` (pending, delivered, failed, refused, skipped), `attempts`, "
+        "`last_status`, `last_error`.",
+    )  # fmt: skip
 
 
 # -- adaptors -----------------------------------------------------------------------------------
@@ -215,6 +227,14 @@ class FinetuneRequest(BaseModel):
     )
     eval_prompt_set: Text | None = Field(
         None, description="Instead of eval_prompts; a training prompt set defaults to its held-out partner, if it has one."
+    )
+    webhook: Text | None = Field(
+        None, max_length=2048, description="An http(s) URL POSTed the finished job once, signed (Standard Webhooks headers "
+        "`webhook-id`, `webhook-timestamp`, `webhook-signature`), retried with backoff. Private and loopback addresses "
+        "are refused unless the deployment allows them.",
+    )  # fmt: skip
+    webhook_events: list[Literal["succeeded", "failed", "cancelled"]] | None = Field(
+        None, min_length=1, description="Final states that call the webhook; all three when left out."
     )
 
     @field_validator("hyperparameters")

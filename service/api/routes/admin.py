@@ -30,6 +30,7 @@ from service.schemas import (
     JobAccepted,
 )
 from service.validation import check_prompt, load_manifest, require_model_info
+from service.webhooks import check_webhook, register
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 403))
@@ -128,7 +129,10 @@ def create_finetune(
     celery: CeleryDep,
 ) -> JSONResponse:
     job = build_finetune_job(body, settings, store)
+    check_webhook(body.webhook, settings)
     job_id = store.create(JobKind.finetune, TRAINING_QUEUE, job.to_dict(), owner=ADMIN_TENANT)
+    if body.webhook:
+        register(store, job_id, body.webhook, body.webhook_events)
     try:
         _send(celery, job_id)
     except Exception as exc:

@@ -27,6 +27,7 @@ from service.errors import Conflict, InvalidField, ServiceUnavailable, TooManyRe
 from service.limits import WaitHolders, check_active, check_rate, rate_scope
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
 from service.validation import check_prompt, load_manifest, require_model_info
+from service.webhooks import check_webhook, register
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generate"])
@@ -321,8 +322,11 @@ async def generate(
     info = await run_in_threadpool(require_model_info, store, settings.base_model)
     job = await run_in_threadpool(build_generate_job, body, settings, info)
     job.ledger_scope = caller.tenant
+    await run_in_threadpool(check_webhook, body.webhook, settings)
     idem = Idempotency(caller.tenant, idempotency_key, request_fingerprint(body)) if idempotency_key else None
     job_id, replayed = await run_in_threadpool(enqueue, store, celery, job, caller.tenant, idem, settings.max_active_jobs_per_key)
+    if body.webhook and not replayed:
+        await run_in_threadpool(register, store, job_id, body.webhook, body.webhook_events)
     response = await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
     if replayed:
         response.headers[REPLAY_HEADER] = "true"
