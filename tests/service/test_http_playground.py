@@ -143,6 +143,7 @@ def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(sta
             page.fill("#num", "8")
             page.fill("#seed", "5")
             page.select_option("#enforce", "true")
+            page.check("#baseline")
             page.click("#go")
             page.wait_for_selector("#grid figure.img img[src]", timeout=90_000)
             page.wait_for_function("document.querySelectorAll('#grid figure.img img[src]').length === 8", timeout=30_000)
@@ -156,6 +157,11 @@ def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(sta
             delivered = page.locator('#charts [data-attribute="gender"] rect.bar-delivered[data-class="female"]')
             assert float(delivered.get_attribute("data-value")) == pytest.approx(job["result"]["realised"]["gender"]["female"])
             assert "exact" in page.locator("#summary").inner_text()
+            # the base model's run (strategy none, same prompt and seed) adds a bar per class of every attribute
+            base_bars = page.locator('#charts [data-attribute="age"] rect.bar-base')
+            base_bars.first.wait_for(timeout=60_000)
+            assert base_bars.count() == 2
+            page.screenshot(path=str(shots / "playground.png"), full_page=True)
             page.click('button[data-tab="adaptors"]')
             page.wait_for_selector("#adaptors-empty:not([hidden]), #adaptors tbody tr", timeout=10_000)
             page.screenshot(path=str(shots / "playground-adaptors.png"))

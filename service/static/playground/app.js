@@ -255,7 +255,15 @@ async function onGenerate(ev) {
     const job = status === 200 ? data : await followJob(data);
     showProgress(job);
     if (job.state !== "succeeded") throw new Error("job " + job.state + (job.error ? ": " + job.error.message : ""));
-    await renderResult(job);
+    await renderResult(job, null);
+    if ($("baseline").checked) {
+      $("state-line").textContent += " · running the base model for comparison…";
+      const body = { prompt: job.request.prompt, num_images: job.request.num_images, seed: job.request.seed, strategy: "none" };
+      const { status, data } = await api("POST", "/v1/generate", body);
+      const baseJob = status === 200 ? data : await followJob(data);
+      showProgress(job);
+      if (baseJob.state === "succeeded") await renderResult(job, baseJob);
+    }
   } catch (err) {
     showError($("error"), err);
   } finally {
@@ -279,7 +287,7 @@ function missedClasses(img) {
   return missed;
 }
 
-async function renderResult(job) {
+async function renderResult(job, baseJob) {
   const r = job.result;
   const target = (job.request && job.request.fairness_target) || {};
   $("result").hidden = false;
@@ -307,7 +315,8 @@ async function renderResult(job) {
   for (const [attr, classes] of Object.entries(attrs)) {
     const delivered = (r.realised || {})[attr];
     if (!delivered) continue;
-    charts.append(barChart(attr, classes, target[attr] || null, delivered, (r.counts || {})[attr] || {}));
+    const base = baseJob && baseJob.result && baseJob.result.realised ? baseJob.result.realised[attr] : null;
+    charts.append(barChart(attr, classes, target[attr] || null, delivered, (r.counts || {})[attr] || {}, base));
   }
   if (!charts.children.length) charts.append(el("p", { class: "muted", text: "no audit: nothing to chart" }));
   // images
@@ -330,31 +339,35 @@ async function renderResult(job) {
   }
 }
 
-function barChart(attr, classes, target, delivered, counts) {
-  const W = 60 + classes.length * 70, H = 180, top = 16, base = 140, scale = base - top;
+function barChart(attr, classes, target, delivered, counts, base) {
+  const series = [];
+  if (target) series.push(["target", target, "#9aa5b1"]);
+  series.push(["delivered", delivered, "#2b6cb0"]);
+  if (base) series.push(["base", base, "#e8a33d"]);
+  const group = series.length * 26 + 18;
+  const W = 50 + classes.length * group, H = 180, top = 16, base0 = 140, scale = base0 - top;
   const chart = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${attr}: target vs delivered` });
   for (const y of [0, 0.5, 1]) {
-    const yy = base - y * scale;
+    const yy = base0 - y * scale;
     chart.append(svg("line", { x1: 30, x2: W - 5, y1: yy, y2: yy, stroke: "#e5e7eb" }));
     chart.append(svg("text", { x: 26, y: yy + 4, "text-anchor": "end", "font-size": 10, fill: "#6b7280" }, fmt(y, 1)));
   }
   classes.forEach((c, i) => {
-    const x = 40 + i * 70;
-    const bars = target ? [["target", target[c] || 0, "#9aa5b1"], ["delivered", delivered[c] || 0, "#2b6cb0"]] : [["delivered", delivered[c] || 0, "#2b6cb0"]];
-    bars.forEach(([kind, v, color], j) => {
+    const x = 40 + i * group;
+    series.forEach(([kind, values, color], j) => {
+      const v = values[c] || 0;
       const h = Math.max(0, v) * scale;
-      const bar = svg("rect", { x: x + j * 26, y: base - h, width: 24, height: h, fill: color, class: "bar-" + kind, "data-class": c, "data-value": v });
+      const bar = svg("rect", { x: x + j * 26, y: base0 - h, width: 24, height: h, fill: color, class: "bar-" + kind, "data-class": c, "data-value": v });
       bar.append(svg("title", {}, `${c} ${kind}: ${fmt(v, 3)}`));
       chart.append(bar);
-      chart.append(svg("text", { x: x + j * 26 + 12, y: base - h - 3, "text-anchor": "middle", "font-size": 10 }, fmt(v, 2)));
+      chart.append(svg("text", { x: x + j * 26 + 12, y: base0 - h - 3, "text-anchor": "middle", "font-size": 10 }, fmt(v, 2)));
     });
-    const n = counts[c];
-    chart.append(svg("text", { x: x + (target ? 25 : 12), y: base + 14, "text-anchor": "middle", "font-size": 11 }, c));
-    if (n !== undefined) chart.append(svg("text", { x: x + (target ? 25 : 12), y: base + 28, "text-anchor": "middle", "font-size": 10, fill: "#6b7280", class: "count", "data-class": c }, `n=${n}`));
+    const mid = x + (series.length * 26) / 2;
+    chart.append(svg("text", { x: mid, y: base0 + 14, "text-anchor": "middle", "font-size": 11 }, c));
+    if (counts[c] !== undefined) chart.append(svg("text", { x: mid, y: base0 + 28, "text-anchor": "middle", "font-size": 10, fill: "#6b7280", class: "count", "data-class": c }, `n=${counts[c]}`));
   });
   const legend = el("div", { class: "legend" });
-  if (target) legend.append(el("span", {}, el("span", { class: "sw target" }), "target"));
-  legend.append(el("span", {}, el("span", { class: "sw delivered" }), "delivered"));
+  for (const [kind] of series) legend.append(el("span", {}, el("span", { class: "sw " + kind }), kind === "base" ? "base model" : kind));
   if (!target) legend.append(el("span", { class: "muted", text: "(not targeted)" }));
   return el("div", { class: "chart", "data-attribute": attr }, el("h3", { text: attr }), chart, legend);
 }
@@ -424,23 +437,47 @@ async function onLaunch(ev) {
   }
 }
 
-function watchFinetune(id) {
+function showFinetune(data) {
+  const p = data.progress;
+  $("ft-state").textContent = data.state + (p && p.total ? ` · step ${p.step} of ${p.total}` : "");
+  if (p && p.total) { $("ft-progress").max = p.total; $("ft-progress").value = p.step; }
+}
+
+function finetuneDone(data) {
+  showFinetune(data);
+  drawCurves(data.curve || []);
+  $("ft-result").textContent = JSON.stringify(data.result || data.error, null, 2);
+  loadFinetunes();
+}
+
+async function watchFinetune(id) {
   clearTimeout(ftTimer);
+  const watching = (ftTimer = {});  // a newer watch replaces this one
   $("ft-watch").hidden = false;
   $("ft-id").textContent = id;
   $("ft-result").textContent = "";
+  drawCurves([]);
+  const curve = [];
+  let final = null;
+  try {
+    await streamEvents(`/v1/admin/finetunes/${id}/events`, adminToken, (event, data) => {
+      if (ftTimer !== watching) return false;
+      if (event === "state" || event === "progress") showFinetune(data);
+      if (event === "curve") { curve.push(...data.points); drawCurves(curve); }
+      if (event === "done") { final = data; return false; }
+      return true;
+    });
+  } catch (err) {
+    final = null;  // no event stream: poll
+  }
+  if (ftTimer !== watching) return;
+  if (final) { finetuneDone(final); return; }
   const tick = async () => {
     try {
       const { data } = await api("GET", "/v1/admin/finetunes/" + id, undefined, adminToken);
-      const p = data.progress;
-      $("ft-state").textContent = data.state + (p && p.total ? ` · step ${p.step} of ${p.total}` : "");
-      if (p && p.total) { $("ft-progress").max = p.total; $("ft-progress").value = p.step; }
+      showFinetune(data);
       drawCurves(data.curve || []);
-      if (["succeeded", "failed", "cancelled"].includes(data.state)) {
-        $("ft-result").textContent = JSON.stringify(data.result || data.error, null, 2);
-        loadFinetunes();
-        return;
-      }
+      if (["succeeded", "failed", "cancelled"].includes(data.state)) { finetuneDone(data); return; }
     } catch (err) {
       showError($("admin-error"), err);
     }
