@@ -164,8 +164,9 @@ class JobPublic(BaseModel):
     started: float | None = None
     finished: float | None = None
     request: dict[str, Any] | None = Field(None, description="The validated request, including the seed used.")
-    result: GenerateResult | dict[str, Any] | None = Field(
+    result: dict[str, Any] | GenerateResult | None = Field(
         None,
+        union_mode="left_to_right",  # the worker's record as written: typed for the schema, never renamed or filled in
         description="A generate job's result (GenerateResult: images with attributes and confidences, realised "
         "distribution, distance to the target, strategy, enforcement, ledger, timings); a finetune's own record.",
     )
