@@ -522,6 +522,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("gen-form").addEventListener("submit", onGenerate);
   $("ft-form").addEventListener("submit", onLaunch);
   $("ft-cancel").addEventListener("click", onCancel);
+  $("ft-method").addEventListener("change", () => {
+    $("ft-hp").value = JSON.stringify($("ft-method").value === "ida" ? { max_iterations: 4 } : { iterations: 20 });
+  });
   $("ft-refresh").addEventListener("click", loadFinetunes);
   $("adaptors-refresh").addEventListener("click", loadAdaptors);
   $("apikey-use").addEventListener("click", () => { apiKey = $("apikey").value.trim(); loadModel(); });
