@@ -160,6 +160,8 @@ async function loadModel() {
   strategy.replaceChildren(...model.strategies.map((s) => el("option", { value: s, text: s })));
   strategy.value = "auto";
   $("ft-promptset").replaceChildren(...model.prompt_sets.map((s) => el("option", { value: s, text: s })));
+  const train = model.prompt_sets.find((s) => s.endsWith("-train")) || model.prompt_sets.find((s) => s.includes("train"));
+  if (train) $("ft-promptset").value = train;
 }
 
 // -- generate -----------------------------------------------------------------------------------
@@ -444,6 +446,7 @@ function showFinetune(data) {
 }
 
 function finetuneDone(data) {
+  $("ft-cancel").hidden = true;
   showFinetune(data);
   drawCurves(data.curve || []);
   $("ft-result").textContent = JSON.stringify(data.result || data.error, null, 2);
@@ -454,6 +457,7 @@ async function watchFinetune(id) {
   clearTimeout(ftTimer);
   const watching = (ftTimer = {});  // a newer watch replaces this one
   $("ft-watch").hidden = false;
+  $("ft-cancel").hidden = false;
   $("ft-id").textContent = id;
   $("ft-result").textContent = "";
   drawCurves([]);
@@ -489,7 +493,7 @@ async function watchFinetune(id) {
 function drawCurves(curve) {
   const box = $("ft-curve");
   box.replaceChildren();
-  const skip = new Set(["step", "total", "t"]);
+  const skip = new Set(["step", "total", "t", "iteration"]);
   const keys = [...new Set(curve.flatMap((p) => Object.keys(p).filter((k) => !skip.has(k) && typeof p[k] === "number")))];
   for (const key of keys) {
     const pts = curve.filter((p) => typeof p[key] === "number").map((p, i) => [p.step !== undefined ? p.step : i, p[key]]);
