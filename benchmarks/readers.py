@@ -93,7 +93,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per occupation and target")
     parser.add_argument("--images", type=int, default=8, help="images per request")
     parser.add_argument("--renders", type=int, default=1000)
+    parser.add_argument("--clip-accuracy", type=Path, metavar="FOLDER",
+                        help="only print a CLIP reader folder's accuracy against the oracle (renders, VAE round-trips, "
+                        "plain generated images), as testbed/clip.py records after training")  # fmt: skip
     args = parser.parse_args()
+    if args.clip_accuracy is not None:
+        import json
+
+        print(json.dumps(clip_accuracy(args.clip_accuracy)))
+        return
     settings = Settings()
     threads = configure_threads(0)
     pipe = load_pipeline("testbed", device="cpu")
@@ -148,6 +156,40 @@ def main() -> None:
     result["weights"] = {"testbed-clip": weights_fingerprint(testbed_clip_dir())}
     result.update(environment(threads))
     publish("readers", result)
+
+
+def oracle_accuracy(reader, images: torch.Tensor) -> dict:
+    """Per attribute, the share of images the oracle reads a person in where the reader agrees with it."""
+    from testbed.oracle import read_batch
+
+    readings = read_batch(images.numpy() * 2 - 1)
+    pred = reader.predict(images)
+    out = {"images": len(images), "oracle_person": sum(r.person for r in readings)}
+    out["person_agreement"] = round(float(np.mean([(p >= 0.5) == r.person for p, r in zip(pred.person.tolist(), readings)])), 4)
+    for a, classes in reader.attributes.items():
+        pairs = [(classes[int(pred.probs[a][i].argmax())], getattr(r, a)) for i, r in enumerate(readings) if r.person]
+        out[a] = round(float(np.mean([p == o for p, o in pairs])), 4) if pairs else None
+    return out
+
+
+def clip_accuracy(folder: Path, seed: int = 12345) -> dict:
+    """Accuracy against the oracle on fresh renders, their VAE round-trips and plain generated images."""
+    from adaptors.generation import GenerationSpec, generate, load_pipeline
+    from adaptors.readers.registry import load_reader_folder
+    from testbed.classifier import _vae_roundtrip
+    from testbed.clip import OCCUPATIONS, PROMPT_TEMPLATE
+    from testbed.data import render_balanced
+
+    reader = load_reader_folder(folder)
+    x, _ = render_balanced(1000, seed)
+    renders = (torch.from_numpy(x) + 1) / 2
+    pipe = load_pipeline("testbed", "cpu")
+    roundtrip = (_vae_roundtrip(pipe.vae, torch.from_numpy(x)) + 1) / 2
+    prompts = [PROMPT_TEMPLATE.format(occupation=o.name) for o in OCCUPATIONS]
+    spec = GenerationSpec(prompt=prompts[0], prompts=prompts * 8, num_images=len(prompts) * 8, seed=seed)
+    generated = generate(pipe, spec, max_batch=64)
+    return {"renders": oracle_accuracy(reader, renders), "vae_roundtrip": oracle_accuracy(reader, roundtrip.clamp(0, 1)),
+            "generated_plain": oracle_accuracy(reader, generated)}  # fmt: skip
 
 
 if __name__ == "__main__":

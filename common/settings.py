@@ -169,6 +169,20 @@ class Settings(BaseSettings):
         64 * 100, ge=1, description="Most image-steps (num_images x steps) one generate request may ask for."
     )
 
+    # webhooks: a POST when a job finishes, signed as in the Standard Webhooks convention
+    webhook_secret: str = Field(
+        "",
+        description="HMAC-SHA256 key that signs webhook deliveries (`whsec_<base64>` or plain text); empty = requests "
+        "with a `webhook` are refused (422 webhooks_disabled).",
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs that resolve to private, loopback or link-local addresses (SSRF guard)."
+    )
+    webhook_allowed_hosts: str = Field("", description="Comma-separated host names webhooks may call; empty = any public host.")
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="Deliveries tried per webhook before giving up.")
+    webhook_retry_base_s: float = Field(2.0, gt=0, description="First retry delay; each next one doubles (at most 5 min).")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Time one delivery may take before it counts as failed.")
+
     @property
     def audits_attributes(self) -> bool:
         """Whether workers will load an attribute classifier, so a fairness_target can be served."""

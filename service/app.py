@@ -6,6 +6,8 @@ default admin token outside dev), which should fail the server start, not an imp
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -21,10 +23,12 @@ from common.celery_config import make_celery
 from common.jobs import JobStore
 from common.settings import Settings, get_settings
 from service.api.docs import install_docs, install_typed_openapi
-from service.api.routes import adaptors, admin, generate, health, jobs
+from service.api.routes import adaptors, admin, generate, health, jobs, models, openai_images
+from service.api.routes.playground import install_playground
 from service.errors import PayloadTooLarge, install_error_handlers
 from service.limits import WaitHolders
 from service.metrics import GatewayMetrics, MetricsMiddleware
+from service.webhooks import run_dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +124,12 @@ class LazyCelery:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    dispatcher = asyncio.create_task(run_dispatcher(app)) if app.state.settings.webhook_secret else None
     yield
+    if dispatcher is not None:
+        dispatcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dispatcher
     # Release broker and store connections on shutdown.
     app.state.celery.close()
     app.state.store.r.close()
@@ -155,8 +164,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_docs(app)
     install_typed_openapi(app)
-    for module in (generate, jobs, adaptors, admin, health):
+    for module in (generate, openai_images, jobs, adaptors, models, admin, health):
         app.include_router(module.router)
+    install_playground(app)
 
     app.state.metrics.routes = list(app.routes)
     # Added last = outermost: metrics see every request, including ones refused for their size.

@@ -101,6 +101,22 @@ class ServiceUnavailable(ApiError):
     default_code = "unavailable"
 
 
+class JobFailed(ApiError):
+    """500: the job ran and failed; the message and code are the worker's."""
+
+    status_code = 500
+    type = "server_error"
+    default_code = "job_failed"
+
+
+class GatewayTimeout(ApiError):
+    """504: the job did not finish within the bounded wait; it goes on, at the URL in `Location`."""
+
+    status_code = 504
+    type = "timeout_error"
+    default_code = "job_not_finished"
+
+
 def printable(text: str | None) -> str | None:
     """Text that any response can encode: characters UTF-8 cannot hold (lone surrogates from a client's JSON, or
     from a percent-decoded path) become backslash escapes instead of failing the response."""
@@ -191,6 +207,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Body over the size limit",
         422: "Invalid field; `error.param` names it",
         429: "Over a rate or concurrency limit; retry after `Retry-After` seconds",
+        500: "The job failed; `error.code` is the worker's",
         503: "No worker / broker unavailable",
+        504: "The job did not finish within the wait; poll the job at `Location`",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}

@@ -118,6 +118,21 @@ class GenerateRequest(BaseModel):
         "adaptors exist). `true`: a budget that ends short still succeeds and `enforcement.satisfied` is false, "
         'with the counts per attribute. `"strict"`: such a job fails with `enforcement_incomplete` instead.',
     )
+    output_format: Literal["png", "webp", "jpeg"] = Field(
+        "png", description="Image format of the result's URLs and inline images; each carries its prompt, seed, assigned "
+        "and audited classes as metadata (PNG text chunks, or EXIF in JPEG and WebP).",
+    )  # fmt: skip
+    response_format: Literal["url", "b64_json"] = Field(
+        "url", description="`b64_json`: the finished job's images are also inline, base64 in each image's `b64_json`."
+    )
+    webhook: Text | None = Field(
+        None, max_length=2048, description="An http(s) URL POSTed the finished job once, signed (Standard Webhooks headers "
+        "`webhook-id`, `webhook-timestamp`, `webhook-signature`), retried with backoff. Private and loopback addresses "
+        "are refused unless the deployment allows them.",
+    )  # fmt: skip
+    webhook_events: list[Literal["succeeded", "failed", "cancelled"]] | None = Field(
+        None, min_length=1, description="Final states that call the webhook; all three when left out."
+    )
 
 
 class JobAccepted(BaseModel):
@@ -157,6 +172,10 @@ class JobPublic(BaseModel):
         "distribution, distance to the target, strategy, enforcement, ledger, timings); a finetune's is its own record.",
     )
     error: dict[str, Any] | None = None
+    webhook: dict[str, Any] | None = Field(
+        None, description="With a `webhook`: its delivery `state` (pending, delivered, failed, refused, skipped), `attempts`, "
+        "`last_status`, `last_error`.",
+    )  # fmt: skip
 
 
 # -- adaptors -----------------------------------------------------------------------------------
@@ -213,6 +232,14 @@ class FinetuneRequest(BaseModel):
     eval_prompt_set: Text | None = Field(
         None, description="Instead of eval_prompts; a training prompt set defaults to its held-out partner, if it has one."
     )
+    webhook: Text | None = Field(
+        None, max_length=2048, description="An http(s) URL POSTed the finished job once, signed (Standard Webhooks headers "
+        "`webhook-id`, `webhook-timestamp`, `webhook-signature`), retried with backoff. Private and loopback addresses "
+        "are refused unless the deployment allows them.",
+    )  # fmt: skip
+    webhook_events: list[Literal["succeeded", "failed", "cancelled"]] | None = Field(
+        None, min_length=1, description="Final states that call the webhook; all three when left out."
+    )
 
     @field_validator("hyperparameters")
     @classmethod
@@ -227,6 +254,91 @@ class FinetunePublic(JobPublic):
 
 class FinetuneList(BaseModel):
     data: list[FinetunePublic]
+
+
+# -- OpenAI-compatible images API ---------------------------------------------------------------
+class ImagesGenerationRequest(BaseModel):
+    """OpenAI's `POST /v1/images/generations` body, plus fairdiff's fields as extensions (an OpenAI client sends them
+    through `extra_body`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a photo of the face of a nurse, a person",
+                    "n": 4,
+                    "response_format": "b64_json",
+                    "fairness_target": {"gender": {"female": 0.5, "male": 0.5}},
+                }
+            ]
+        },
+    )
+
+    prompt: Text = Field(..., min_length=1)
+    n: int = Field(1, ge=1, le=64, description="Number of images.")
+    size: str | None = Field(
+        None, pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$", description="`WIDTHxHEIGHT`, the base model's size; `auto` or none: it."
+    )
+    response_format: Literal["url", "b64_json"] | None = Field(None, description="`url` (default) or inline `b64_json`.")
+    output_format: Literal["png", "webp", "jpeg"] | None = Field(None, description="Image format (default png).")
+    model: Text | None = Field(None, description="The base model's name, or an adaptor id from GET /v1/adaptors.")
+    # accepted for compatibility with OpenAI clients; they do not change what fairdiff makes
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = Field(None, max_length=256)
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    # fairdiff's extensions
+    fairness_target: FairnessTargetIn | None = Field(None, description=_TARGET_DOC)
+    strategy: Strategy = Strategy.auto
+    enforce: bool | Literal["strict"] = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    negative_prompt: Text | None = None
+    steps: int | None = Field(None, ge=1, le=200)
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0, allow_inf_nan=False)
+
+
+class ImageDatum(BaseModel):
+    url: str | None = Field(None, description="Absolute URL of the image (with `response_format` url).")
+    b64_json: str | None = Field(None, description="The image, base64 (with `response_format` b64_json).")
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(..., description="Unix time the job was created.")
+    data: list[ImageDatum]
+    output_format: str
+    size: str
+    fairdiff: dict[str, Any] = Field(
+        ...,
+        description="The job (`id`, `url`, `seed`) and its audit as in a generate job's result (`realised`, `counts`, "
+        "`target_distance`, `strategy`, `guarantee`, `enforcement`, `timings`), with each image's audited classes.",
+    )
+
+
+# -- models -------------------------------------------------------------------------------------
+class ModelPublic(BaseModel):
+    """A base model as its workers registered it; OpenAI's model object plus what a fairness target needs."""
+
+    id: str = Field(..., description="The base model's name.")
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "fairdiff"
+    attributes: dict[str, list[str]] | None = Field(None, description="Attribute -> its classes; null without a classifier.")
+    height: int
+    width: int
+    max_tokens: int
+    default_steps: int
+    default_guidance_scale: float
+    prompt_sets: list[str] = Field(default_factory=list, description="Named prompt sets (for finetunes).")
+    strategies: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelPublic]
 
 
 # -- health -------------------------------------------------------------------------------------

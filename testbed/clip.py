@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from testbed.world import ATTRIBUTES, CLASS_WORDS, OCCUPATIONS, PROMPT_TEMPLATE
+from testbed.world import ATTRIBUTES, CLASS_WORDS, OCCUPATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -208,39 +208,6 @@ def save(model, tokenizer, out: Path, meta: dict) -> None:
     (out / "training_log.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def oracle_accuracy(reader, images: torch.Tensor) -> dict:
-    """Per attribute, the share of images the oracle reads a person in where the reader agrees with it."""
-    from testbed.oracle import read_batch
-
-    readings = read_batch(images.numpy() * 2 - 1)
-    pred = reader.predict(images)
-    out = {"images": len(images), "oracle_person": sum(r.person for r in readings)}
-    out["person_agreement"] = round(float(np.mean([(p >= 0.5) == r.person for p, r in zip(pred.person.tolist(), readings)])), 4)
-    for a, classes in reader.attributes.items():
-        pairs = [(classes[int(pred.probs[a][i].argmax())], getattr(r, a)) for i, r in enumerate(readings) if r.person]
-        out[a] = round(float(np.mean([p == o for p, o in pairs])), 4) if pairs else None
-    return out
-
-
-def evaluate(folder: Path, seed: int = 12345) -> dict:
-    """Accuracy against the oracle on fresh renders, their VAE round-trips and plain generated images."""
-    from adaptors.generation import GenerationSpec, generate, load_pipeline
-    from adaptors.readers.registry import load_reader_folder
-    from testbed.classifier import _vae_roundtrip
-    from testbed.data import render_balanced
-
-    reader = load_reader_folder(folder)
-    x, _ = render_balanced(1000, seed)
-    renders = (torch.from_numpy(x) + 1) / 2
-    pipe = load_pipeline("testbed", "cpu")
-    roundtrip = (_vae_roundtrip(pipe.vae, torch.from_numpy(x)) + 1) / 2
-    prompts = [PROMPT_TEMPLATE.format(occupation=o.name) for o in OCCUPATIONS]
-    spec = GenerationSpec(prompt=prompts[0], prompts=prompts * 8, num_images=len(prompts) * 8, seed=seed)
-    generated = generate(pipe, spec, max_batch=64)
-    return {"renders": oracle_accuracy(reader, renders), "vae_roundtrip": oracle_accuracy(reader, roundtrip.clamp(0, 1)),
-            "generated_plain": oracle_accuracy(reader, generated)}  # fmt: skip
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights" / "clip")
@@ -250,27 +217,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--junk", type=int, default=2_000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--init", type=Path, help="continue from this saved folder (on a fresh draw: use another --seed)")
     parser.add_argument("--roundtrip-share", type=float, default=0.5, help="share of people seen through the testbed VAE")
     parser.add_argument("--soften", type=float, default=0.0, help="share of each batch blurred by a random amount")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    if not args.eval_only:
-        model, tokenizer, log, seconds = train(args.steps, args.seed, args.people, args.junk, lr=args.lr, init=args.init,
-                                               roundtrip_share=args.roundtrip_share, soften=args.soften)  # fmt: skip
-        previous = json.loads((args.init / "training_log.json").read_text()) if args.init else None
-        meta = {"steps": args.steps, "seed": args.seed, "people": args.people, "junk": args.junk, "lr": args.lr,
-                "roundtrip_share": args.roundtrip_share, "soften": args.soften, "continued_from": previous,
-                "wall_seconds": round(seconds, 1), "log": log}  # fmt: skip
-        save(model, tokenizer, args.out, meta)
-        logger.info("trained in %.0fs, saved to %s", seconds, args.out)
-    acc = evaluate(args.out)
-    logger.info("accuracy against the oracle: %s", json.dumps(acc))
-    meta = json.loads((args.out / "training_log.json").read_text())
-    meta["oracle_accuracy"] = acc
-    (args.out / "training_log.json").write_text(json.dumps(meta, indent=2) + "\n")
+    model, tokenizer, log, seconds = train(args.steps, args.seed, args.people, args.junk, lr=args.lr, init=args.init,
+                                           roundtrip_share=args.roundtrip_share, soften=args.soften)  # fmt: skip
+    previous = json.loads((args.init / "training_log.json").read_text()) if args.init else None
+    meta = {"steps": args.steps, "seed": args.seed, "people": args.people, "junk": args.junk, "lr": args.lr,
+            "roundtrip_share": args.roundtrip_share, "soften": args.soften, "continued_from": previous,
+            "wall_seconds": round(seconds, 1), "log": log}  # fmt: skip
+    save(model, tokenizer, args.out, meta)
+    logger.info("trained in %.0fs, saved to %s", seconds, args.out)
+    logger.info("accuracy against the oracle: python benchmarks/readers.py --clip-accuracy %s", args.out)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ def add_parser(sub) -> None:
     fit.add_argument("--images", help="folder the CSV's file paths are relative to (default: the CSV's folder)")
     fit.add_argument("--attributes", nargs="*", help="attribute columns (default: all but file and service_test)")
     fit.add_argument("--held-out", type=float, default=0.2, help="share of rows kept out of training to report accuracy")
-    fit.add_argument("--steps", type=int, default=300)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--steps", type=int, default=300, help="optimisation steps of the linear probe")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the initialisation")
     fit.add_argument("--face-detector", choices=["none", "haar"], default="none",
                      help="crop the largest face first (FairFace images are already face crops: none)")  # fmt: skip
     fit.set_defaults(func=cmd_fit_probe)

@@ -14,6 +14,8 @@ from common.jobs import JobStore
 from common.schemas import JobKind, JobState
 from service.api.deps import Caller
 from service.errors import NotFound
+from service.images import present_images
+from service.webhooks import delivery_state
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # fields of a job's request that only workers read: the ledger's tenant scope is the caller's opaque tenant id
@@ -33,7 +35,10 @@ def public_job(request: Request, store: JobStore, job: dict[str, Any]) -> dict[s
     out.pop("owner", None)  # the tenant id is the server's own business
     if isinstance(out.get("request"), dict):
         out["request"] = {k: v for k, v in out["request"].items() if k not in _PRIVATE_REQUEST_FIELDS}
+    if job.get("kind") == JobKind.generate.value:
+        present_images(out, request.app.state.settings.jobs_dir)
     out["url"] = job_url(request, job)
+    out["webhook"] = delivery_state(store, job["id"])
     out["cancel_requested"] = bool(job.get("cancel"))
     out["queue_position"] = store.queue_position(job["id"], job["queue"]) if job.get("state") == JobState.queued.value else None
     metrics = getattr(request.app.state, "metrics", None)

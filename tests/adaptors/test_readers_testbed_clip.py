@@ -77,7 +77,7 @@ def test_a_short_dft_run_and_an_ida_calibration_train_against_the_clip_reader(pi
     from common.schemas import FinetuneJob
 
     tiny = {"iterations": 1, "steps": 2, "images_per_prompt": 2, "prompts_per_iteration": 1, "eval_images": 2, "eval_steps": 2,
-            "checkpoint_every": 1, "rank": 2, "min_subject_kept": 0}  # fmt: skip
+            "checkpoint_every": 1, "rank": 2, "min_subject_kept": 0, "min_fairness_gain": 0}  # fmt: skip
     job = FinetuneJob(method="dft", base_model="testbed", fairness_target={"gender": {"female": 0.5, "male": 0.5}},
                       prompts=[DOCTOR, NURSE], hyperparameters=tiny, name="clip-read dft")  # fmt: skip
     seen: list[dict] = []
@@ -85,6 +85,7 @@ def test_a_short_dft_run_and_an_ida_calibration_train_against_the_clip_reader(pi
     assert manifest.kind and seen and seen[-1]["iteration"] == 1
     ida = FinetuneJob(method="ida", base_model="testbed", fairness_target={"gender": {"female": 0.5, "male": 0.5}},
                       prompts=[NURSE], hyperparameters={"images_per_iteration": 8, "max_iterations": 1, "steps": 4,
-                                                        "eval_images": 8, "kl_threshold": 0.0})  # fmt: skip
+                                                        "eval_images": 8, "kl_threshold": 0.0,
+                                                        "min_fairness_gain": 0})  # fmt: skip
     manifest = get_trainer("ida")(ida, pipe, clip_reader, tmp_path / "ida", tmp_path / "ida.ckpt", seen.append, lambda: False)
     assert manifest.kind

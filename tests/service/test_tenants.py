@@ -16,7 +16,7 @@ import redis
 from common.jobs import JobStore
 from common.schemas import JobState, ModelInfo
 from tests.service.helpers import PROMPT, assert_error
-from tests.service.test_jobs_and_adaptors import tiny_png
+from tests.service.test_jobs_and_adaptors import read_pixels, tiny_png
 from tests.support.processes import fairdiff_env, start_gateway
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_another_key_cannot_read_cancel_or_download_a_job(gateway) -> None:
         assert "k1" not in err["message"]
     # the owner, and the admin token, still see it
     assert client.get(f"/v1/jobs/{job_id}", headers=K1).json()["state"] == "succeeded"
-    assert client.get(f"/v1/jobs/{job_id}/images/0.png", headers=K1).content == tiny_png()
+    assert read_pixels(client.get(f"/v1/jobs/{job_id}/images/0.png", headers=K1).content) == read_pixels(tiny_png())
     assert client.get(f"/v1/jobs/{job_id}", headers=ADMIN).status_code == 200
 
 

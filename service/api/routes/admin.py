@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from celery import Celery
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
 
 from common import adaptor_manifest
 from common.celery_config import FINETUNE_TASK, TRAINING_QUEUE
@@ -17,6 +18,7 @@ from common.jobs import JobStore
 from common.schemas import FieldError, FinetuneJob, JobKind, JobState, ModelInfo, validate_target
 from common.settings import Settings
 from service.api.deps import ADMIN_TENANT, AdminDep, CeleryDep, SettingsDep, StoreDep
+from service.api.events import SSE_RESPONSES, job_event_stream, job_view
 from service.api.jobview import job_url, load_job, public_job
 from service.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, error_responses
 from service.schemas import (
@@ -28,6 +30,7 @@ from service.schemas import (
     JobAccepted,
 )
 from service.validation import check_prompt, load_manifest, require_model_info
+from service.webhooks import check_webhook, register
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=error_responses(401, 403))
@@ -126,7 +129,10 @@ def create_finetune(
     celery: CeleryDep,
 ) -> JSONResponse:
     job = build_finetune_job(body, settings, store)
+    check_webhook(body.webhook, settings)
     job_id = store.create(JobKind.finetune, TRAINING_QUEUE, job.to_dict(), owner=ADMIN_TENANT)
+    if body.webhook:
+        register(store, job_id, body.webhook, body.webhook_events)
     try:
         _send(celery, job_id)
     except Exception as exc:
@@ -160,6 +166,13 @@ def list_finetunes(
 def get_finetune(job_id: str, request: Request, _admin: AdminDep, store: StoreDep) -> FinetunePublic:
     """State, progress, the curve of loss and measured bias so far, and the result (with the adaptor id)."""
     return _view(request, store, load_job(store, job_id, JobKind.finetune))
+
+
+@router.get("/finetunes/{job_id}/events", response_class=EventSourceResponse, responses=SSE_RESPONSES | error_responses(404))
+def finetune_events(job_id: str, request: Request, _admin: AdminDep, store: StoreDep) -> EventSourceResponse:
+    """Live progress as Server-Sent Events: `state`, `progress`, `curve` (the new loss and bias points), then `done`."""
+    load_job(store, job_id, JobKind.finetune)
+    return job_event_stream(request, store, job_id, job_view(request, store, FinetunePublic))
 
 
 @router.delete(

@@ -27,6 +27,7 @@ from service.errors import Conflict, InvalidField, ServiceUnavailable, TooManyRe
 from service.limits import WaitHolders, check_active, check_rate, rate_scope
 from service.schemas import GenerateRequest, JobAccepted, JobPublic
 from service.validation import check_prompt, load_manifest, require_model_info
+from service.webhooks import check_webhook, register
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["generate"])
@@ -183,7 +184,14 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         enforce=bool(body.enforce),
         strict=body.enforce == "strict",
         ledger=body.ledger,
+        extra=output_options(body),
     )
+
+
+def output_options(body: GenerateRequest) -> dict[str, str]:
+    """How the gateway presents the images (workers ignore it): only what differs from the defaults."""
+    options = {"output_format": body.output_format, "response_format": body.response_format}
+    return {k: v for k, v in options.items() if v != GenerateRequest.model_fields[k].default}
 
 
 def existing_job(store: JobStore, job_id: str) -> dict[str, Any]:
@@ -276,7 +284,7 @@ async def respond(request: Request, store: JobStore, job_id: str, wait_s: float)
     url = job_url(request, job)
     if JobState(job["state"]).finished and wait_s > 0:
         view = await run_in_threadpool(public_job, request, store, job)
-        return JSONResponse(JobPublic.model_validate(view).model_dump(mode="json"), status_code=200)
+        return JSONResponse(JobPublic.model_validate(view).model_dump(mode="json", by_alias=True), status_code=200)
     accepted = JobAccepted(id=job_id, url=url, state=JobState(job["state"]))
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers={"Location": url})
 
@@ -314,8 +322,11 @@ async def generate(
     info = await run_in_threadpool(require_model_info, store, settings.base_model)
     job = await run_in_threadpool(build_generate_job, body, settings, info)
     job.ledger_scope = caller.tenant
+    await run_in_threadpool(check_webhook, body.webhook, settings)
     idem = Idempotency(caller.tenant, idempotency_key, request_fingerprint(body)) if idempotency_key else None
     job_id, replayed = await run_in_threadpool(enqueue, store, celery, job, caller.tenant, idem, settings.max_active_jobs_per_key)
+    if body.webhook and not replayed:
+        await run_in_threadpool(register, store, job_id, body.webhook, body.webhook_events)
     response = await respond(request, store, job_id, parse_prefer_wait(prefer, settings.max_wait_s))
     if replayed:
         response.headers[REPLAY_HEADER] = "true"
