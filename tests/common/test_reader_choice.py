@@ -5,7 +5,7 @@ import pytest
 from common.readers import ReaderChoice, reader_choice
 
 
-@pytest.mark.parametrize("model", ["testbed", "testbed-shared-axes", "testbed-neutral-looks"])
+@pytest.mark.parametrize("model", ["testbed"])
 def test_the_testbed_audits_with_its_clip_and_steers_with_its_cnn(model):
     choice = reader_choice("auto", "auto", model)
     assert choice == ReaderChoice(audit="testbed-clip", steer="testbed-cnn") and not choice.audit_is_steer
