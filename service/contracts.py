@@ -117,6 +117,9 @@ class GenerateResult(BaseModel):
     no_person: int | None = None
     target_distance: dict[str, TargetDistance] | None = None
     audited: bool
+    audit_reader: dict[str, Any] | None = Field(
+        None, description="The reader that audited (`name`) and whether it also steered this job (`steered`)."
+    )
     assigned_counts: dict[str, dict[str, int]] | None = None
     guarantee: Literal["exact", "expected"] | None = Field(
         None, description="exact (assign: counts per request) or expected (adaptor, guidance); null without a target."
