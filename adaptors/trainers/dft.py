@@ -120,6 +120,27 @@ def evaluate_prompts(pipe, classifier, prompts: list[str], target: dict, cfg: An
     return images_t, summary
 
 
+def gated_metrics(job, cfg, classifier, eval_prompts: list[str], before: tuple, after: tuple) -> dict[str, Any]:
+    """The gates every finetune passes before anything is published, and the figures its manifest keeps.
+
+    `before` and `after` are (images, evaluate's summary) of the base and the trained model on the same seeds.
+    Raises SubjectLost (the subject is not kept in `min_subject_kept` of the images) or NoFairnessGain (mean
+    per-prompt TV to the target did not fall by `min_fairness_gain`)."""
+    (before_images, before_fit), (after_images, after_fit) = before, after
+    reader = subject_reader(job.base_model, eval_prompts)
+    kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
+    require_subject_kept(kept, cfg.min_subject_kept, {"before": before_fit["bias"], "after": after_fit["bias"]})
+    require_fairness_gain(before_fit["mean_prompt_tv"], after_fit["mean_prompt_tv"], cfg.min_fairness_gain)
+    return {
+        "eval_prompts": eval_prompts,
+        # False when no held-out prompts were given and the figures are the training prompts' own
+        "eval_prompts_held_out": not set(eval_prompts) & set(job.prompts),
+        "before": before_fit,
+        "after": after_fit,
+        "semantics": {**semantics(classifier, before_images, after_images), "subject_kept": kept},
+    }
+
+
 def semantics(classifier, before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
     """How close the finetuned images stay to the base model's from the same seeds."""
     out = {"pixel_mse": round(F.mse_loss(after, before).item(), 5)}
@@ -368,10 +389,7 @@ def export_adaptor(run: DFTRun, history: list[dict[str, Any]], train_seconds: fl
     with torch.no_grad():
         before_images, before = evaluate(pipe, classifier, eval_prompts, target, cfg, run.trainable, base=True)
         after_images, after = evaluate(pipe, classifier, eval_prompts, target, cfg, run.trainable, base=False)
-    reader = subject_reader(job.base_model, eval_prompts)
-    kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
-    require_subject_kept(kept, cfg.min_subject_kept, {"before": before["bias"], "after": after["bias"]})
-    require_fairness_gain(before["mean_prompt_tv"], after["mean_prompt_tv"], cfg.min_fairness_gain)
+    measured = gated_metrics(job, cfg, classifier, eval_prompts, (before_images, before), (after_images, after))
     manifest = AdaptorManifest(
         id=adaptor_id_for(run.staging_dir, job),
         kind="pending",
@@ -379,12 +397,7 @@ def export_adaptor(run: DFTRun, history: list[dict[str, Any]], train_seconds: fl
         attributes=list(target),
         target=target,
         metrics={
-            "eval_prompts": eval_prompts,
-            # False when no held-out prompts were given and the figures are the training prompts' own
-            "eval_prompts_held_out": not set(eval_prompts) & set(job.prompts),
-            "before": before,
-            "after": after,
-            "semantics": {**semantics(classifier, before_images, after_images), "subject_kept": kept},
+            **measured,
             "train_seconds": train_seconds,
             "iterations": cfg.iterations,
             "history": history[-5:],

@@ -27,11 +27,9 @@ import torch
 
 from adaptors.assign import augment_prompt, class_texts_for
 from adaptors.classifiers import AttributeClassifier
-from adaptors.fairness_gain import require_fairness_gain
 from adaptors.generation import GenerationCancelled
 from adaptors.mapping import KeywordDetector, MappingAdaptor, ResidualMap, base_embeddings, make_mapping_encoder
-from adaptors.subject import require_subject_kept, subject_kept, subject_reader
-from adaptors.trainers.dft import evaluate_prompts, semantics
+from adaptors.trainers.dft import evaluate_prompts, gated_metrics
 from adaptors.trainers.registry import ProgressFn, StopFn, adaptor_id_for, register_trainer, require_known_attributes
 from common.adaptor_manifest import AdaptorManifest
 from common.finetune_config import FairMappingConfig
@@ -168,10 +166,7 @@ def train_fair_mapping(
     with torch.no_grad():
         before_images, before = evaluate_prompts(pipe, classifier, eval_prompts, target, cfg, None)
         after_images, after = evaluate_prompts(pipe, classifier, eval_prompts, target, cfg, encoder)
-    reader = subject_reader(job.base_model)
-    kept = subject_kept(reader, before_images, after_images, eval_prompts) if reader is not None else None
-    require_subject_kept(kept, cfg.min_subject_kept, {"before": before["bias"], "after": after["bias"]})
-    require_fairness_gain(before["mean_prompt_tv"], after["mean_prompt_tv"], cfg.min_fairness_gain)
+    measured = gated_metrics(job, cfg, classifier, eval_prompts, (before_images, before), (after_images, after))
     manifest = AdaptorManifest(
         id=adaptor_id_for(staging_dir, job),
         kind=MappingAdaptor.kind,
@@ -179,11 +174,7 @@ def train_fair_mapping(
         attributes=list(target),
         target=target,
         metrics={
-            "eval_prompts": eval_prompts,
-            "eval_prompts_held_out": not set(eval_prompts) & set(job.prompts),
-            "before": before,
-            "after": after,
-            "semantics": {**semantics(classifier, before_images, after_images), "subject_kept": kept},
+            **measured,
             "train_seconds": train_seconds,
             "iterations": cfg.iterations,
             "fair_distance": {"start": round(start_fair.item(), 6), "end": curve[-1]["fair_distance"]},
