@@ -37,7 +37,7 @@ WORKER_KEY = PREFIX + ":worker:{queue}:{name}"
 
 logger = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings")
+_JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings", "images_ready")
 
 
 def new_job_id() -> str:
@@ -140,6 +140,15 @@ class JobStore:
         curve = json.loads(self.r.hget(key, "curve") or "[]")
         curve.append(point)
         self.r.hset(key, "curve", json.dumps(curve))
+
+    def add_ready_image(self, job_id: str, image: dict[str, Any]) -> None:
+        """A generate job's image is written and can be fetched: `image` has its `index` (and what the worker knows of
+        it then: seed, assigned classes, URL). One JSON list, rewritten whole like the curve; an index written again
+        (a redelivered job) replaces its entry, so each image is listed once."""
+        key = JOB_KEY.format(id=job_id)
+        ready = [r for r in json.loads(self.r.hget(key, "images_ready") or "[]") if r.get("index") != image["index"]]
+        ready.append(image)
+        self.r.hset(key, "images_ready", json.dumps(ready))
 
     def finish(self, job_id: str, state: JobState, result: dict[str, Any] | None = None,
                error: dict[str, Any] | None = None) -> None:  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,8 +293,8 @@ def settle_step(r: Any, req: GenerateJob, hold: LedgerHold | None, report: dict[
     return {"key": req.ledger, "delivered": ledger.delivered(r, hold.lid)}
 
 
-def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
-    """Write the PNGs the result links to; returns how many."""
+def publish_step(runtime: Runtime, job_id: str, images: Any, on_image: Callable[[int], None] | None = None) -> int:
+    """Write the PNGs the result links to, calling `on_image(k)` as soon as image k is on disk; returns how many."""
     from adaptors.generation import to_uint8
 
     out_dir = runtime.settings.jobs_dir / job_id
@@ -301,7 +302,21 @@ def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
     pixels = to_uint8(images)
     for k, px in enumerate(pixels):
         save_png(px, out_dir / f"{k}.png")
+        if on_image is not None:
+            on_image(k)
     return len(pixels)
+
+
+def image_ready_publisher(jobs: JobStore, job_id: str, req: GenerateJob, rendered: Rendered) -> Callable[[int], None]:
+    """What publish_step calls per written image: records it on the job, so its event stream sends an `image` event
+    (index, seed, assigned classes, URL) before the audit and the result."""
+
+    def on_image(k: int) -> None:
+        assigned = rendered.assignment[k] if rendered.assignment else None
+        jobs.add_ready_image(job_id, {"index": k, "seed": req.seed, "assigned": assigned,
+                                      "url": f"/v1/jobs/{job_id}/images/{k}.png"})  # fmt: skip
+
+    return on_image
 
 
 def build_result(job_id: str, n: int, rendered: Rendered, report: dict[str, Any] | None, decision: Decision,
@@ -417,7 +432,7 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         incr_stats(jobs.r, jobs_cancelled=1)
         return JobState.cancelled.value
 
-    n = publish_step(runtime, job_id, rendered.images)
+    n = publish_step(runtime, job_id, rendered.images, image_ready_publisher(jobs, job_id, req, rendered))
     t2 = time.perf_counter()
     report = audit_step(runtime, req, rendered)
     audit_s = time.perf_counter() - t2
