@@ -146,7 +146,7 @@ def chromium() -> str:
     return path
 
 
-def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(stack, chromium: str, tmp_path: Path) -> None:
+def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(chromium: str, stack, tmp_path: Path) -> None:
     try:
         from playwright import sync_api
     except ImportError:

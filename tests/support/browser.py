@@ -46,5 +46,6 @@ def install_chromium() -> str:
         out = subprocess.run(install, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
     path = find_chromium()
     if out.returncode != 0 or path is None:
-        raise RuntimeError(f"apt-get install chromium failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        what = f"exit {out.returncode}" if out.returncode else "installed, but no chromium found (check FAIRDIFF_CHROMIUM)"
+        raise RuntimeError(f"apt-get install chromium: {what}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return path
