@@ -45,11 +45,12 @@ class TestbedAttributeClassifier(AttributeClassifier):
 
 
 def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeClassifier | None:
-    """The classifier for a base model: 'auto' knows the testbed's; 'none' disables the audit."""
+    """The classifier for a base model: 'auto' knows the testbed's; 'none' disables the audit; anything else is a
+    reader the registry loads (a reader folder of any kind: CLIP zero-shot, CLIP probe, a head in the CNN's format)."""
     if not has_attribute_classifier(setting, base_model):
         return None
     if setting == "auto":
         return TestbedAttributeClassifier(device=device)
-    if not Path(setting).is_dir():
-        raise FileNotFoundError(f"classifier folder {setting!r} does not exist")
-    return TestbedAttributeClassifier(setting, device=device)
+    from adaptors.readers.registry import load_reader
+
+    return load_reader(setting, device)
