@@ -23,12 +23,12 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.celery_config import INFERENCE_QUEUE, TRAINING_QUEUE
-from common.jobs import JOB_KEY, PREFIX, JobStore
+from common.jobs import JOB_KEY, JobStore
+from common.redis_keys import STATS_KEY
 from common.schemas import JobState
 
 logger = logging.getLogger(__name__)
 
-STATS_KEY = PREFIX + ":stats"  # hash of worker-side counters: field -> number
 QUEUES = (INFERENCE_QUEUE, TRAINING_QUEUE)
 # Always exported (0 until a worker reports), so dashboards and alerts find them from the start.
 KNOWN_WORKER_STATS = (

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.disk_layout import is_published
 from common.jobs import JobStore
 from common.schemas import GenerateJob, JobState, Strategy
 from workers import ledger
@@ -56,7 +57,7 @@ def list_manifests(store: Any) -> list[Any]:
     root = Path(store.root)
     out = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.name.startswith(".") or not (entry / "manifest.json").is_file():
+        if not is_published(entry):
             continue
         try:
             out.append(store.manifest(entry.name))

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 import redis
 
 from adaptors.assign import deficit_assignment, joint_key
+from common.redis_keys import LEDGER_PREFIX
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "fairdiff:ledger:"
+PREFIX = LEDGER_PREFIX
 _PENDING = "pending:"
 
 
