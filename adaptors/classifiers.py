@@ -27,7 +27,7 @@ class TestbedAttributeClassifier(AttributeClassifier):
     differentiable = True
 
     def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu") -> None:
-        from testbed import CLASSIFIER_DIR
+        from testbed import CLASSIFIER_DIR  # the CNN head format's architecture and the embedded head live there
         from testbed.classifier import TestbedClassifier
 
         self.model = TestbedClassifier.from_pretrained(path or CLASSIFIER_DIR).to(device)
@@ -49,7 +49,12 @@ def load_classifier(setting: str, base_model: str, device: torch.device | str = 
     if not has_attribute_classifier(setting, base_model):
         return None
     if setting == "auto":
-        return TestbedAttributeClassifier(device=device)
+        from adaptors.profiles import get_profile
+
+        profile = get_profile(base_model)
+        if profile is None or profile.steer_reader is None:
+            return None
+        return profile.readers[profile.steer_reader](device)
     if not Path(setting).is_dir():
         raise FileNotFoundError(f"classifier folder {setting!r} does not exist")
     return TestbedAttributeClassifier(setting, device=device)
