@@ -36,7 +36,7 @@ KNOWN_WORKER_STATS = (
     # fairness, per strategy where it says so (workers/inference.py _fairness_stats)
     "images_delivered_assign", "images_delivered_adaptor", "images_delivered_guidance", "images_delivered_none",
     "requests_audited_assign", "requests_met_assigned_assign", "enforcement_rounds", "enforcement_shortfalls",
-    "no_person_images",
+    "no_person_images", "ledger_settlements", "ledger_drift_milli_total", "ledger_drift_last",
 )  # fmt: skip
 _OBSERVED_FIELD = "metrics_observed"
 # Label values come from a fixed set, whatever clients send: any other method is "other", any path that matches
