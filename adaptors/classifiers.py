@@ -27,7 +27,7 @@ class TestbedAttributeClassifier(AttributeClassifier):
     differentiable = True
 
     def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu") -> None:
-        from testbed import CLASSIFIER_DIR
+        from testbed import CLASSIFIER_DIR  # the CNN head format's architecture and the embedded head live there
         from testbed.classifier import TestbedClassifier
 
         self.model = TestbedClassifier.from_pretrained(path or CLASSIFIER_DIR).to(device)
@@ -45,12 +45,17 @@ class TestbedAttributeClassifier(AttributeClassifier):
 
 
 def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeClassifier | None:
-    """The classifier for a base model: 'auto' knows the testbed's; 'none' disables the audit; anything else is a
+    """The classifier for a base model: 'auto' is its profile's steering reader; 'none' disables the audit; anything else is a
     reader the registry loads (a reader folder of any kind: CLIP zero-shot, CLIP probe, a head in the CNN's format)."""
     if not has_attribute_classifier(setting, base_model):
         return None
     if setting == "auto":
-        return TestbedAttributeClassifier(device=device)
+        from adaptors.profiles import get_profile
+
+        profile = get_profile(base_model)
+        if profile is None or profile.steer_reader is None:
+            return None
+        return profile.readers[profile.steer_reader](device)
     from adaptors.readers.registry import load_reader
 
     return load_reader(setting, device)

@@ -21,19 +21,21 @@ from typing import Any
 import redis
 
 from common.errors import job_error
+from common.redis_keys import (  # noqa: F401  (re-exported: callers import the keys from here too)
+    ACTIVE_KEY,
+    FINISHED_ZSET,
+    IDEMPOTENCY_KEY,
+    JOB_KEY,
+    JOBS_BY_KIND,
+    MODEL_KEY,
+    PREFIX,
+    QUEUED_ZSET,
+    RUNNING_SET,
+    WORKER_KEY,
+)
 from common.schemas import JobKind, JobState, ModelInfo
 
-PREFIX = "fairdiff"
-QUEUED_ZSET = PREFIX + ":queued:{queue}"  # job ids waiting, scored by enqueue time
-JOB_KEY = PREFIX + ":job:{id}"
-JOBS_BY_KIND = PREFIX + ":jobs:{kind}"  # zset of ids by creation time, for listings
-IDEMPOTENCY_KEY = PREFIX + ":idem:{scope}:{key}"
-RUNNING_SET = PREFIX + ":running:{queue}"  # ids of running jobs: the recovery sweep reads only these
-FINISHED_ZSET = PREFIX + ":finished"  # ids of finished jobs by finish time: the retention sweep's queue
 SWEEP_BATCH = 500  # most jobs one retention sweep removes, so a backlog is cleared over sweeps, never in one
-ACTIVE_KEY = PREFIX + ":active:{owner}"  # set of an owner's unfinished job ids, for its concurrency cap
-MODEL_KEY = PREFIX + ":model:{base}"
-WORKER_KEY = PREFIX + ":worker:{queue}:{name}"
 
 logger = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")

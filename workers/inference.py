@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.disk_layout import is_published
 from common.jobs import JobStore
 from common.schemas import GenerateJob, JobState, Strategy
 from workers import ledger
@@ -57,7 +58,7 @@ def list_manifests(store: Any) -> list[Any]:
     root = Path(store.root)
     out = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.name.startswith(".") or not (entry / "manifest.json").is_file():
+        if not is_published(entry):
             continue
         try:
             out.append(store.manifest(entry.name))
@@ -290,7 +291,8 @@ def settle_step(r: Any, req: GenerateJob, hold: LedgerHold | None, report: dict[
     else:
         got = list(hold.reserved)
     ledger.settle(r, hold.lid, hold.reserved, got, attrs)
-    return {"key": req.ledger, "delivered": ledger.delivered(r, hold.lid)}
+    counts = ledger.delivered(r, hold.lid)
+    return {"key": req.ledger, "delivered": counts, "drift": round(ledger.drift(counts, req.fairness_target or {}), 4)}
 
 
 def publish_step(runtime: Runtime, job_id: str, images: Any, on_image: Callable[[int], None] | None = None) -> int:
@@ -375,6 +377,23 @@ def _fairness_stats(decision: Decision, rendered: Rendered, report: dict[str, An
     return stats
 
 
+def _gauges(cache: Any, ledger_state: dict | None) -> dict[str, float] | None:
+    """Values /metrics shows as the last reporting worker's: the cache's size, the last settled ledger's drift."""
+    gauges: dict[str, float] = {}
+    if cache is not None:
+        gauges["adaptor_cache_bytes"] = int(cache.nbytes)
+    if ledger_state is not None:
+        gauges["ledger_drift_last"] = float(ledger_state["drift"])
+    return gauges or None
+
+
+def _ledger_stats(ledger_state: dict | None) -> dict[str, int]:
+    """Counters whose ratio is the mean ledger drift after a settlement (in thousandths, since counters are integers)."""
+    if ledger_state is None:
+        return {}
+    return {"ledger_settlements": 1, "ledger_drift_milli_total": round(1000 * ledger_state["drift"])}
+
+
 def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
     """Run one generate job to a final state; returns that state's name (for logs and tests).
 
@@ -450,8 +469,9 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
         adaptor_cache_misses=after[1] - before[1],
         adaptor_swaps=after[2] - before[2],
         adaptor_cache_evictions=after[3] - before[3],
-        gauges={"adaptor_cache_bytes": int(cache.nbytes)} if cache is not None else None,
+        gauges=_gauges(cache, ledger_state),
         **_fairness_stats(decision, rendered, report, n),
+        **_ledger_stats(ledger_state),
     )
     jobs.finish(job_id, JobState.succeeded, result=result)
     logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, n, rendered.seconds, decision.used)

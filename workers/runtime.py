@@ -16,12 +16,11 @@ from typing import Any
 import redis
 
 from common.jobs import JobStore
+from common.redis_keys import STATS_KEY
 from common.schemas import ModelInfo
 from common.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-STATS_KEY = "fairdiff:stats"
 
 
 @dataclass

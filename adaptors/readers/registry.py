@@ -18,13 +18,20 @@ import torch
 from adaptors.readers.base import AttributeReader
 
 READER_FILE = "reader.json"
-TESTBED_READERS = ("testbed-cnn", "testbed-clip")
 
 
 def testbed_clip_dir() -> Path:
-    from testbed import WEIGHTS_DIR
+    """The embedded testbed's CLIP folder (tests and benchmarks name it; product code goes by setting)."""
+    return Path(shipped_clip_dir("testbed-clip") or "")
 
-    return WEIGHTS_DIR / "clip"
+
+def shipped_clip_dir(setting: str) -> str | None:
+    """The CLIP folder behind a shipped reader name (e.g. 'testbed-clip'), for readers that need the encoder."""
+    from adaptors.profiles import named_reader
+
+    factory = named_reader(setting)
+    folder = getattr(factory, "clip_folder", None)
+    return str(folder) if folder is not None else None
 
 
 def _clip_path(folder: Path, value: str) -> Path:
@@ -71,16 +78,15 @@ def load_reader(setting: str, device: torch.device | str = "cpu") -> AttributeRe
     """The reader a setting names; None for 'none'."""
     if setting == "none":
         return None
-    if setting == "testbed-cnn":
-        from adaptors.classifiers import TestbedAttributeClassifier
+    from adaptors.profiles import named_reader, shipped_reader_names
 
-        return TestbedAttributeClassifier(device=device)
-    if setting == "testbed-clip":
-        reader = load_reader_folder(testbed_clip_dir(), device)
-        reader.name = "testbed-clip"
-        return reader
+    factory = named_reader(setting)
+    if factory is not None:
+        return factory(device)
     if not Path(setting).is_dir():
-        raise FileNotFoundError(f"reader {setting!r}: neither 'none', {' / '.join(TESTBED_READERS)}, nor an existing folder")
+        raise FileNotFoundError(
+            f"reader {setting!r}: neither 'none', {' / '.join(shipped_reader_names())}, nor an existing folder"
+        )
     return load_reader_folder(setting, device)
 
 

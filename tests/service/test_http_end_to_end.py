@@ -259,6 +259,12 @@ def test_a_ledger_makes_single_image_requests_add_up(stack):
     assert result["ledger"]["key"] == "e2e-stream"
     assert sum(delivered.values()) == 10 - no_person  # every image the audit saw a person in, and only those
     assert abs(delivered.get("gender=female", 0) - 3) <= 1, delivered
+    share = delivered.get("gender=female", 0) / sum(delivered.values())
+    assert result["ledger"]["drift"] == pytest.approx(abs(share - 0.3), abs=1e-3)  # TV of two classes: |share - target|
+    lines = client.get("/metrics").text.splitlines()
+    stats = {m.split()[0]: float(m.split()[1]) for m in lines if m.startswith("fairdiff_worker_ledger")}
+    assert stats["fairdiff_worker_ledger_settlements"] >= 10, stats  # every request settled (other tests may add theirs)
+    assert stats["fairdiff_worker_ledger_drift_last"] == pytest.approx(result["ledger"]["drift"]), stats
     bad = client.post("/v1/generate", json={"prompt": "x", "ledger": "k"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "ledger"
 
