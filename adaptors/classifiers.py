@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from adaptors.readers.base import AttributeReader, Prediction
-from common.settings import has_attribute_classifier
 
 # the attribute-reader interface under the name the trainers and strategies import
 AttributeClassifier = AttributeReader
 
-__all__ = ["AttributeClassifier", "Prediction", "TestbedAttributeClassifier", "load_classifier"]
+__all__ = ["AttributeClassifier", "Prediction", "TestbedAttributeClassifier"]
 
 
 class TestbedAttributeClassifier(AttributeClassifier):
@@ -42,20 +41,3 @@ class TestbedAttributeClassifier(AttributeClassifier):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.features(images.to(self.device, torch.float32) * 2.0 - 1.0)
-
-
-def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeClassifier | None:
-    """The classifier for a base model: 'auto' is its profile's steering reader; 'none' disables the audit; anything else is a
-    reader the registry loads (a reader folder of any kind: CLIP zero-shot, CLIP probe, a head in the CNN's format)."""
-    if not has_attribute_classifier(setting, base_model):
-        return None
-    if setting == "auto":
-        from adaptors.profiles import get_profile
-
-        profile = get_profile(base_model)
-        if profile is None or profile.steer_reader is None:
-            return None
-        return profile.readers[profile.steer_reader](device)
-    from adaptors.readers.registry import load_reader
-
-    return load_reader(setting, device)

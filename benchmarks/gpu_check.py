@@ -118,10 +118,9 @@ def check_model(model: str, *, device: str, batch: int, steps: int, classifier: 
     """Every check on one base model; a check that fails is recorded with its error, never raised."""
     from adaptors.assign import augment_prompt, class_texts_for, generate_assigned, generate_directed, joint_assignment
     from adaptors.audit import audit
-    from adaptors.classifiers import load_classifier
     from adaptors.enforce import enforce
     from adaptors.generation import GenerationSpec, generate, load_pipeline
-    from adaptors.readers.registry import load_auditor
+    from adaptors.readers.registry import load_auditor, load_classifier
 
     out: dict[str, Any] = {"model": model, "batch": batch, "steps": steps, "checks": {}}
     t0 = time.perf_counter()

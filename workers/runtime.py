@@ -114,8 +114,8 @@ def loaded() -> bool:
 
 
 def _build(settings: Settings) -> Runtime:
-    from adaptors.classifiers import load_classifier
     from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.readers.registry import load_classifier
 
     t0 = time.perf_counter()
     configure_threads(settings.torch_threads)

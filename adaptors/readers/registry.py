@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from adaptors.readers.base import AttributeReader
+from common.settings import has_attribute_classifier
 
 READER_FILE = "reader.json"
 
@@ -88,6 +89,22 @@ def load_reader(setting: str, device: torch.device | str = "cpu") -> AttributeRe
             f"reader {setting!r}: neither 'none', {' / '.join(shipped_reader_names())}, nor an existing folder"
         )
     return load_reader_folder(setting, device)
+
+
+def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeReader | None:
+    """The steering reader (FAIRDIFF_CLASSIFIER) for a base model: 'auto' is its profile's steering reader; 'none'
+    steers with nothing; anything else is a reader `load_reader` knows (a shipped name, or a reader folder of any kind:
+    CLIP zero-shot, CLIP probe, a head in the CNN's format)."""
+    if not has_attribute_classifier(setting, base_model):
+        return None
+    if setting == "auto":
+        from adaptors.profiles import get_profile
+
+        profile = get_profile(base_model)
+        if profile is None or profile.steer_reader is None:
+            return None
+        return profile.readers[profile.steer_reader](device)
+    return load_reader(setting, device)
 
 
 def audit_record(auditor: AttributeReader, steerer: AttributeReader | None, steered: bool) -> dict:

@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from adaptors.classifiers import load_classifier
 from adaptors.readers import AttributeReader
 from adaptors.readers.clip import ClipEncoder, ClipProbeReader, ClipSubjectReader, ClipZeroShotReader, fit_probe
 from adaptors.readers.faces import FaceCropReader
-from adaptors.readers.registry import READER_FILE, audit_record, load_reader, load_reader_folder
+from adaptors.readers.registry import READER_FILE, audit_record, load_classifier, load_reader, load_reader_folder
 
 SPEC = {
     "attributes": {
