@@ -134,7 +134,8 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: float
 # -- delivering ----------------------------------------------------------------------------------------
 def job_payload(app: FastAPI, job: dict[str, Any]) -> dict[str, Any]:
     """The finished job as its owner reads it (without the owner's tenant id or the ledger's scope)."""
-    data = {k: v for k, v in job.items() if k not in ("owner", "cancel", "queue", "worker", "attempts")}
+    # images_ready: the event stream's progress record, which the finished job's result supersedes
+    data = {k: v for k, v in job.items() if k not in ("owner", "cancel", "queue", "worker", "attempts", "images_ready")}
     if isinstance(data.get("request"), dict):
         data["request"] = {k: v for k, v in data["request"].items() if k != "ledger_scope"}
     if job.get("kind") == JobKind.generate.value:
