@@ -14,12 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from common.finetune_config import (
+    COVARIANCE_CHOICES,
     PRESERVE_REGIONS,
     TEXT_ENCODER_MODULE_CHOICES,
     TRAIN_CHOICES,
     UNET_MODULE_CHOICES,
     DFTConfig,
     FairMappingConfig,
+    GMMConfig,
     IDAConfig,
 )
 
@@ -142,6 +144,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "unet_modules": UNET_MODULE_CHOICES,
     "preserve_region": PRESERVE_REGIONS,
     "solver": ("ida", "policy_gradient"),
+    "covariance": COVARIANCE_CHOICES,
 }
 _DESCRIPTIONS: dict[str, str] = {
     "train": "What DFT trains: LoRA on the text encoder, the UNet, both, or soft prefix tokens.",
@@ -190,6 +193,12 @@ _DESCRIPTIONS: dict[str, str] = {
     "depth": "Linear layers of the residual mapping network (its last layer starts at zero: the identity map).",
     "fair_weight": "lambda: weight of the fair-distance term against the text-consistency term.",
     "skip_keywords": "Comma-separated words besides the base model's class words that make the map skip a prompt.",
+    "images": "N: calibration images per prompt (their latents are what the mixture is fitted on).",
+    "components": "K: mixture components per class at most (a class with few images gets fewer, at least one).",
+    "at_step": "t*: the denoising step (0 = the first) after which latents are recorded, and moved at request time.",
+    "dims": "Principal components of the latent the mixture is fitted on.",
+    "covariance": "Covariance of each component: full or diagonal.",
+    "eval_requests": "Held-out requests on which the latent strategy and assign are measured side by side.",
 }
 
 
@@ -212,6 +221,10 @@ _RANGES: dict[str, dict[str, float]] = {
             "max_iterations",
             "pg_samples",
             "max_batch",
+            "images",
+            "components",
+            "dims",
+            "eval_requests",
             "guidance_scale",
         )
     },  # fmt: skip
@@ -232,6 +245,7 @@ _RANGES: dict[str, dict[str, float]] = {
             "eval_seed",
             "kl_threshold",
             "fair_weight",
+            "at_step",
         )
     },  # fmt: skip
     **{k: {"ge": 0, "le": 1} for k in ("confidence", "flip_weight", "region_share", "min_subject_kept", "min_fairness_gain")},
@@ -265,11 +279,13 @@ IDAHyperparameters = _hyperparameter_model("IDAHyperparameters", IDAConfig, "Met
 FairMappingHyperparameters = _hyperparameter_model(
     "FairMappingHyperparameters", FairMappingConfig, "Method `fair_mapping` (docs/methods/fair_mapping.md)."
 )
+GMMHyperparameters = _hyperparameter_model("GMMHyperparameters", GMMConfig, "Method `gmm` (docs/methods/gmm.md).")
 HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "dft": DFTHyperparameters,
     "prefix": PrefixHyperparameters,
     "ida": IDAHyperparameters,
     "fair_mapping": FairMappingHyperparameters,
+    "gmm": GMMHyperparameters,
 }
 
 

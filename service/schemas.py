@@ -16,7 +16,7 @@ from common.schemas import JobState, Strategy
 from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
-FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "ida", "prefix"})
+FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "gmm", "ida", "prefix"})
 
 
 def encodable(text: str) -> str:
