@@ -43,7 +43,9 @@ class ImageResult(BaseModel):
     attributes: dict[str, ClassReading] | None = Field(None, description="Per attribute, the class read; null unaudited.")
     person: bool | None = Field(None, description="Whether the audit found a person.")
     person_confidence: float | None = None
-    assigned: dict[str, str] | None = Field(None, description="With `assign`: the classes this image was conditioned on.")
+    assigned: dict[str, str] | None = Field(
+        None, description="With `assign` or `latent`: the classes this image was conditioned on (moved towards)."
+    )
 
 
 class TargetDistance(BaseModel):
@@ -60,7 +62,9 @@ class StrategyUsed(BaseModel):
     used: str = Field(..., description="The strategy that served the request.")
     reason: str = Field(..., description="Why it was chosen.")
     guarantee: Literal["exact", "expected"] | None = Field(
-        None, description="exact: counts assigned per request; expected: the target holds on average (adaptor, guidance)."
+        None,
+        description="exact: counts assigned per request (assign, latent); expected: the target holds on average "
+        "(adaptor, guidance).",
     )
     fit: dict[str, Any] | None = Field(
         None,
@@ -124,7 +128,8 @@ class GenerateResult(BaseModel):
     )
     assigned_counts: dict[str, dict[str, int]] | None = None
     guarantee: Literal["exact", "expected"] | None = Field(
-        None, description="exact (assign: counts per request) or expected (adaptor, guidance); null without a target."
+        None,
+        description="exact (assign, latent: counts per request) or expected (adaptor, guidance); null without a target.",
     )
     enforcement: Enforcement | None = None
     ledger: LedgerState | None = None
