@@ -75,7 +75,8 @@ def _latent(strategy: str, manifest: Any, prompt: str, target: Mapping[str, Mapp
     missing = uncovered_class(manifest, prompt, target)
     if missing is not None:
         raise StrategyError("uncovered_class", f"{missing}: no component of latent calibration {found!r} carries this "
-                            "class for this prompt; calibrate it (method 'gmm') with more images, or use 'assign'")  # fmt: skip
+                            "class (alone or with the target's other classes) for this prompt; calibrate it (method 'gmm') "
+                            "with more images, or use 'assign'")  # fmt: skip
     return Decision(strategy, Strategy.latent.value, reason, found, EXACT, latent_fit(manifest, prompt))
 
 

@@ -83,7 +83,8 @@ def require_carried(manifest: Any, adaptor_id: str, prompt: str, target: dict[st
     missing = uncovered_class(manifest, prompt, target)
     if missing is not None:
         raise Conflict(
-            f"{missing}: no component of latent calibration {adaptor_id!r} carries this class for this prompt; "
+            f"{missing}: no component of latent calibration {adaptor_id!r} carries this class (alone or with the "
+            "target's other classes) for this prompt; "
             "calibrate it (method 'gmm') with more images, or use strategy 'assign'",
             param=missing,
             code="uncovered_class",
