@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from adaptors.base import Adaptor
 from adaptors.generation import PromptEncoder
+from adaptors.gmm import GmmAdaptor, PromptMixture
 from adaptors.ida import GuidanceDirections, IdaAdaptor
 from adaptors.store import AdaptorStore
 from common.adaptor_manifest import AdaptorBaseMismatch, AdaptorNotCalibrated
@@ -74,6 +75,17 @@ class AdaptorCache:
         if rows is None:
             raise AdaptorNotCalibrated(f"guidance weights {adaptor_id!r} were not calibrated for the prompt {prompt!r}")
         return GuidanceDirections(rows, entry.adaptor.warmup_steps)
+
+    def mixture(self, adaptor_id: str, prompt: str) -> tuple[PromptMixture, int]:
+        """For a GMM adaptor (cached by `use`), its mixture for `prompt` and the step t* it moves latents after."""
+        entry = self.entries.get(adaptor_id)
+        adaptor = entry.adaptor if entry is not None else None
+        if not isinstance(adaptor, GmmAdaptor):
+            raise AdaptorNotCalibrated(f"adaptor {adaptor_id!r} holds no latent mixtures")
+        mixture = adaptor.mixture_for(prompt)
+        if mixture is None:
+            raise AdaptorNotCalibrated(f"latent mixtures {adaptor_id!r} were not calibrated for the prompt {prompt!r}")
+        return mixture, adaptor.at_step
 
     def application(self, adaptor_id: str | None, prompt: str) -> dict | None:
         """Whether the (cached) adaptor applies to `prompt` and why (a mapping's detector); None for other kinds."""

@@ -29,6 +29,10 @@ PromptEncoder = Callable[[list[str]], torch.Tensor]
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps total) across all chunks."""
 
+LatentHook = Callable[[int, torch.Tensor, Sequence[int]], "torch.Tensor | None"]
+"""Called after each denoising step of a chunk with (step index, the chunk's latents, the chunk's image indices in the
+request); a tensor it returns replaces the latents the next step denoises (the `latent` strategy moves them there)."""
+
 
 class GenerationCancelled(Exception):
     """Raised from a step callback to stop a generation between steps."""
@@ -131,12 +135,15 @@ def generate(
     max_batch: int = 16,
     on_step: StepCallback | None = None,
     encode_prompt: PromptEncoder | None = None,
+    on_latents: LatentHook | None = None,
 ) -> torch.Tensor:
     """Images in [0, 1] as an N x 3 x H x W float tensor on the CPU.
 
     Runs in chunks of `max_batch`; `on_step` may raise GenerationCancelled to stop between steps.
     `encode_prompt` replaces the text encoder's embedding of the (positive) prompts: adaptors
     that work in embedding space (prefix tokens) plug in here without touching base weights.
+    `on_latents` sees (and may replace) each chunk's latents after every step, through the pipeline's
+    own `callback_on_step_end`, so reading or moving a latent costs no extra denoiser pass.
     """
     height = spec.height or default_size(pipe)
     width = spec.width or default_size(pipe)
@@ -147,7 +154,11 @@ def generate(
     for c, chunk in enumerate(chunks):
         done_before = c * spec.steps
 
-        def _callback(_pipe, step: int, _t, kwargs: dict, _base: int = done_before) -> dict:
+        def _callback(_pipe, step: int, _t, kwargs: dict, _base: int = done_before, _rows: range = chunk) -> dict:
+            if on_latents is not None:
+                moved = on_latents(step, kwargs["latents"], _rows)
+                if moved is not None:
+                    kwargs = {**kwargs, "latents": moved}
             if on_step is not None:
                 on_step(_base + step + 1, total)
             return kwargs

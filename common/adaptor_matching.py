@@ -12,6 +12,7 @@ what every client gets.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -19,6 +20,9 @@ from common.bias import total_variation
 from common.schemas import TARGET_TOLERANCE
 
 GUIDANCE_KIND = "ida"  # calibrated guidance weights: applied by the `guidance` strategy, not as an `adaptor`
+LATENT_KIND = "gmm"  # per-prompt latent mixtures: applied by the `latent` strategy, for any target their classes carry
+PER_PROMPT_KINDS = (GUIDANCE_KIND, LATENT_KIND)  # calibrated per prompt and sampler setting, not trained for a target
+_WHAT = {GUIDANCE_KIND: "guidance weights", LATENT_KIND: "latent mixtures"}
 
 
 def manifest_field(manifest: Any, *names: str) -> Any:
@@ -66,7 +70,7 @@ def find_matching_adaptor(
     """
     matches = []
     for manifest in manifests:
-        if manifest_field(manifest, "base_model") not in base_models or manifest_field(manifest, "kind") == GUIDANCE_KIND:
+        if manifest_field(manifest, "base_model") not in base_models or manifest_field(manifest, "kind") in PER_PROMPT_KINDS:
             continue
         trained = manifest_target(manifest)
         if not trained or not targets_match(trained, target, tol):
@@ -128,30 +132,101 @@ def adaptor_conflict(
     """(code, message) when an explicitly named adaptor cannot serve this request, else None.
 
     The request's fairness_target (when it names one) must be the target the adaptor was trained
-    for; a guidance calibration must also have been calibrated for this prompt, steps and CFG scale.
+    for; a per-prompt calibration (guidance weights, latent mixtures) must also have been calibrated
+    for this prompt, steps and CFG scale. Latent mixtures serve any target whose classes they carry
+    (`uncovered_class` says which one they do not), so for them the target is not compared.
     """
     aid = manifest_field(manifest, "id")
+    kind = manifest_field(manifest, "kind")
     trained = manifest_target(manifest) or {}
-    if target and not targets_match(trained, target, tol):
+    if kind != LATENT_KIND and target and not targets_match(trained, target, tol):
         return ("adaptor_target_mismatch",
                 f"adaptor {aid!r} was trained for fairness_target {dict(trained)}, not the requested one; "
                 "omit fairness_target to use the adaptor's own, or name an adaptor trained for this target")  # fmt: skip
-    if manifest_field(manifest, "kind") != GUIDANCE_KIND:
+    if kind not in PER_PROMPT_KINDS:
         return None
+    what, method = _WHAT[kind], kind
     hp = manifest_field(manifest, "hyperparameters") or {}
     if prompt not in hp.get("prompts", manifest_field(manifest, "prompts") or []):
         return ("adaptor_prompt_mismatch",
-                f"guidance weights {aid!r} were calibrated for other prompts; calibrate this prompt "
-                "(POST /v1/admin/finetunes with method 'ida') or use strategy 'assign'")  # fmt: skip
+                f"{what} {aid!r} were calibrated for other prompts; calibrate this prompt "
+                f"(POST /v1/admin/finetunes with method {method!r}) or use strategy 'assign'")  # fmt: skip
     sampler = manifest_field(manifest, "sampler") or {}
     if steps is not None and sampler.get("steps") not in (None, steps):
-        return ("adaptor_sampler_mismatch",
-                f"guidance weights {aid!r} were calibrated at steps={sampler.get('steps')}, not {steps}")  # fmt: skip
+        return ("adaptor_sampler_mismatch", f"{what} {aid!r} were calibrated at steps={sampler.get('steps')}, not {steps}")
     gs = sampler.get("guidance_scale")
     if guidance_scale is not None and gs is not None and abs(float(gs) - guidance_scale) > 1e-6:
         return ("adaptor_sampler_mismatch",
-                f"guidance weights {aid!r} were calibrated at guidance_scale={gs}, not {guidance_scale}")  # fmt: skip
+                f"{what} {aid!r} were calibrated at guidance_scale={gs}, not {guidance_scale}")  # fmt: skip
     return None
+
+
+def component_classes(manifest: Any, prompt: str) -> list[dict[str, str]] | None:
+    """The classes of each of a latent calibration's components for `prompt`; None when it has no mixture for it."""
+    hp = manifest_field(manifest, "hyperparameters") or {}
+    prompts = list(hp.get("prompts") or [])
+    classes = hp.get("component_classes") or []
+    if prompt not in prompts or len(classes) != len(prompts):
+        return None
+    return [dict(c) for c in classes[prompts.index(prompt)]]
+
+
+def uncovered_class(manifest: Any, prompt: str, target: Mapping[str, Mapping[str, float]]) -> str | None:
+    """The field (`fairness_target.<attribute>.<class>`) of a class with a positive share that no component of the
+    latent calibration carries for `prompt`, joint classes included (independent marginals make every combination
+    of positive classes needed); None when every one is carried."""
+    comps = component_classes(manifest, prompt)
+    if comps is None:
+        return f"fairness_target.{next(iter(target))}"
+    attrs = list(target)
+    wanted = [[c for c, p in target[a].items() if float(p) > 0] for a in attrs]
+    for attr, classes in zip(attrs, wanted):
+        for cls in classes:
+            if not any(comp.get(attr) == cls for comp in comps):
+                return f"fairness_target.{attr}.{cls}"
+    for combo in itertools.product(*wanted):
+        if not any(all(comp.get(a) == c for a, c in zip(attrs, combo)) for comp in comps):
+            return f"fairness_target.{attrs[0]}.{combo[0]}"
+    return None
+
+
+def latent_fit(manifest: Any, prompt: str) -> dict[str, Any] | None:
+    """A latent calibration's measured within-one rates for `prompt`, its own and `assign`'s on the same held-out
+    requests (the rule `auto` reads); None when never measured."""
+    row = ((manifest_field(manifest, "metrics") or {}).get("per_prompt") or {}).get(prompt)
+    if not row or "within_one" not in row:
+        return None
+    within = row["within_one"]
+    return {"within_one": within.get("latent"), "assign_within_one": within.get("assign"),
+            "exact": (row.get("exact") or {}).get("latent"), "cost_vs_none": (row.get("cost_vs_none") or {}).get("latent"),
+            "measured_on": f"{row.get('requests')} held-out requests of {row.get('images_per_request')} images, "
+            f"target {dict(manifest_target(manifest) or {})}"}  # fmt: skip
+
+
+def find_latent_calibration(
+    manifests: Iterable[Any],
+    target: Mapping[str, Mapping[str, float]],
+    base_models: Collection[str],
+    prompt: str,
+    steps: int | None,
+    guidance_scale: float | None,
+) -> Any | None:
+    """The newest latent calibration for this base model, prompt and sampler whose components are named over the
+    target's attributes; one carrying every class of the target wins over one that does not (whose uncovered class
+    the caller then names)."""
+    matches = []
+    for manifest in manifests:
+        if manifest_field(manifest, "kind") != LATENT_KIND or manifest_field(manifest, "base_model") not in base_models:
+            continue
+        if not set(target) <= set(manifest_field(manifest, "attributes") or []):
+            continue
+        if adaptor_conflict(manifest, None, prompt, steps, guidance_scale) is not None:
+            continue
+        matches.append(manifest)
+    if not matches:
+        return None
+    return max(matches, key=lambda m: (uncovered_class(m, prompt, target) is None, str(manifest_field(m, "created") or ""),
+                                       str(manifest_field(m, "id") or "")))  # fmt: skip
 
 
 def find_calibration(

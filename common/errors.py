@@ -23,6 +23,7 @@ JOB_ERROR_TYPES: dict[str, str] = {
     "adaptor_prompt_mismatch": "conflict_error",
     "adaptor_sampler_mismatch": "conflict_error",
     "adaptor_base_mismatch": "conflict_error",
+    "uncovered_class": "conflict_error",
     "adaptor_not_found": "not_found_error",
     # the adaptor's files or this worker
     "adaptor_integrity_error": "adaptor_error",
@@ -34,6 +35,7 @@ JOB_ERROR_TYPES: dict[str, str] = {
     "enforcement_incomplete": "fairness_error",
     "no_fairness_gain": "fairness_error",
     "subject_lost": "fairness_error",
+    "no_component": "fairness_error",
     "internal_error": "internal_error",
 }
 

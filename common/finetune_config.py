@@ -55,11 +55,16 @@ FAIR_MAPPING_MAXIMUM: dict[str, float] = {
     "eval_images": 1024, "eval_steps": STEPS_MAX, "eval_seed": SEED_MAX, "min_subject_kept": 1.0, "min_fairness_gain": 1.0,
 }  # fmt: skip
 SKIP_KEYWORDS_MAX_CHARS = 4000
+GMM_MAXIMUM: dict[str, float] = {
+    "images": 16_384, "components": 64, "at_step": STEPS_MAX, "dims": 256, "steps": STEPS_MAX, "guidance_scale": 50.0,
+    "seed": SEED_MAX, "eval_requests": 256, "eval_images": 64, "eval_seed": SEED_MAX, "max_batch": 1024,
+}  # fmt: skip
+COVARIANCE_CHOICES = ("full", "diag")
 
 
 def upper_bounds(cls: type) -> dict[str, float]:
     """The upper bound of each numeric hyperparameter of a config class (shown in OpenAPI, checked at the gateway)."""
-    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM, FairMappingConfig: FAIR_MAPPING_MAXIMUM}[cls]
+    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM, FairMappingConfig: FAIR_MAPPING_MAXIMUM, GMMConfig: GMM_MAXIMUM}[cls]
 
 
 @dataclass
@@ -148,7 +153,7 @@ class DFTConfig:
         return cfg
 
 
-def check_prompts(cfg: DFTConfig | IDAConfig | FairMappingConfig, prompts: list[str]) -> None:
+def check_prompts(cfg: DFTConfig | IDAConfig | FairMappingConfig | GMMConfig, prompts: list[str]) -> None:
     """What a config asks of the training prompts, checked where the prompts are known (the gateway, the trainer)."""
     if not prompts:
         raise ValueError("prompts: a finetune needs at least one training prompt")
@@ -225,8 +230,46 @@ class FairMappingConfig:
         return [w.strip().lower() for w in self.skip_keywords.split(",") if w.strip()]
 
 
-def check_hyperparameters(method: str, hp: dict[str, Any]) -> DFTConfig | IDAConfig | FairMappingConfig:
+@dataclass
+class GMMConfig:
+    """GMM latent balancing (Pal et al.): per prompt, a Gaussian mixture over the latents after denoising step `step`,
+    fitted per class the attribute reader saw (docs/methods/gmm.md says why, and how the defaults were measured)."""
+
+    images: int = 512  # N: calibration images per prompt (about a minute per prompt on the testbed CPU, evaluation included)
+    components: int = 4  # K: components per class at most (a class with few images gets fewer, at least one)
+    at_step: int = 9  # t*: latents are recorded, and at request time moved, after this denoising step (0 = the first)
+    dims: int = 16  # the mixture is fitted on this many principal components of the latent
+    covariance: str = "full"
+    steps: int = 20
+    guidance_scale: float = 5.0
+    seed: int = 0
+    # held-out requests on which the latent strategy and `assign` are measured side by side (what `auto` reads)
+    eval_requests: int = 8
+    eval_images: int = 8
+    eval_seed: int = 50_000
+    max_batch: int = 64
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> GMMConfig:
+        cfg = parse_hyperparameters(cls, hp, "gmm", {"covariance": COVARIANCE_CHOICES})
+        require_at_most(cfg, GMM_MAXIMUM)
+        require_positive(cfg, "images", "components", "dims", "steps", "eval_requests", "eval_images", "max_batch")
+        require_non_negative(cfg, "at_step", "seed", "eval_seed")
+        if cfg.images < cfg.components:
+            raise ValueError(f"hyperparameters.images: must be at least components ({cfg.components}): "
+                             "every component needs images to be fitted on")  # fmt: skip
+        if cfg.at_step >= cfg.steps - 1:
+            raise ValueError(f"hyperparameters.at_step: must be below steps - 1 ({cfg.steps - 1}): the moved latent needs "
+                             "steps left to become an image")  # fmt: skip
+        if cfg.guidance_scale < 1:
+            raise ValueError("hyperparameters.guidance_scale: must be >= 1 (1: no classifier-free guidance)")
+        return cfg
+
+
+def check_hyperparameters(method: str, hp: dict[str, Any]) -> DFTConfig | IDAConfig | FairMappingConfig | GMMConfig:
     """The validated config of a finetune `method` (a key of FINETUNE_METHODS); ValueError naming the field."""
+    if method == "gmm":
+        return GMMConfig.from_hyperparameters(hp)
     if method == "ida":
         return IDAConfig.from_hyperparameters(hp)
     if method == "fair_mapping":

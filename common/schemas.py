@@ -37,6 +37,7 @@ class Strategy(str, Enum):
     adaptor = "adaptor"
     guidance = "guidance"
     assign = "assign"
+    latent = "latent"
     none = "none"
 
 

@@ -14,12 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from common.finetune_config import (
+    COVARIANCE_CHOICES,
     PRESERVE_REGIONS,
     TEXT_ENCODER_MODULE_CHOICES,
     TRAIN_CHOICES,
     UNET_MODULE_CHOICES,
     DFTConfig,
     FairMappingConfig,
+    GMMConfig,
     IDAConfig,
 )
 
@@ -41,7 +43,9 @@ class ImageResult(BaseModel):
     attributes: dict[str, ClassReading] | None = Field(None, description="Per attribute, the class read; null unaudited.")
     person: bool | None = Field(None, description="Whether the audit found a person.")
     person_confidence: float | None = None
-    assigned: dict[str, str] | None = Field(None, description="With `assign`: the classes this image was conditioned on.")
+    assigned: dict[str, str] | None = Field(
+        None, description="With `assign` or `latent`: the classes this image was conditioned on (moved towards)."
+    )
 
 
 class TargetDistance(BaseModel):
@@ -58,7 +62,9 @@ class StrategyUsed(BaseModel):
     used: str = Field(..., description="The strategy that served the request.")
     reason: str = Field(..., description="Why it was chosen.")
     guarantee: Literal["exact", "expected"] | None = Field(
-        None, description="exact: counts assigned per request; expected: the target holds on average (adaptor, guidance)."
+        None,
+        description="exact: counts assigned per request (assign, latent); expected: the target holds on average "
+        "(adaptor, guidance).",
     )
     fit: dict[str, Any] | None = Field(
         None,
@@ -125,7 +131,8 @@ class GenerateResult(BaseModel):
     )
     assigned_counts: dict[str, dict[str, int]] | None = None
     guarantee: Literal["exact", "expected"] | None = Field(
-        None, description="exact (assign: counts per request) or expected (adaptor, guidance); null without a target."
+        None,
+        description="exact (assign, latent: counts per request) or expected (adaptor, guidance); null without a target.",
     )
     enforcement: Enforcement | None = None
     ledger: LedgerState | None = None
@@ -145,6 +152,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "unet_modules": UNET_MODULE_CHOICES,
     "preserve_region": PRESERVE_REGIONS,
     "solver": ("ida", "policy_gradient"),
+    "covariance": COVARIANCE_CHOICES,
 }
 _DESCRIPTIONS: dict[str, str] = {
     "train": "What DFT trains: LoRA on the text encoder, the UNet, both, or soft prefix tokens.",
@@ -193,6 +201,12 @@ _DESCRIPTIONS: dict[str, str] = {
     "depth": "Linear layers of the residual mapping network (its last layer starts at zero: the identity map).",
     "fair_weight": "lambda: weight of the fair-distance term against the text-consistency term.",
     "skip_keywords": "Comma-separated words besides the base model's class words that make the map skip a prompt.",
+    "images": "N: calibration images per prompt (their latents are what the mixture is fitted on).",
+    "components": "K: mixture components per class at most (a class with few images gets fewer, at least one).",
+    "at_step": "t*: the denoising step (0 = the first) after which latents are recorded, and moved at request time.",
+    "dims": "Principal components of the latent the mixture is fitted on.",
+    "covariance": "Covariance of each component: full or diagonal.",
+    "eval_requests": "Held-out requests on which the latent strategy and assign are measured side by side.",
 }
 
 
@@ -215,6 +229,10 @@ _RANGES: dict[str, dict[str, float]] = {
             "max_iterations",
             "pg_samples",
             "max_batch",
+            "images",
+            "components",
+            "dims",
+            "eval_requests",
             "guidance_scale",
         )
     },  # fmt: skip
@@ -235,6 +253,7 @@ _RANGES: dict[str, dict[str, float]] = {
             "eval_seed",
             "kl_threshold",
             "fair_weight",
+            "at_step",
         )
     },  # fmt: skip
     **{k: {"ge": 0, "le": 1} for k in ("confidence", "flip_weight", "region_share", "min_subject_kept", "min_fairness_gain")},
@@ -268,11 +287,13 @@ IDAHyperparameters = _hyperparameter_model("IDAHyperparameters", IDAConfig, "Met
 FairMappingHyperparameters = _hyperparameter_model(
     "FairMappingHyperparameters", FairMappingConfig, "Method `fair_mapping` (docs/methods/fair_mapping.md)."
 )
+GMMHyperparameters = _hyperparameter_model("GMMHyperparameters", GMMConfig, "Method `gmm` (docs/methods/gmm.md).")
 HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "dft": DFTHyperparameters,
     "prefix": PrefixHyperparameters,
     "ida": IDAHyperparameters,
     "fair_mapping": FairMappingHyperparameters,
+    "gmm": GMMHyperparameters,
 }
 
 

@@ -16,7 +16,7 @@ from common.schemas import JobState, Strategy
 from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
-FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "ida", "prefix"})
+FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "gmm", "ida", "prefix"})
 
 
 def encodable(text: str) -> str:
@@ -101,7 +101,9 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=4096, description="Must equal the base model's height.")
     fairness_target: FairnessTargetIn | None = Field(None, description=_TARGET_DOC)
     strategy: Strategy = Field(Strategy.auto, description="How the target is met; 'auto' picks and the result names it.")
-    adaptor_id: Text | None = Field(None, description="Use this adaptor from the store (must match the base model).")
+    adaptor_id: Text | None = Field(
+        None, description="Use this adaptor from the store (must match the base model); a `gmm` one serves `latent`."
+    )
     audit: bool = Field(True, description="Classify every output and report the realised distribution.")
     ledger: str | None = Field(
         None,
@@ -114,8 +116,8 @@ class GenerateRequest(BaseModel):
     enforce: bool | Literal["strict"] = Field(
         False,
         description="Regenerate images that missed their assigned class (or show no person) until the audited "
-        "counts are exact or the retry budget is spent; served by the exact `assign` (with `auto`, whatever "
-        "adaptors exist). `true`: a budget that ends short still succeeds and `enforcement.satisfied` is false, "
+        "counts are exact or the retry budget is spent; served by the exact `assign` or `latent` (with `auto`, "
+        "whatever adaptors exist). `true`: a budget that ends short still succeeds and `enforcement.satisfied` is false, "
         'with the counts per attribute. `"strict"`: such a job fails with `enforcement_incomplete` instead.',
     )
     output_format: Literal["png", "webp", "jpeg"] = Field(

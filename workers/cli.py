@@ -21,7 +21,7 @@ from workers.console import HelpFormatter, Parser, UsageError, float_in, int_in,
 from workers.console import load_model as _load_model
 from workers.console import out as _out
 
-STRATEGIES = ("auto", "adaptor", "guidance", "assign", "none")
+STRATEGIES = ("auto", "adaptor", "guidance", "assign", "latent", "none")
 LEDGER_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")  # as the API's `ledger`
 
 
@@ -34,9 +34,9 @@ def _check_request(args: argparse.Namespace) -> None:
     if args.adaptor is not None:
         if not valid_adaptor_id(args.adaptor):
             raise UsageError("--adaptor", f"{args.adaptor!r} is not a valid adaptor id")
-        if args.strategy not in ("auto", "adaptor"):
-            raise UsageError("--strategy", f"{args.strategy!r} cannot use --adaptor; use 'adaptor' or 'auto'")
-    elif args.strategy in ("adaptor", "guidance", "assign") and args.target is None:
+        if args.strategy not in ("auto", "adaptor", "latent"):
+            raise UsageError("--strategy", f"{args.strategy!r} cannot use --adaptor; use 'adaptor', 'latent' or 'auto'")
+    elif args.strategy in ("adaptor", "guidance", "assign", "latent") and args.target is None:
         raise UsageError("--target", f"strategy {args.strategy!r} needs a fairness target")
     if args.ledger is not None and not LEDGER_KEY.match(args.ledger):
         raise UsageError("--ledger", "1 to 128 characters of letters, digits and . _ : -")
@@ -45,8 +45,8 @@ def _check_request(args: argparse.Namespace) -> None:
             continue
         if args.target is None:
             raise UsageError(option, "needs --target")
-        if args.strategy not in ("auto", "assign") or args.adaptor is not None:
-            raise UsageError(option, "only applies to strategy 'assign' (or 'auto')")
+        if args.strategy not in ("auto", "assign", "latent") or (args.adaptor is not None and args.strategy != "latent"):
+            raise UsageError(option, "only applies to the exact strategies 'assign' and 'latent' (or 'auto')")
 
 
 def _build_request(args: argparse.Namespace, model) -> Any:

@@ -22,15 +22,15 @@ from workers.console import out as _out
 
 # the trainers' error fields, as the options that set them
 _OPTIONS = {"prompts": "--prompts", "fairness_target": "--target", "hyperparameters": "--hparams"}
-METHODS = ("dft", "prefix", "ida", "fair_mapping")  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
+METHODS = ("dft", "prefix", "ida", "fair_mapping", "gmm")  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
 
 
 def add_parser(command) -> None:
     """`command(name, help)` makes the subcommand's parser (workers.cli.build_parser)."""
-    ft = command("finetune", "train a fairness adaptor here (dft, prefix, ida or fair_mapping) and publish it to the store")
+    ft = command("finetune", "train a fairness adaptor here (dft, prefix, ida, fair_mapping or gmm) and publish it to the store")
     ft.add_argument("method", choices=METHODS,
                     help="dft: LoRA trained by Shen et al.'s DFT; prefix: DFT on soft prefix tokens; ida: guidance; "
-                         "fair_mapping: a text-embedding map (Li et al.)")  # fmt: skip
+                         "fair_mapping: a text-embedding map (Li et al.); gmm: per-prompt latent mixtures")  # fmt: skip
     ft.add_argument("--target", required=True, metavar="JSON",
                     help='fairness target, e.g. \'{"gender": {"female": 0.5, "male": 0.5}}\'')  # fmt: skip
     group = ft.add_mutually_exclusive_group(required=True)
@@ -124,4 +124,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for when in ("before", "after"):
         if when in metrics:
             _out(f"  {when:6s} mean bias per prompt {metrics[when]['mean_prompt_bias']}")
+    for prompt, row in (metrics.get("per_prompt") or {}).items() if manifest.kind == "gmm" else ():
+        _out(f"  {prompt}: {len(row['components'])} components, within one {row['within_one']}")
     return 0

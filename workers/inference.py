@@ -93,7 +93,26 @@ def _generate_assigned(
     return assignment, images
 
 
-def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step) -> tuple[Any, list, dict[str, Any]]:
+def _generate_latent(runtime: Runtime, spec, target: dict, adaptor_id: str, on_step,
+                     reserved: list[dict[str, str]] | None = None) -> tuple[list[dict[str, str]], Any, Any]:  # fmt: skip
+    """`latent`: the same exact per-class counts as `assign`, each image's latent moved into a component of its
+    class after step t* of one plain pass; returns the assignment, the images and the regenerator `enforce` uses."""
+    from adaptors.assign import joint_assignment
+    from adaptors.gmm import generate_balanced
+
+    mixture, at_step = runtime.cache.mixture(adaptor_id, spec.prompt)
+    assignment = [dict(a) for a in (reserved or joint_assignment(spec.num_images, target, spec.seed))]
+    max_batch = runtime.settings.max_batch
+    images = generate_balanced(runtime.pipe, spec, assignment, mixture, at_step, on_step, max_batch)
+
+    def regenerate(pipe, retry_spec, retry_assignment, *_args, on_step=None, **_kw):
+        return generate_balanced(pipe, retry_spec, retry_assignment, mixture, at_step, on_step, max_batch)
+
+    return assignment, images, regenerate
+
+
+def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step,
+             generate_fn: Any = None) -> tuple[Any, list, dict[str, Any]]:  # fmt: skip
     """Regenerate misses (wrong class or no person) with fresh noise until the counts are exact."""
     from adaptors.assign import class_texts_for
     from adaptors.enforce import enforce
@@ -104,6 +123,7 @@ def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, o
         max_rounds=settings.enforce_max_rounds, mode=settings.assign_mode,
         guidance_weight=settings.assign_guidance_weight, max_batch=settings.max_batch, on_step=on_step,
         classifier_scale=settings.assign_classifier_scale, steer=runtime.classifier,
+        **({"generate_fn": generate_fn} if generate_fn is not None else {}),
     )  # fmt: skip
     per_attribute = _delivered_vs_assigned(per_image, assignment)
     return images, per_image, {"applied": True, **report.to_dict(), "per_attribute": per_attribute}
@@ -219,7 +239,7 @@ def application_step(cache: Any, decision: Decision, prompt: str) -> dict[str, A
 
 def reserve_step(r: Any, runtime: Runtime, req: GenerateJob, decision: Decision) -> LedgerHold | None:
     """With a ledger: reserve the request's classes, each image to the class most behind (in Redis `r`)."""
-    if not (req.ledger and req.fairness_target and decision.used == Strategy.assign.value):
+    if not (req.ledger and req.fairness_target and decision.used in (Strategy.assign.value, Strategy.latent.value)):
         return None
     lid = ledger.ledger_id(req.ledger_scope, req.ledger, req.prompt, req.fairness_target)
     return LedgerHold(lid, ledger.reserve(r, lid, req.num_images, req.fairness_target, runtime.settings.job_ttl_s))
@@ -241,6 +261,12 @@ def render_step(runtime: Runtime, req: GenerateJob, decision: Decision, spec, en
         out = Rendered(images, assignment)
         if req.enforce and runtime.auditor is not None:
             out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step)
+    elif decision.used == Strategy.latent.value and req.fairness_target and decision.adaptor_id:
+        assignment, images, regenerate = _generate_latent(runtime, spec, req.fairness_target, decision.adaptor_id, on_step,
+                                                          hold.reserved if hold else None)  # fmt: skip
+        out = Rendered(images, assignment)
+        if req.enforce and runtime.auditor is not None:
+            out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step, regenerate)
     elif directions is not None:
         from adaptors.assign import generate_directed
 

@@ -10,7 +10,17 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.adaptor_matching import adaptor_conflict, find_calibration, find_matching_adaptor, fit_to_target, manifest_field
+from common.adaptor_matching import (
+    LATENT_KIND,
+    adaptor_conflict,
+    find_calibration,
+    find_latent_calibration,
+    find_matching_adaptor,
+    fit_to_target,
+    latent_fit,
+    manifest_field,
+    uncovered_class,
+)
 from common.schemas import Strategy
 
 
@@ -35,7 +45,7 @@ class Decision:
     """What the worker does: `used` is the strategy run; `reason` and `guarantee` are reported to the caller.
 
     `guarantee` is "exact" when the request's counts are assigned and delivered per request
-    (`assign`), "expected" when the distribution holds only on average (an adaptor or guidance),
+    (`assign`, `latent`), "expected" when the distribution holds only on average (an adaptor or guidance),
     and None when no fairness_target is in play. `fit` is the adaptor's measured fit to its target.
     """
 
@@ -57,6 +67,31 @@ class Decision:
 
 def _exact(strategy: str, reason: str) -> Decision:
     return Decision(strategy, Strategy.assign.value, reason, guarantee=EXACT)
+
+
+def _latent(strategy: str, manifest: Any, prompt: str, target: Mapping[str, Mapping[str, float]], reason: str) -> Decision:
+    """The `latent` strategy with this calibration; StrategyError naming a target class none of its components carries."""
+    found = str(manifest_field(manifest, "id"))
+    missing = uncovered_class(manifest, prompt, target)
+    if missing is not None:
+        raise StrategyError("uncovered_class", f"{missing}: no component of latent calibration {found!r} carries this "
+                            "class (alone or with the target's other classes) for this prompt; calibrate it (method 'gmm') "
+                            "with more images, or use 'assign'")  # fmt: skip
+    return Decision(strategy, Strategy.latent.value, reason, found, EXACT, latent_fit(manifest, prompt))
+
+
+def _latent_qualifies(manifest: Any, prompt: str, target: Mapping[str, Mapping[str, float]]) -> str | None:
+    """Why `auto` may serve with this latent calibration (its measured within-one rate for this prompt is at least
+    `assign`'s on the same held-out requests, and it carries every class of the target); None when it may not."""
+    fit = latent_fit(manifest, prompt)
+    if manifest is None or fit is None or uncovered_class(manifest, prompt, target) is not None:
+        return None
+    mine, theirs = fit.get("within_one"), fit.get("assign_within_one")
+    if mine is None or theirs is None or float(mine) < float(theirs):
+        return None
+    return (f"latent calibration {manifest_field(manifest, 'id')} holds this prompt and sampler, and its measured "
+            f"within-one rate {mine} is at least assign's {theirs} ({fit['measured_on']}): exact counts at the cost "
+            "of a plain image")  # fmt: skip
 
 
 def decide(
@@ -81,6 +116,13 @@ def decide(
     `explicit` is the manifest of `adaptor_id`, when the caller has read it, so a mismatch with
     the request is refused here with the same rule the gateway applies.
     """
+    if adaptor_id and explicit is not None and manifest_field(explicit, "kind") == LATENT_KIND:
+        if not target:
+            raise StrategyError("invalid_request", f"latent calibration {adaptor_id!r} needs a fairness_target")
+        conflict = adaptor_conflict(explicit, target, prompt, steps, guidance_scale)
+        if conflict is not None:
+            raise StrategyError(*conflict)
+        return _latent(strategy, explicit, prompt, target, f"explicit adaptor_id: latent calibration {adaptor_id}")
     if adaptor_id:
         if exact_required:
             raise StrategyError("strategy_conflict", f"{exact_required} needs exact per-request counts; adaptor_id gives "
@@ -98,6 +140,16 @@ def decide(
         if not target:
             raise StrategyError("invalid_request", "strategy 'assign' needs a fairness_target")
         return _exact(strategy, "exact per-request counts, each image conditioned on its class")
+    if strategy == Strategy.latent.value:
+        if not target:
+            raise StrategyError("invalid_request", "strategy 'latent' needs a fairness_target")
+        found = find_latent_calibration(manifests or [], target, base_models, prompt, steps, guidance_scale)
+        if found is None:
+            raise StrategyError("no_calibration", "no latent calibration exists for this prompt, steps and "
+                                "guidance_scale over the target's attributes; calibrate one (POST /v1/admin/finetunes "
+                                "with method 'gmm') or use strategy 'assign' or 'auto'")  # fmt: skip
+        return _latent(strategy, found, prompt, target, "latent mixtures calibrated for this prompt and sampler: each "
+                       "image moved into a component of its assigned class")  # fmt: skip
     if not target:
         if strategy in (Strategy.adaptor.value, Strategy.guidance.value):
             raise StrategyError("invalid_request", f"strategy {strategy!r} needs a fairness_target or an adaptor_id")
@@ -106,6 +158,11 @@ def decide(
         if strategy != Strategy.auto.value:
             raise StrategyError("strategy_conflict", f"{exact_required} needs exact per-request counts, which strategy "
                                 f"{strategy!r} does not give; use 'assign' or 'auto'")  # fmt: skip
+        listed = list(manifests or [])
+        calibrated = find_latent_calibration(listed, target, base_models, prompt, steps, guidance_scale)
+        why = _latent_qualifies(calibrated, prompt, target)
+        if why is not None:
+            return _latent(strategy, calibrated, prompt, target, f"{exact_required} needs exact per-request counts; {why}")
         return _exact(strategy, f"{exact_required} needs exact per-request counts: assign serves it whatever adaptors exist")
     listed = list(manifests or [])
     if strategy != Strategy.guidance.value:
@@ -137,6 +194,10 @@ def decide(
             "no guidance calibration exists for this fairness_target, prompt, steps and guidance_scale; "
             "calibrate one (POST /v1/admin/finetunes with method 'ida') or use strategy 'assign' or 'auto'",
         )
+    calibrated = find_latent_calibration(listed, target, base_models, prompt, steps, guidance_scale)
+    why = _latent_qualifies(calibrated, prompt, target) if strategy == Strategy.auto.value else None
+    if why is not None:
+        return _latent(strategy, calibrated, prompt, target, why)
     return _exact(
         strategy,
         f"no stored adaptor for this fairness_target has a measured held-out fit within TV {max_tv}, and no "

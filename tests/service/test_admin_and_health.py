@@ -120,6 +120,10 @@ def test_finetune_unknown_method(client: TestClient, admin: dict[str, str]) -> N
     ("fair_mapping", {"fair_weight": -1}, "hyperparameters.fair_weight"),
     ("fair_mapping", {"skip_keywords": ["woman"]}, "hyperparameters.skip_keywords"),
     ("fair_mapping", {"rank": 4}, "hyperparameters"),  # a DFT knob: unknown to fair_mapping
+    ("gmm", {"components": 0}, "hyperparameters.components"),  # K of 0
+    ("gmm", {"images": 3, "components": 4}, "hyperparameters.images"),  # N smaller than K
+    ("gmm", {"at_step": 19}, "hyperparameters.at_step"),  # nothing left to denoise after the move
+    ("gmm", {"covariance": "spherical"}, "hyperparameters.covariance"),
 ])  # fmt: skip
 def test_finetune_bad_hyperparameters_are_refused_before_any_job_is_queued(
     client: TestClient, admin: dict[str, str], store: JobStore, method: str, hp: dict, param: str

@@ -337,3 +337,45 @@ def test_guidance_strategy_needs_a_calibration_for_prompt_and_sampler(client: Te
     accepted = gen(client, **body, steps=20, guidance_scale=5.0)
     assert accepted.status_code == 202, accepted.text
     assert store.get(accepted.json()["id"])["request"]["strategy"] == "guidance"
+
+
+def _gmm(settings: Settings, adaptor_id: str, prompt: str, classes: list[dict], **extra: object) -> None:
+    """A hand-written latent calibration: its components' classes for one prompt, at 20 steps and CFG 5."""
+    write_manifest(settings.adaptor_dir, adaptor_id, kind="gmm", target={"gender": {"female": 0.5, "male": 0.5}},
+                   hyperparameters={"prompts": [prompt], "component_classes": [classes], "at_step": 9},
+                   sampler={"steps": 20, "guidance_scale": 5.0}, files={"gmm.safetensors": "0" * 64}, **extra)  # fmt: skip
+
+
+def test_latent_strategy_needs_a_calibration_that_carries_every_class(client: TestClient, settings: Settings,
+                                                                      store: JobStore) -> None:  # fmt: skip
+    half = {"gender": {"female": 0.5, "male": 0.5}}
+    senator = "a photo of the face of a senator, a person"
+    body = {"prompt": senator, "strategy": "latent", "fairness_target": half}
+    assert_error(gen(client, **{**body, "fairness_target": None}), 422, "fairness_target", "missing_fairness_target")
+    assert_error(gen(client, **body), 409, "strategy", "no_calibration")
+    _gmm(settings, "gmm-men", senator, [{"gender": "male"}, {"gender": "male"}])
+    # the calibration has no component of women: the class is named, before any work
+    err = assert_error(gen(client, **body), 409, "fairness_target.gender.female", "uncovered_class")
+    assert "gmm-men" in err["message"]
+    assert gen(client, **{**body, "fairness_target": {"gender": {"male": 1.0}}}).status_code == 202
+    assert_error(gen(client, **{**body, "fairness_target": {"age": {"young": 0.5, "old": 0.5}}}), 409, "strategy",
+                 "no_calibration")  # its components are named by gender only  # fmt: skip
+    _gmm(settings, "gmm-both", senator, [{"gender": "female"}, {"gender": "male"}], created="2026-11-24T00:00:00+00:00")
+    assert_error(gen(client, **body, steps=10), 409, "strategy", "no_calibration")  # calibrated at 20 steps only
+    accepted = gen(client, **body, enforce=True, ledger="latent-stream")  # exact per request: enforce and ledger work
+    assert accepted.status_code == 202, accepted.text
+    assert store.get(accepted.json()["id"])["request"]["strategy"] == "latent"
+
+
+def test_a_named_latent_calibration_for_another_prompt_or_sampler_is_409(client: TestClient, settings: Settings) -> None:
+    senator = "a photo of the face of a senator, a person"
+    _gmm(settings, "gmm-senator", senator, [{"gender": "female"}, {"gender": "male"}])
+    body = {"prompt": senator, "strategy": "latent", "adaptor_id": "gmm-senator",
+            "fairness_target": {"gender": {"female": 0.3, "male": 0.7}}}  # any target its classes carry  # fmt: skip
+    assert gen(client, **body).status_code == 202
+    assert_error(gen(client, **body, steps=12), 409, "adaptor_id", "adaptor_sampler_mismatch")
+    assert_error(gen(client, **body, guidance_scale=7.0), 409, "adaptor_id", "adaptor_sampler_mismatch")
+    assert_error(gen(client, **{**body, "prompt": "a photo of the face of a nurse, a person"}), 409, "adaptor_id",
+                 "adaptor_prompt_mismatch")  # fmt: skip
+    assert_error(gen(client, **{**body, "fairness_target": {"skin_tone": {"I": 1.0}}}), 409,
+                 "fairness_target.skin_tone.I", "uncovered_class")  # fmt: skip

@@ -490,3 +490,37 @@ def test_fair_mapping_finetune_serves_the_adaptor_strategy_and_says_when_the_map
         json={"method": "fair_mapping", "fairness_target": target, "prompts": [SENATOR], "hyperparameters": {"depth": 99}},
     )
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "hyperparameters.depth", bad.text
+
+
+def test_gmm_calibration_serves_the_latent_strategy_with_the_assigned_counts(stack):
+    """A `gmm` job calibrates latent mixtures for one prompt and sampler; `latent` then delivers the assigned counts
+    (oracle-read, several seeds) at the cost of a plain image, and refuses another prompt or sampler with a 409."""
+    client = stack["client"]
+    resp = client.post("/v1/admin/finetunes", headers=ADMIN, json={
+        "method": "gmm", "fairness_target": BALANCED, "prompts": [SENATOR], "name": "senator-gmm",
+        "hyperparameters": {"images": 128, "steps": 10, "at_step": 4, "eval_requests": 1, "eval_images": 4}})  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    job = wait_job(client, f"/v1/admin/finetunes/{resp.json()['id']}", timeout=240, headers=ADMIN)
+    assert job["state"] == "succeeded", job.get("error")
+    adaptor_id = job["result"]["adaptor_id"]
+    manifest = client.get(f"/v1/adaptors/{adaptor_id}").json()
+    assert manifest["kind"] == "gmm" and manifest["sampler"]["steps"] == 10
+
+    body = {"prompt": SENATOR, "num_images": 8, "steps": 10, "fairness_target": BALANCED, "strategy": "latent"}
+    hits = 0
+    for seed in (11, 12, 13):
+        done = client.post("/v1/generate", json={**body, "seed": seed}, headers={"Prefer": "wait=60"}).json()
+        assert done["state"] == "succeeded", done
+        result = done["result"]
+        assert result["strategy"]["used"] == "latent" and result["guarantee"] == "exact", result["strategy"]
+        assert result["adaptor"] == adaptor_id and result["assigned_counts"] == {"gender": {"female": 4, "male": 4}}
+        readings = oracle_readings(client, result)
+        assert abs(sum(r.person and r.gender == "female" for r in readings) - 4) <= 1, [r.gender for r in readings]
+        hits += sum(r.person and r.gender == img["assigned"]["gender"] for r, img in zip(readings, result["images"]))
+    assert hits >= 20, hits  # of 24
+    named = {**body, "adaptor_id": adaptor_id}
+    for change, code in (({"steps": 12}, "adaptor_sampler_mismatch"),
+                         ({"prompt": prompt_for("pilot")}, "adaptor_prompt_mismatch")):  # fmt: skip
+        refused = client.post("/v1/generate", json={**named, **change})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == code, refused.text
+    assert client.post("/v1/generate", json={**body, "steps": 12}).json()["error"]["code"] == "no_calibration"

@@ -50,7 +50,7 @@ def test_help_shows_defaults_and_the_finetune_methods(capsys):
     assert "(default: 8)" in text and "(default: auto)" in text and "--target JSON" in text
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
-    assert "dft, prefix, ida or fair_mapping" in " ".join(capsys.readouterr().out.split())
+    assert "dft, prefix, ida, fair_mapping or gmm" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(
@@ -76,6 +76,9 @@ def test_help_shows_defaults_and_the_finetune_methods(capsys):
         (["finetune", "dft", "--target", TARGET, "--prompts", "x", "--hparams", '{"token_map_read": "span"}'], "--hparams"),
         (["finetune", "dft", "--target", "{", "--prompts", "x"], "--target"),
         (["finetune", "fair_mapping", "--target", TARGET, "--prompts", "x", "--hparams", '{"depth": 0}'], "--hparams"),
+        (["finetune", "gmm", "--target", TARGET, "--prompts", "x", "--hparams", '{"components": 0}'], "--hparams"),
+        (["finetune", "gmm", "--target", TARGET, "--prompts", "x", "--hparams", '{"images": 2}'], "--hparams"),
+        (["generate", "--strategy", "latent", "x"], "--target"),
         (["audit", "-n", "0"], "-n/--num-images"),
     ],
 )

@@ -181,3 +181,47 @@ def test_an_explicit_adaptor_for_another_target_or_prompt_is_refused() -> None:
         decide("auto", HALF, "skewed", None, BASES, "p", explicit=skewed)
     assert err.value.type == "adaptor_target_mismatch"
     assert fit_to_target(cal, "q") is None and fit_to_target(cal, "p")["tv"] == 0.0
+
+
+PROMPT = "a photo of the face of a senator, a person"
+
+
+def gmm(id_: str, latent: float, assign: float, classes: list | None = None, steps: int = 20) -> dict:
+    """A latent calibration for PROMPT, with the within-one rates it measured for itself and for `assign`."""
+    row = {"within_one": {"latent": latent, "assign": assign}, "requests": 8, "images_per_request": 8}
+    classes = classes if classes is not None else [{"gender": "female"}, {"gender": "male"}]
+    return {"id": id_, "kind": "gmm", "base_model": "testbed", "target": HALF, "attributes": ["gender"],
+            "created": "2026-01-02T00:00:00", "metrics": {"per_prompt": {PROMPT: row}},
+            "hyperparameters": {"prompts": [PROMPT], "component_classes": [classes]},
+            "sampler": {"steps": steps, "guidance_scale": 5.0}}  # fmt: skip
+
+
+def test_auto_prefers_a_latent_calibration_only_where_it_measured_at_least_assign() -> None:
+    better, worse = gmm("gmm-good", 0.95, 0.8), gmm("gmm-bad", 0.7, 0.8)
+    picked = decide("auto", HALF, None, [better], BASES, PROMPT, 20, 5.0)
+    assert (picked.used, picked.adaptor_id, picked.guarantee) == ("latent", "gmm-good", "exact")
+    assert "0.95" in picked.reason and "0.8" in picked.reason and picked.fit["within_one"] == 0.95
+    assert decide("auto", HALF, None, [worse], BASES, PROMPT, 20, 5.0).used == "assign"
+    assert decide("auto", HALF, None, [better], BASES, PROMPT, 10, 5.0).used == "assign"  # another sampler setting
+    assert decide("auto", HALF, None, [better], BASES, "another prompt", 20, 5.0).used == "assign"
+    # enforce and ledger need exact counts: latent gives them, and `auto` keeps preferring it where it qualifies
+    assert decide("auto", HALF, None, [better], BASES, PROMPT, 20, 5.0, exact_required="enforce").used == "latent"
+    assert decide("latent", HALF, None, [worse], BASES, PROMPT, 20, 5.0, exact_required="ledger").used == "latent"
+
+
+def test_latent_needs_a_calibration_that_carries_every_class() -> None:
+    with pytest.raises(StrategyError) as err:
+        decide("latent", HALF, None, [], BASES, PROMPT, 20, 5.0)
+    assert err.value.type == "no_calibration" and "gmm" in err.value.message
+    men = gmm("gmm-men", 1.0, 0.5, classes=[{"gender": "male"}])
+    with pytest.raises(StrategyError) as err:
+        decide("latent", HALF, None, [men], BASES, PROMPT, 20, 5.0)
+    assert err.value.type == "uncovered_class" and err.value.message.startswith("fairness_target.gender.female")
+    assert decide("auto", HALF, None, [men], BASES, PROMPT, 20, 5.0).used == "assign"  # auto never takes it
+    assert decide("latent", {"gender": {"male": 1.0, "female": 0.0}}, None, [men], BASES, PROMPT, 20, 5.0).used == "latent"
+    explicit = decide("auto", HALF, "gmm-good", None, BASES, PROMPT, 20, 5.0, explicit=gmm("gmm-good", 0.9, 0.9))
+    assert (explicit.used, explicit.guarantee) == ("latent", "exact")
+    with pytest.raises(StrategyError) as err:
+        decide("latent", HALF, "gmm-good", None, BASES, PROMPT, 10, 5.0, explicit=gmm("gmm-good", 0.9, 0.9))
+    assert err.value.type == "adaptor_sampler_mismatch"
+    assert find_matching_adaptor([gmm("gmm-good", 0.9, 0.9)], HALF, BASES) is None  # never an `adaptor`

@@ -16,7 +16,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from common.adaptor_manifest import list_manifests
-from common.adaptor_matching import adaptor_conflict, base_model_names, find_calibration, find_matching_adaptor
+from common.adaptor_matching import (
+    LATENT_KIND,
+    adaptor_conflict,
+    base_model_names,
+    find_calibration,
+    find_latent_calibration,
+    find_matching_adaptor,
+    uncovered_class,
+)
 from common.celery_config import GENERATE_TASK, INFERENCE_QUEUE
 from common.jobs import JobStore, new_job_id
 from common.schemas import FieldError, GenerateJob, JobKind, JobState, ModelInfo, Strategy, validate_target
@@ -62,7 +70,41 @@ def check_adaptor(
     conflict = adaptor_conflict(manifest, target, prompt, steps, scale)
     if conflict is not None:
         raise Conflict(f"adaptor_id: {conflict[1]}", param="adaptor_id", code=conflict[0])
+    if manifest.kind == LATENT_KIND:
+        if target is None:
+            raise InvalidField(f"fairness_target: latent calibration {adaptor_id!r} needs a fairness_target",
+                               param="fairness_target", code="missing_fairness_target")  # fmt: skip
+        require_carried(manifest, adaptor_id, prompt, target)
     return manifest.to_dict()
+
+
+def require_carried(manifest: Any, adaptor_id: str, prompt: str, target: dict[str, dict[str, float]]) -> None:
+    """409 naming `fairness_target.<attribute>.<class>` when no component of the latent calibration carries it."""
+    missing = uncovered_class(manifest, prompt, target)
+    if missing is not None:
+        raise Conflict(
+            f"{missing}: no component of latent calibration {adaptor_id!r} carries this class (alone or with the "
+            "target's other classes) for this prompt; "
+            "calibrate it (method 'gmm') with more images, or use strategy 'assign'",
+            param=missing,
+            code="uncovered_class",
+        )
+
+
+def require_latent_calibration(settings: Settings, target: dict[str, dict[str, float]], prompt: str, steps: int,
+                               guidance_scale: float) -> None:  # fmt: skip
+    """strategy 'latent': 409 unless latent mixtures were calibrated for this prompt and sampler and carry the target."""
+    manifests = list_manifests(settings.adaptor_dir)
+    found = find_latent_calibration(manifests, target, base_model_names(settings.base_model), prompt, steps, guidance_scale)
+    if found is None:
+        raise Conflict(
+            f"strategy: 'latent' needs latent mixtures calibrated for this prompt, steps={steps} and "
+            f"guidance_scale={guidance_scale} over the target's attributes, and there are none; calibrate (POST "
+            "/v1/admin/finetunes with method 'gmm') or use strategy 'assign' or 'auto'",
+            param="strategy",
+            code="no_calibration",
+        )
+    require_carried(found, found.id, prompt, target)
 
 
 def require_matching_adaptor(settings: Settings, target: dict[str, dict[str, float]]) -> None:
@@ -129,15 +171,19 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
     strategy = body.strategy
     steps = body.steps if body.steps is not None else info.default_steps
     scale = body.guidance_scale if body.guidance_scale is not None else info.default_guidance_scale
+    latent_adaptor = False
     if body.adaptor_id is not None:
-        if strategy not in (Strategy.auto, Strategy.adaptor):
+        if strategy not in (Strategy.auto, Strategy.adaptor, Strategy.latent):
             raise InvalidField(
-                f"strategy: {strategy.value!r} cannot use adaptor_id; use 'adaptor' or 'auto'",
+                f"strategy: {strategy.value!r} cannot use adaptor_id; use 'adaptor', 'latent' or 'auto'",
                 param="strategy",
                 code="strategy_conflict",
             )
-        check_adaptor(settings, body.adaptor_id, target, body.prompt, steps, scale)
-    elif strategy in (Strategy.adaptor, Strategy.guidance, Strategy.assign) and target is None:
+        latent_adaptor = check_adaptor(settings, body.adaptor_id, target, body.prompt, steps, scale)["kind"] == LATENT_KIND
+        if strategy is Strategy.latent and not latent_adaptor:
+            raise InvalidField(f"strategy: 'latent' needs latent mixtures (kind {LATENT_KIND!r}); adaptor "
+                               f"{body.adaptor_id!r} is not one", param="strategy", code="strategy_conflict")  # fmt: skip
+    elif strategy in (Strategy.adaptor, Strategy.guidance, Strategy.assign, Strategy.latent) and target is None:
         raise InvalidField(
             f"fairness_target: strategy {strategy.value!r} needs a fairness_target"
             + (" or an adaptor_id" if strategy is Strategy.adaptor else ""),
@@ -148,17 +194,19 @@ def build_generate_job(body: GenerateRequest, settings: Settings, info: ModelInf
         require_matching_adaptor(settings, target)
     elif strategy is Strategy.guidance:
         require_calibration(settings, target, body.prompt, steps, scale)
+    elif strategy is Strategy.latent:
+        require_latent_calibration(settings, target, body.prompt, steps, scale)
 
-    # ledger and enforce both act on the per-request assignment, so both need `assign` (or `auto`, which then
-    # runs `assign` whatever adaptors exist): anything else is a conflict, never a silent downgrade
+    # ledger and enforce both act on the per-request assignment, so both need an exact strategy (`assign`, `latent`,
+    # or `auto`, which then runs one of them whatever adaptors exist): anything else is a conflict, never a downgrade
     for field, wanted in (("ledger", body.ledger is not None), ("enforce", body.enforce)):
         if not wanted:
             continue
         if target is None:
             raise InvalidField(f"{field}: needs a fairness_target", param=field, code=f"{field}_needs_target")
-        if strategy not in (Strategy.auto, Strategy.assign) or body.adaptor_id is not None:
+        if strategy not in (Strategy.auto, Strategy.assign, Strategy.latent) or (body.adaptor_id and not latent_adaptor):
             raise Conflict(
-                f"{field}: needs exact per-request counts, which only strategy 'assign' (or 'auto') gives; "
+                f"{field}: needs exact per-request counts, which only strategies 'assign' and 'latent' (or 'auto') give; "
                 f"strategy {strategy.value!r}" + (" with an adaptor_id" if body.adaptor_id is not None else "")
                 + " holds the target only in expectation", param=field, code="strategy_conflict",
             )  # fmt: skip
