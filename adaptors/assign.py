@@ -620,15 +620,24 @@ def denoise_rows(
         pipe.scheduler.set_timesteps(steps, device=pipe.device)
         latents = torch.cat([initial_latents(pipe, row.seed, [row.index], height, width) for row in rows])
         latents = latents * pipe.scheduler.init_noise_sigma
+        phases: dict[bool, tuple[Any, Any, dict[tuple[int, int], int]]] = {}
+
+        def phase(guided: bool) -> tuple[Any, Any, dict[tuple[int, int], int]]:
+            """(image index per UNet row, text embedding per UNet row, row of each pair): fixed within a phase."""
+            if guided not in phases:
+                pairs = base_pairs + (dir_pairs if guided else [])
+                img_idx = torch.tensor([p[0] for p in pairs], device=pipe.device)
+                txt_idx = torch.tensor([p[1] for p in pairs], device=pipe.device)
+                phases[guided] = (img_idx, embeds[txt_idx], {pair: k for k, pair in enumerate(pairs)})
+            return phases[guided]
+
+        prompt_pos = len(with_cfg)  # the prompt rows follow the unconditional ones, image by image
         for s, t in enumerate(pipe.scheduler.timesteps):
             guided = s >= warmup_steps and any(image_dirs)
-            pairs = base_pairs + (dir_pairs if guided else [])
-            img_idx = torch.tensor([p[0] for p in pairs], device=pipe.device)
-            txt_idx = torch.tensor([p[1] for p in pairs], device=pipe.device)
+            img_idx, text_embeds, row_of = phase(guided)
             model_in = pipe.scheduler.scale_model_input(latents[img_idx], t)
-            eps_rows = pipe.unet(model_in, t, encoder_hidden_states=embeds[txt_idx], return_dict=False)[0]
-            row_of = {pair: k for k, pair in enumerate(pairs)}
-            eps_prompt = eps_rows[[row_of[(j, prompt_rows[j])] for j in range(n)]]
+            eps_rows = pipe.unet(model_in, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
+            eps_prompt = eps_rows[prompt_pos : prompt_pos + n]
             if uniform:  # one scale for every row: the pipeline's own arithmetic
                 eps_uncond = eps_rows[:n]
                 eps = eps_uncond + rows[0].guidance_scale * (eps_prompt - eps_uncond)

@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         "compatible requests (same steps and size, no adaptor) up to this many images into one pass.",
     )
     batch_window_ms: float = Field(
-        10.0,
+        50.0,
         ge=0.0,
         le=1000.0,
         description="How long an inference worker under load waits for more compatible requests when its batch is "

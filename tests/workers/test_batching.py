@@ -138,7 +138,7 @@ def test_worker_killed_mid_batch_loses_no_job_and_runs_none_twice(stack: Stack) 
     for p in [p for p in stack.procs if p.name.startswith("worker-") and p.alive()]:
         p.stop()
     victim = stack.worker("victim")
-    ids = stack.submit(REQUESTS, steps=300)
+    ids = stack.submit(REQUESTS, steps=150)
 
     def mid_pass() -> bool:
         got = [stack.jobs.get(i) for i in ids]
@@ -152,7 +152,7 @@ def test_worker_killed_mid_batch_loses_no_job_and_runs_none_twice(stack: Stack) 
     assert [j["state"] for j in jobs] == ["succeeded"] * 4, [j.get("error") for j in jobs]
     assert all(int(j["attempts"]) == 2 for j in jobs), [j["attempts"] for j in jobs]  # the killed run and one more
     finished = [j["finished"] for j in jobs]
-    time.sleep(8)  # the remaining messages and a sweep arrive: each finds its job finished
+    time.sleep(4)  # any message still on its way finds its job finished
     again = [stack.jobs.get(i) for i in ids]
     assert [j["finished"] for j in again] == finished and all(int(j["attempts"]) == 2 for j in again)
     assert stack.jobs.running_ids(INFERENCE_QUEUE) == []

@@ -1,0 +1,210 @@
+"""Does a stream of small requests reach the pipeline's batch throughput? One JSON object.
+
+First the pipeline called directly in this process (plain and `assign` at gender 50/50): images/s on a
+batch of 16 (the worker's max_batch) and the time of one request alone (1 and 4 images). Then the
+embedded stack (`fairdiff up`: redis-server, one inference worker, uvicorn) serving `--requests`
+requests of 1 and of 4 images from 1, 4 and 16 concurrent HTTP clients, each `POST /v1/generate` with
+`Prefer: wait` and then downloading its PNGs: images/s over the run, p50 and p95 latency, and the
+batch sizes the worker reports on /metrics. Audit off on both sides (serve_overhead.py measures it).
+Writes benchmarks/results/stream_throughput.json.
+
+    python benchmarks/stream_throughput.py [--requests 64] [--steps 20]
+
+Targets (issue #39), each against the direct figure of the same strategy, measured in the same run:
+at 16 clients >= 0.75x the direct batch-16 images/s (plain) and >= 0.6x (`assign`); at 1 client p50
+<= 1.15x one direct request; at 16 clients p95 <= 2x the direct batch-16 time + the batching window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adaptors.assign import class_texts_for, generate_assigned, joint_assignment  # noqa: E402
+from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline  # noqa: E402
+from benchmarks.results_io import environment, publish  # noqa: E402
+from benchmarks.serve_overhead import _free_port, _start_stack, _wait_ready  # noqa: E402
+from common.settings import get_settings  # noqa: E402
+
+PROMPTS = [f"a photo of the face of a {job}, a person" for job in ("senator", "nurse", "judge", "clerk")]
+GENDER = {"gender": {"female": 0.5, "male": 0.5}}
+MAX_BATCH = 16
+
+
+def _direct(pipe, strategy: str, images: int, steps: int, seed: int = 0) -> float:
+    """Seconds for one direct call of `images` images (one pass: images <= MAX_BATCH)."""
+    settings = get_settings()
+    spec = GenerationSpec(PROMPTS[seed % len(PROMPTS)], num_images=images, seed=seed, steps=steps, guidance_scale=5.0)
+    t0 = time.perf_counter()
+    if strategy == "assign":
+        assignment = joint_assignment(images, GENDER, seed)
+        generate_assigned(pipe, spec, assignment, class_texts_for("testbed"), mode=settings.assign_mode,
+                          guidance_weight=settings.assign_guidance_weight, max_batch=MAX_BATCH)  # fmt: skip
+    else:
+        generate(pipe, spec, max_batch=MAX_BATCH)
+    return time.perf_counter() - t0
+
+
+def direct_figures(pipe, steps: int, repeats: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for strategy in ("none", "assign"):
+        _direct(pipe, strategy, 2, steps)  # warm-up
+        batch = statistics.median(_direct(pipe, strategy, MAX_BATCH, steps, s) for s in range(repeats))
+        one = statistics.median(_direct(pipe, strategy, 1, steps, s) for s in range(repeats * 3))
+        four = statistics.median(_direct(pipe, strategy, 4, steps, s) for s in range(repeats * 2))
+        out[strategy] = {"batch16_s": round(batch, 4), "batch16_images_per_s": round(MAX_BATCH / batch, 3),
+                         "request1_s": round(one, 4), "request4_s": round(four, 4)}  # fmt: skip
+    return out
+
+
+def _batch_sizes(client: httpx.Client) -> tuple[float, float]:
+    """(passes, images) the worker reported so far, from /metrics."""
+    text = client.get("/metrics").text
+    count = re.search(r"^fairdiff_batch_size_count (\S+)", text, re.M)
+    total = re.search(r"^fairdiff_batch_size_sum (\S+)", text, re.M)
+    return (float(count.group(1)) if count else 0.0, float(total.group(1)) if total else 0.0)
+
+
+def stream(client_url: str, strategy: str, images: int, clients: int, requests: int, steps: int) -> dict[str, float]:
+    """`requests` requests of `images` images from `clients` concurrent clients; images/s and latency."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    left = iter(range(requests))
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=client_url, timeout=300) as client:
+            while True:
+                with lock:
+                    k = next(left, None)
+                if k is None:
+                    return
+                body = {"prompt": PROMPTS[k % len(PROMPTS)], "num_images": images, "seed": 1000 + k, "steps": steps,
+                        "guidance_scale": 5.0, "audit": False, "strategy": strategy}  # fmt: skip
+                if strategy == "assign":
+                    body["fairness_target"] = GENDER
+                t0 = time.perf_counter()
+                resp = client.post("/v1/generate", json=body, headers={"Prefer": "wait=120"})
+                job = resp.json()
+                if resp.status_code != 200 or job.get("state") != "succeeded":
+                    errors.append(f"{resp.status_code} {str(job)[:200]}")
+                    continue
+                for image in job["result"]["images"]:
+                    client.get(image["url"]).raise_for_status()
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "images_per_s": round(len(latencies) * images / wall, 3),
+        "p50_s": round(statistics.median(latencies), 4) if latencies else None,
+        "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 4) if latencies else None,
+        "wall_s": round(wall, 3),
+        "errors": len(errors),
+        **({"first_error": errors[0]} if errors else {}),
+    }
+
+
+def _target(value: float, target: float, met: bool) -> dict[str, float | bool]:
+    return {"value": round(value, 4), "target": round(target, 4), "met": bool(met)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+    threads = configure_threads(1)  # as the worker `fairdiff up` starts on this machine
+    pipe = load_pipeline("testbed", device="cpu")
+    direct = direct_figures(pipe, args.steps, args.repeats)
+    window_s = get_settings().batch_window_ms / 1000.0
+    port = _free_port()
+    data = Path(tempfile.mkdtemp(prefix="fairdiff-stream-"))
+    proc = _start_stack(port, data, data / "up.log")
+    served: dict[str, dict] = {}
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=300) as client:
+            _wait_ready(client, proc)
+            stream(url, "none", 1, 2, 4, args.steps)  # warm-up
+            for strategy in ("none", "assign"):
+                for images in args.images:
+                    for clients in args.clients:
+                        before = _batch_sizes(client)
+                        cell = stream(url, strategy, images, clients, args.requests, args.steps)
+                        after = _batch_sizes(client)
+                        passes = after[0] - before[0]
+                        cell["mean_batch_images"] = round((after[1] - before[1]) / passes, 2) if passes else None
+                        served[f"{strategy}/{images}img/{clients}c"] = cell
+                        print(strategy, images, clients, cell, file=sys.stderr, flush=True)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    # the machine is shared: the direct figures are taken before and after the served runs, and averaged
+    after = direct_figures(pipe, args.steps, args.repeats)
+    direct_runs = {"before": direct, "after": after}
+    direct = {s: {k: round((direct[s][k] + after[s][k]) / 2, 4) for k in direct[s]} for s in direct}
+
+    targets: dict[str, dict] = {}
+    top = max(args.clients)
+    for strategy, floor in (("none", 0.75), ("assign", 0.6)):
+        d = direct[strategy]
+        for images in args.images:
+            key = f"{strategy}/{images}img"
+            hi, lo = served.get(f"{key}/{top}c"), served.get(f"{key}/1c")
+            alone = d["request1_s"] if images == 1 else d["request4_s"]
+            if hi:
+                ratio = hi["images_per_s"] / d["batch16_images_per_s"]
+                targets[f"{key} throughput at {top} clients / direct batch-16"] = _target(ratio, floor, ratio >= floor)
+                bound = 2 * d["batch16_s"] + window_s
+                targets[f"{key} p95 at {top} clients (s)"] = _target(hi["p95_s"], bound, hi["p95_s"] <= bound)
+            if lo:
+                ratio = lo["p50_s"] / alone
+                targets[f"{key} p50 at 1 client / direct request"] = _target(ratio, 1.15, ratio <= 1.15)
+    result = {
+        "benchmark": "stream_throughput",
+        "sizes": {
+            "requests_per_cell": args.requests,
+            "clients": args.clients,
+            "images_per_request": args.images,
+            "steps": args.steps,
+            "max_batch": MAX_BATCH,
+            "batch_window_ms": window_s * 1000,
+            "audit": False,
+        },  # fmt: skip
+        "direct": direct,
+        "direct_runs": direct_runs,
+        "served": served,
+        "targets": targets,
+        "targets_met": sum(t["met"] for t in targets.values()),
+        "targets_total": len(targets),
+        **environment(threads),
+    }
+    publish("stream_throughput", result)
+
+
+if __name__ == "__main__":
+    main()
