@@ -12,7 +12,7 @@ Writes benchmarks/results/stream_throughput.json.
 
 Targets (issue #39), each against the direct figure of the same strategy, measured in the same run:
 at 16 clients >= 0.75x the direct batch-16 images/s (plain) and >= 0.6x (`assign`); at 1 client p50
-<= 1.15x one direct request; at 16 clients p95 <= 2x the direct batch-16 time + the batching window.
+<= 1.15x one direct request; at 16 clients p95 <= 2x the direct batch-16 time + the longest a pass waits for more (4 windows).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from adaptors.generation import GenerationSpec, configure_threads, generate, loa
 from benchmarks.results_io import environment, publish  # noqa: E402
 from benchmarks.serve_overhead import _free_port, _start_stack, _wait_ready  # noqa: E402
 from common.settings import get_settings  # noqa: E402
+from workers.batching import WINDOW_CAP  # noqa: E402
 
 PROMPTS = [f"a photo of the face of a {job}, a person" for job in ("senator", "nurse", "judge", "clerk")]
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
@@ -81,6 +82,8 @@ def _batch_sizes(client: httpx.Client) -> tuple[float, float]:
 def stream(client_url: str, strategy: str, images: int, clients: int, requests: int, steps: int) -> dict[str, float]:
     """`requests` requests of `images` images from `clients` concurrent clients; images/s and latency."""
     latencies: list[float] = []
+    worker_s: list[float] = []
+    render_s: list[float] = []
     errors: list[str] = []
     left = iter(range(requests))
     lock = threading.Lock()
@@ -106,6 +109,11 @@ def stream(client_url: str, strategy: str, images: int, clients: int, requests: 
                     client.get(image["url"]).raise_for_status()
                 with lock:
                     latencies.append(time.perf_counter() - t0)
+                    # where the time went: in the worker (claim to finish, of which rendering), the rest is
+                    # queueing, the gateway, HTTP and the client's view of the finish
+                    timings = job["result"]["timings"]
+                    worker_s.append(timings["total_s"])
+                    render_s.append(timings["generate_s"])
 
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -120,6 +128,8 @@ def stream(client_url: str, strategy: str, images: int, clients: int, requests: 
         "p50_s": round(statistics.median(latencies), 4) if latencies else None,
         "p95_s": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], 4) if latencies else None,
         "wall_s": round(wall, 3),
+        "worker_p50_s": round(statistics.median(worker_s), 4) if worker_s else None,
+        "render_p50_s": round(statistics.median(render_s), 4) if render_s else None,
         "errors": len(errors),
         **({"first_error": errors[0]} if errors else {}),
     }
@@ -141,6 +151,7 @@ def main() -> None:
     pipe = load_pipeline("testbed", device="cpu")
     direct = direct_figures(pipe, args.steps, args.repeats)
     window_s = get_settings().batch_window_ms / 1000.0
+    longest_wait_s = WINDOW_CAP * window_s  # what a pass may wait for more requests, at most
     port = _free_port()
     data = Path(tempfile.mkdtemp(prefix="fairdiff-stream-"))
     proc = _start_stack(port, data, data / "up.log")
@@ -179,7 +190,7 @@ def main() -> None:
             if hi:
                 ratio = hi["images_per_s"] / d["batch16_images_per_s"]
                 targets[f"{key} throughput at {top} clients / direct batch-16"] = _target(ratio, floor, ratio >= floor)
-                bound = 2 * d["batch16_s"] + window_s
+                bound = 2 * d["batch16_s"] + longest_wait_s
                 targets[f"{key} p95 at {top} clients (s)"] = _target(hi["p95_s"], bound, hi["p95_s"] <= bound)
             if lo:
                 ratio = lo["p50_s"] / alone

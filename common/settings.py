@@ -121,8 +121,8 @@ class Settings(BaseSettings):
         ge=0.0,
         le=1000.0,
         description="How long an inference worker under load waits for more compatible requests when its batch is "
-        "not full and the queue is empty (0: never wait). A worker whose last pass served one request does not wait, "
-        "so a lone client pays nothing.",
+        "not full and the queue is empty, counted from the last request that joined (at most 4 windows in all; 0: "
+        "never wait). A worker whose last pass served one request does not wait, so a lone client pays nothing.",
     )
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
 

@@ -6,9 +6,10 @@ that can share a pass (no adaptor or per-request guidance directions, no classif
 most `max_batch` images) looks in the job store's queue of waiting jobs for others with the same
 steps and size, claims each with the same atomic step a task claims its own job with, and renders
 all of them as rows of one batch (adaptors.assign.denoise_rows), each image with its own prompt,
-negative prompt, seed, guidance scale and `assign` conditioning. It waits up to
-FAIRDIFF_BATCH_WINDOW_MS for more when the batch is not full, but only while the stream is busy
-(its last pass served more than one request), so a lone client never waits.
+negative prompt, seed, guidance scale and `assign` conditioning. When the batch is not full and the
+queue is empty it waits for more, up to FAIRDIFF_BATCH_WINDOW_MS after the last request that joined
+(at most WINDOW_CAP windows in all), but only while the stream is busy (its last pass served more
+than one request), so a lone client never waits.
 
 Why a gathering step on the job store and not the celery-batches task class: celery-batches buffers
 messages in the worker and needs a prefetch above one to see several, so a killed worker takes the
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 SCAN = 64  # waiting jobs looked at per poll, oldest first
 POLL_S = 0.002
+WINDOW_CAP = 4  # the longest a pass waits for more requests, in batching windows
 PROGRESS_EVERY_S = 0.05  # progress and cancel flags are read this often during a pass
 
 _last_pass_jobs = 1  # requests the previous pass of this process served: above 1, the stream is busy
@@ -85,7 +87,7 @@ def gather(jobs: JobStore, runtime: Runtime, worker: str, leader: Prepared, leas
     queue = QUEUED_ZSET.format(queue=leader.job.get("queue", "inference"))
     members, images, seen = [leader], leader.req.num_images, {leader.job_id}
     window = settings.batch_window_ms / 1000.0 if _last_pass_jobs > 1 else 0.0
-    t0 = time.perf_counter()
+    t0 = last_arrival = time.perf_counter()
     while images < settings.max_batch:
         for job_id in jobs.r.zrange(queue, 0, SCAN - 1):
             if job_id in seen or images >= settings.max_batch:
@@ -95,7 +97,11 @@ def gather(jobs: JobStore, runtime: Runtime, worker: str, leader: Prepared, leas
             if member is not None:
                 members.append(member)
                 images += member.req.num_images
-        if images >= settings.max_batch or time.perf_counter() - t0 >= window:
+                last_arrival = time.perf_counter()
+        now = time.perf_counter()
+        # wait while requests keep arriving (clients served by the last pass come back one after another),
+        # up to `window` after the last one and WINDOW_CAP windows in all
+        if images >= settings.max_batch or now - last_arrival >= window or now - t0 >= WINDOW_CAP * window:
             break
         time.sleep(POLL_S)
     _last_pass_jobs = len(members)
