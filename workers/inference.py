@@ -1,7 +1,8 @@
-"""The body of the generate task: one job id in, PNGs and a result record out.
+"""The steps of one generate job: decide, load, reserve, render, enforce, publish, audit, settle, result.
 
 Idempotent by job id: a finished job is never run again, and a redelivered running job runs
 again from scratch with the same per-image seeds, so it produces the same pixels and result.
+workers/generate.py runs them for a job alone or, through workers/batching.py, in a shared pass.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import Any
 from common.jobs import JobStore
 from common.schemas import GenerateJob, JobState, Strategy
 from workers import ledger
-from workers.lifecycle import claim
-from workers.runtime import Runtime, get_runtime, incr_stats
+from workers.runtime import Runtime, incr_stats
 from workers.strategy import Decision, StrategyError, decide
 
 logger = logging.getLogger(__name__)
@@ -424,27 +424,6 @@ def cancel_step(jobs: JobStore, p: Prepared) -> str:
     jobs.finish(p.job_id, JobState.cancelled)
     incr_stats(jobs.r, jobs_cancelled=1)
     return JobState.cancelled.value
-
-
-def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
-    """Run one generate job to a final state; returns that state's name (for logs and tests).
-
-    The steps: claim, decide, load, reserve (ledger), render (+ enforce), publish, audit, settle, result.
-    A step that ends the job raises JobFailed with the error body the job records. A job that can share a
-    denoising pass runs in a batch with the compatible jobs waiting beside it (workers/batching.py).
-    """
-    from workers import batching
-
-    job, outcome = claim(jobs, job_id, worker, "generate")
-    if job is None:
-        return str(outcome)
-    runtime = runtime or get_runtime()
-    prepared = prepare_step(jobs, job, runtime)
-    if isinstance(prepared, str):
-        return prepared
-    if batching.batch_key(runtime, prepared.req, prepared.decision) is not None:
-        return batching.run_batch(jobs, runtime, worker, prepared)
-    return run_prepared(jobs, runtime, prepared)
 
 
 def run_prepared(jobs: JobStore, runtime: Runtime, p: Prepared) -> str:
