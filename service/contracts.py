@@ -141,7 +141,7 @@ class GenerateResult(BaseModel):
     )
     timings: Timings
     batch: BatchInfo | None = Field(
-        None, description="The shared denoising pass this job was rendered in; null when it ran alone (chunked)."
+        None, description="The denoising pass this job was rendered in; null for a job that cannot share one."
     )
 
 
