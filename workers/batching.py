@@ -12,10 +12,11 @@ queue is empty it waits for more, up to FAIRDIFF_BATCH_WINDOW_MS after the last 
 than one request), so a lone client never waits.
 
 Why a gathering step on the job store and not the celery-batches task class: celery-batches buffers
-messages in the worker and needs a prefetch above one to see several, so a killed worker takes the
-whole prefetched buffer with it until the visibility timeout (hours here), and it acknowledges a
-buffer as a unit. Gathering keeps every guarantee per job with the machinery already there: each
-job keeps its own Celery message (late acknowledgement, prefetch 1); a gathered job is claimed
+messages in the worker and needs a prefetch multiplier of 0 or above `flush_every` to see several, so
+a killed worker holds the whole prefetched buffer until the visibility timeout (hours here), and the
+task gets one list, inside which per-job retry and failure would have to be rebuilt. Gathering
+keeps every guarantee per job with the machinery already there: each job keeps its own Celery
+message (late acknowledgement, prefetch 1); a gathered job is claimed
 atomically (JobStore.try_mark_running) and leased by this worker's liveness beat (workers/recovery.py),
 so a peer that receives its message leaves it alone (workers/lifecycle.py), the message arriving
 after the batch finds it finished, and a worker killed mid-batch leaves every member to the recovery
