@@ -39,10 +39,10 @@ from workers.inference import (
     JobFailed,
     Prepared,
     Rendered,
-    _enforce,
     cancel_step,
     complete_step,
     decide_step,
+    enforce_step,
     fail_step,
     prepare_step,
     release_step,
@@ -206,8 +206,8 @@ def _complete_member(jobs: JobStore, runtime: Runtime, m: Prepared, rendered: Re
 
     if m.req.enforce and runtime.auditor is not None and rendered.assignment is not None:
         try:
-            rendered.images, rendered.audited, rendered.enforcement = _enforce(runtime, m.spec, rendered.assignment,
-                                                                               rendered.images, on_step)  # fmt: skip
+            enforced = enforce_step(runtime, m.spec, rendered.assignment, rendered.images, on_step)
+            rendered.images, rendered.audited, rendered.enforcement = enforced
         except GenerationCancelled:
             return cancel_step(jobs, m)
     return complete_step(jobs, runtime, m, rendered)

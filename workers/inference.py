@@ -91,7 +91,7 @@ def _generate_assigned(
     return assignment, images
 
 
-def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step) -> tuple[Any, list, dict[str, Any]]:
+def enforce_step(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step) -> tuple[Any, list, dict[str, Any]]:
     """Regenerate misses (wrong class or no person) with fresh noise until the counts are exact."""
     from adaptors.assign import class_texts_for
     from adaptors.enforce import enforce
@@ -238,7 +238,7 @@ def render_step(runtime: Runtime, req: GenerateJob, decision: Decision, spec, en
         assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, hold.reserved if hold else None)
         out = Rendered(images, assignment)
         if req.enforce and runtime.auditor is not None:
-            out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step)
+            out.images, out.audited, out.enforcement = enforce_step(runtime, spec, assignment, images, on_step)
     elif directions is not None:
         from adaptors.assign import generate_directed
 
