@@ -243,7 +243,7 @@ def deficit_assignment(n: int, target: Target, delivered_counts: Mapping[str, in
 # Naming classes in prompts
 # --------------------------------------------------------------------------------------------
 
-_SUBJECT_PATTERN = r"^(?P<head>[^,]*\b)(?P<article>an?) (?P<subject>[^,]+?)(?P<tail>(?:,.*)?)$"
+SUBJECT_PATTERN = r"^(?P<head>[^,]*\b)(?P<article>an?) (?P<subject>[^,]+?)(?P<tail>(?:,.*)?)$"
 
 
 @dataclass(frozen=True)
@@ -286,15 +286,10 @@ class ClassTexts:
 
 
 def class_texts_for_testbed() -> ClassTexts:
-    """The testbed's caption phrasing (testbed.world.attribute_prompt), so prompts match its training captions."""
-    from testbed.world import CLASS_WORDS
+    """The embedded testbed's caption phrasing, from its profile (for tests and benchmarks, which name it)."""
+    from common.settings import TESTBED
 
-    return ClassTexts(
-        words={a: dict(ws) for a, ws in CLASS_WORDS.items()},
-        adjectives=("age", "gender"),
-        with_attributes=("skin_tone",),
-        subject_pattern=_SUBJECT_PATTERN,
-    )
+    return class_texts_for(TESTBED)
 
 
 GENERIC_CLASS_TEXTS = ClassTexts(
@@ -318,12 +313,13 @@ GENERIC_CLASS_TEXTS = ClassTexts(
 
 
 def class_texts_for(model: str, override: Mapping[str, Any] | None = None) -> ClassTexts:
-    """The class texts of a base model: the config's override, the testbed's phrasing, or the generic one."""
-    from common.settings import TESTBED_MODELS
+    """The class texts of a base model: the config's override, its profile's phrasing, or the generic one."""
+    from adaptors.profiles import get_profile
 
     if override:
         return ClassTexts.from_dict(override)
-    return class_texts_for_testbed() if model in TESTBED_MODELS else GENERIC_CLASS_TEXTS
+    profile = get_profile(model)
+    return profile.class_texts() if profile is not None and profile.class_texts is not None else GENERIC_CLASS_TEXTS
 
 
 def augment_prompt(prompt: str, classes: Mapping[str, str], texts: ClassTexts) -> str:

@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from adaptors.readers.base import AttributeReader, Prediction
-from common.settings import has_attribute_classifier
 
 # the attribute-reader interface under the name the trainers and strategies import
 AttributeClassifier = AttributeReader
 
-__all__ = ["AttributeClassifier", "Prediction", "TestbedAttributeClassifier", "load_classifier"]
+__all__ = ["AttributeClassifier", "Prediction", "TestbedAttributeClassifier"]
 
 
 class TestbedAttributeClassifier(AttributeClassifier):
@@ -27,7 +26,7 @@ class TestbedAttributeClassifier(AttributeClassifier):
     differentiable = True
 
     def __init__(self, path: str | Path | None = None, device: torch.device | str = "cpu") -> None:
-        from testbed import CLASSIFIER_DIR
+        from testbed import CLASSIFIER_DIR  # the CNN head format's architecture and the embedded head live there
         from testbed.classifier import TestbedClassifier
 
         self.model = TestbedClassifier.from_pretrained(path or CLASSIFIER_DIR).to(device)
@@ -42,14 +41,3 @@ class TestbedAttributeClassifier(AttributeClassifier):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.features(images.to(self.device, torch.float32) * 2.0 - 1.0)
-
-
-def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeClassifier | None:
-    """The classifier for a base model: 'auto' knows the testbed's; 'none' disables the audit."""
-    if not has_attribute_classifier(setting, base_model):
-        return None
-    if setting == "auto":
-        return TestbedAttributeClassifier(device=device)
-    if not Path(setting).is_dir():
-        raise FileNotFoundError(f"classifier folder {setting!r} does not exist")
-    return TestbedAttributeClassifier(setting, device=device)

@@ -56,10 +56,11 @@ def configure_threads(threads: int = 0) -> int:
 
 
 def resolve_model_path(model: str) -> str:
-    """The names in TESTBED_MODELS are the embedded models; anything else is a local folder or a hub id."""
-    from testbed import EMBEDDED_PIPELINES
+    """A profile's shipped pipeline folder where it has one; anything else is a local folder or a hub id."""
+    from adaptors.profiles import get_profile
 
-    return str(EMBEDDED_PIPELINES.get(model, model))
+    profile = get_profile(model)
+    return str(profile.pipeline_path) if profile is not None and profile.pipeline_path is not None else model
 
 
 def load_pipeline(model: str = TESTBED, device: str = "auto", offline: bool = True) -> StableDiffusionPipeline:

@@ -1,14 +1,18 @@
 """Base-model profiles: what is specific to a base model, in one record looked up by its name.
 
 Product code asks `get_profile(name)` and never names a particular model. A profile is registered
-by name with a factory, so that nothing model-specific is imported until a worker asks for it; the
-embedded testbed registers itself below, and a research or deployment module may register more.
+by name with a factory, so that nothing model-specific is imported until a worker asks for it. The
+modules in PROVIDERS register profiles when first asked (the embedded testbed's is
+adaptors/testbed_profile.py); a research or deployment module may call `register_profile` too.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -19,10 +23,31 @@ class BaseModelProfile:
     # named prompt sets a finetune may ask for instead of listing prompts, and each training set's held-out partner
     prompt_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     held_out_sets: Mapping[str, str] = field(default_factory=dict)
+    # a diffusers folder shipped with the code (None: the name itself is a folder or hub id)
+    pipeline_path: Path | None = None
+    # how class words enter this model's prompts (an adaptors.assign.ClassTexts; None: the generic wording)
+    class_texts: Callable[[], Any] | None = None
+    # readers this model ships, by the setting that names them (FAIRDIFF_CLASSIFIER / FAIRDIFF_AUDIT_READER);
+    # each takes a device and returns an AttributeReader. `steer_reader` is what 'auto' steers with.
+    readers: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)
+    steer_reader: str | None = None
+    # the subject reader 'auto' uses for the finetune gate: () -> (what it reads, images -> subject per image)
+    subject_reader: Callable[[], tuple[str, Callable[[Any], list[str | None]]]] | None = None
 
 
 _FACTORIES: dict[str, Callable[[], BaseModelProfile]] = {}
 _PROFILES: dict[str, BaseModelProfile] = {}
+# modules that register profiles, imported by name on first use so this registry depends on none of them
+PROVIDERS = ("adaptors.testbed_profile",)
+_loaded = False
+
+
+def _load_providers() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in PROVIDERS:
+            importlib.import_module(module)
 
 
 def register_profile(name: str, factory: Callable[[], BaseModelProfile]) -> None:
@@ -32,21 +57,23 @@ def register_profile(name: str, factory: Callable[[], BaseModelProfile]) -> None
 
 def get_profile(name: str) -> BaseModelProfile | None:
     """The profile registered under `name`; None for a base model with none (a plain diffusers folder or hub id)."""
+    _load_providers()
     if name not in _PROFILES and name in _FACTORIES:
         _PROFILES[name] = _FACTORIES[name]()
     return _PROFILES.get(name)
 
 
-def _testbed_profile() -> BaseModelProfile:
-    import testbed
-    from testbed import world
-
-    return BaseModelProfile(
-        name=testbed.BASE_MODEL_NAME,
-        aliases=(testbed.BASE_MODEL_ID,),
-        prompt_sets={name: tuple(world.prompt_set(name) or ()) for name in world.PROMPT_SETS},
-        held_out_sets=dict(world.HELD_OUT_SET),
-    )
+def named_reader(setting: str) -> Callable[[Any], Any] | None:
+    """The reader factory some registered profile ships under `setting` (e.g. 'testbed-cnn'), else None."""
+    _load_providers()
+    for name in list(_FACTORIES):
+        profile = get_profile(name)
+        if profile is not None and setting in profile.readers:
+            return profile.readers[setting]
+    return None
 
 
-register_profile("testbed", _testbed_profile)
+def shipped_reader_names() -> list[str]:
+    """Every reader name the registered profiles ship, for error messages and help."""
+    _load_providers()
+    return sorted({r for name in list(_FACTORIES) for r in (get_profile(name).readers if get_profile(name) else {})})

@@ -16,8 +16,6 @@ from adaptors.base import Adaptor
 from adaptors.loading import load_adaptor
 from common.adaptor_manifest import (
     MANIFEST_NAME,
-    RETIRED_PREFIX,
-    STAGING_PREFIX,
     AdaptorIntegrityError,
     AdaptorManifest,
     AdaptorNotFound,
@@ -28,6 +26,7 @@ from common.adaptor_manifest import (
     sha256_file,
     valid_adaptor_id,
 )
+from common.disk_layout import retired_path, staging_path
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class AdaptorStore:
         """A fresh, empty `.staging-<id>` folder for a job to write into (stale leftovers are removed)."""
         if not valid_adaptor_id(adaptor_id):
             raise ValueError(f"invalid adaptor id {adaptor_id!r}")
-        staging = self.root / f"{STAGING_PREFIX}{adaptor_id}"
+        staging = staging_path(self.root, adaptor_id)
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
@@ -110,7 +109,7 @@ class AdaptorStore:
         copied = False
         if staging.parent.resolve() != self.root.resolve() or not staging.name.startswith("."):
             # a rename is only atomic inside one folder (and file system): copy next to the target first
-            local = self.root / f"{STAGING_PREFIX}{manifest.id}-{uuid.uuid4().hex[:8]}"
+            local = staging_path(self.root, f"{manifest.id}-{uuid.uuid4().hex[:8]}")
             shutil.copytree(staging, local)
             staging, copied = local, True
         try:
@@ -140,7 +139,7 @@ class AdaptorStore:
         if not self.exists(adaptor_id):
             raise AdaptorNotFound(f"no adaptor {adaptor_id!r}")
         folder = self.path(adaptor_id)
-        hidden = self.root / f"{RETIRED_PREFIX}{adaptor_id}-{uuid.uuid4().hex[:8]}"
+        hidden = retired_path(self.root, adaptor_id, uuid.uuid4().hex[:8])
         folder.rename(hidden)  # atomic: readers see it or not, never half
         if not keep:
             shutil.rmtree(hidden, ignore_errors=True)

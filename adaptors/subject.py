@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from adaptors.fairness_gain import FinetuneRefused
-from common.settings import TESTBED_MODELS, get_settings
+from common.settings import get_settings
 
 SubjectReader = Callable[[torch.Tensor], list[str | None]]
 
@@ -57,19 +57,15 @@ def subject_reader(
         if not prompts or len(set(prompts)) < 2:
             return None
         from adaptors.readers.clip import ClipEncoder, ClipSubjectReader
-        from adaptors.readers.registry import testbed_clip_dir
+        from adaptors.readers.registry import shipped_clip_dir
 
-        clip = ClipEncoder(testbed_clip_dir() if setting == "testbed-clip" else setting)
+        clip = ClipEncoder(shipped_clip_dir(setting) or setting)
         clip_reader = ClipSubjectReader(clip, prompts)
         return clip_reader.name, clip_reader.read
-    if base_model not in TESTBED_MODELS:
-        return None
-    from testbed.oracle import read_batch
+    from adaptors.profiles import get_profile
 
-    def read(images: torch.Tensor) -> list[str | None]:  # images in [0, 1], as the trainers generate them
-        return [r.occupation for r in read_batch(images.detach().float().cpu().numpy() * 2 - 1)]
-
-    return "testbed oracle: occupation", read
+    profile = get_profile(base_model)
+    return profile.subject_reader() if profile is not None and profile.subject_reader is not None else None
 
 
 def subject_kept(reader: tuple[str, SubjectReader], before: torch.Tensor, after: torch.Tensor, prompts: list[str]) -> dict:

@@ -3,8 +3,10 @@
 Per reader (the testbed CNN, which steers, and the testbed's tiny CLIP, which audits): accuracy against
 the oracle per attribute on fresh renderer images and on generated images of the held-out occupations
 per strategy -- `none`, `assign` (class prompts, group-direction guidance and the CNN's classifier
-guidance), `assign_enforce` (misses regenerated until the audit reader, the CLIP, is satisfied) -- where
-accuracy on guided images is the audit/oracle agreement the audit's figures rest on; time per image.
+guidance), `assign_enforce` (misses regenerated until the audit reader, the CLIP, is satisfied), `guidance`
+(IDA: the per-occupation weights benchmarks/fairness_ida.py calibrated and recorded in its result, at the
+steps they were calibrated for; skin tone uses its uniform-target calibration) -- where accuracy on guided
+images is the audit/oracle agreement the audit's figures rest on; time per image.
 The face detector's time and result on the photographs inside the scikit-image wheel. The request-
 fairness benchmark's headline numbers stay oracle-read; this one measures the readers themselves.
 Writes benchmarks/results/readers.json.
@@ -15,8 +17,10 @@ Writes benchmarks/results/readers.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +29,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from adaptors.assign import class_texts_for_testbed, generate_assigned, joint_assignment  # noqa: E402
+from adaptors.assign import class_texts_for_testbed, generate_assigned, generate_directed, joint_assignment  # noqa: E402
 from adaptors.enforce import enforce  # noqa: E402
 from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline  # noqa: E402
+from adaptors.ida import ida_directions  # noqa: E402
 from adaptors.readers.registry import load_reader, testbed_clip_dir  # noqa: E402
-from benchmarks.results_io import environment, publish, weights_fingerprint  # noqa: E402
+from benchmarks.results_io import RESULTS, environment, publish, weights_fingerprint  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
 from testbed.oracle import read_batch  # noqa: E402
@@ -39,7 +44,21 @@ TARGETS = {
     "gender_50_50": {"gender": {"female": 0.5, "male": 0.5}},
     "skin_tone_40_30_20_10": {"skin_tone": {"I": 0.4, "II": 0.3, "III": 0.2, "IV": 0.1}},
 }
-STRATEGIES = ("none", "assign", "assign_enforce")
+STRATEGIES = ("none", "assign", "assign_enforce", "guidance")
+GUIDED = ("assign", "assign_enforce", "guidance")
+# the fairness_ida.json calibration whose weights guide each target's `guidance` images
+IDA_CALIBRATION = {"gender_50_50": "gender_50_50", "skin_tone_40_30_20_10": "skin_tone_uniform"}
+
+
+def ida_calibrations() -> tuple[dict[str, dict[str, dict]], int, str | None]:
+    """Per readers target and occupation, the IDA weights fairness_ida.json recorded; their steps; its revision."""
+    path = RESULTS / "fairness_ida.json"
+    if not path.is_file():
+        return {}, 0, None
+    ida = json.loads(path.read_text())
+    weights = {name: {occ: row["weights"] for occ, row in ida.get(f"{cal}_per_occupation", {}).items()}
+               for name, cal in IDA_CALIBRATION.items()}  # fmt: skip
+    return weights, int(ida["calibration"]["steps"]), ida.get("code_revision")
 
 
 def agreement(reader, images: torch.Tensor, readings) -> dict:
@@ -98,8 +117,6 @@ def main() -> None:
                         "plain generated images), as testbed/clip.py records after training")  # fmt: skip
     args = parser.parse_args()
     if args.clip_accuracy is not None:
-        import json
-
         print(json.dumps(clip_accuracy(args.clip_accuracy)))
         return
     settings = Settings()
@@ -117,9 +134,11 @@ def main() -> None:
 
     images = {k: [] for k in STRATEGIES}
     occupations: list[str] = []
+    guided_occupations: list[str] = []
     satisfied = []
+    ida_weights, ida_steps, ida_revision = ida_calibrations()
     for occ in TEST_OCCUPATIONS:
-        for target in TARGETS.values():
+        for name, target in TARGETS.items():
             for r in range(args.requests):
                 seed = 20_000 + r
                 spec = GenerationSpec(prompt_for(occ), num_images=args.images, seed=seed,
@@ -133,20 +152,31 @@ def main() -> None:
                 images["assign_enforce"].append(enforced)
                 satisfied.append(report.satisfied)
                 occupations += [occ] * args.images
+                weights = ida_weights.get(name, {}).get(occ)
+                if weights:
+                    rows = ida_directions(prompt_for(occ), weights, texts)
+                    images["guidance"].append(generate_directed(pipe, replace(spec, steps=ida_steps), [rows] * args.images))
+                    guided_occupations += [occ] * args.images
         print(f"generated {occ}", file=sys.stderr)
-    stacked = {k: torch.cat(v) for k, v in images.items()}
+    stacked = {k: torch.cat(v) for k, v in images.items() if v}
     readings = {k: read_batch(v.numpy() * 2 - 1) for k, v in stacked.items()}
 
     result: dict = {"benchmark": "readers", "requests_per_cell": args.requests, "images_per_request": args.images,
                     "occupations": list(TEST_OCCUPATIONS), "targets": TARGETS, "auditor": "testbed-clip",
-                    "steering_reader": "testbed-cnn", "readers": {}}  # fmt: skip
+                    "steering_reader": "testbed-cnn", "readers": {},
+                    "guidance_weights": {"from": "fairness_ida.json", "calibrations": IDA_CALIBRATION,
+                                         "steps": ida_steps, "code_revision": ida_revision}}  # fmt: skip
     for name, reader in readers.items():
         entry = {"renders": agreement(reader, renders, render_readings)}
-        for k in STRATEGIES:
+        for k in stacked:
             entry[k] = agreement(reader, stacked[k], readings[k])
         entry["guided_per_occupation"] = per_occupation_agreement(reader, stacked["assign"], readings["assign"], occupations)
+        if "guidance" in stacked:
+            entry["guidance_per_occupation"] = per_occupation_agreement(reader, stacked["guidance"], readings["guidance"],
+                                                                        guided_occupations)  # fmt: skip
         result["readers"][name] = entry
-    worst = {a: min(result["readers"]["testbed-clip"][k][a] for k in ("assign", "assign_enforce")) for a in ATTRIBUTES}
+    guided = [k for k in GUIDED if k in stacked]
+    worst = {a: min(result["readers"]["testbed-clip"][k][a] for k in guided) for a in ATTRIBUTES}
     result["auditor_guided_agreement_min"] = worst
     result["auditor_meets_0_97"] = all(v is not None and v >= 0.97 for v in worst.values())
     result["enforce_satisfied_per_auditor"] = round(float(np.mean(satisfied)), 4)

@@ -16,12 +16,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from common.disk_layout import MANIFEST_NAME, RETIRED_PREFIX, STAGING_PREFIX, is_published  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 ADAPTOR_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-STAGING_PREFIX = ".staging-"
-RETIRED_PREFIX = ".retired-"
 
 
 class AdaptorError(Exception):
@@ -135,7 +134,7 @@ def list_manifests(root: str | Path) -> list[AdaptorManifest]:
         return []
     out: list[AdaptorManifest] = []
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir() or not (entry / MANIFEST_NAME).is_file():
+        if not is_published(entry):
             continue
         try:
             manifest = AdaptorManifest.read(entry)

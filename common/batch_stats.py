@@ -12,9 +12,9 @@ from typing import Any
 
 import redis
 
-from common.jobs import PREFIX
+from common.redis_keys import BATCH_STATS_KEY
 
-BATCH_STATS_KEY = PREFIX + ":batch_stats"
+__all__ = ["BATCH_STATS_KEY", "histogram", "record_batch"]
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # images in one pass
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)  # seconds a pass waited for more requests
 

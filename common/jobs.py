@@ -21,23 +21,25 @@ from typing import Any
 import redis
 
 from common.errors import job_error
+from common.redis_keys import (  # noqa: F401  (re-exported: callers import the keys from here too)
+    ACTIVE_KEY,
+    FINISHED_ZSET,
+    IDEMPOTENCY_KEY,
+    JOB_KEY,
+    JOBS_BY_KIND,
+    MODEL_KEY,
+    PREFIX,
+    QUEUED_ZSET,
+    RUNNING_SET,
+    WORKER_KEY,
+)
 from common.schemas import JobKind, JobState, ModelInfo
 
-PREFIX = "fairdiff"
-QUEUED_ZSET = PREFIX + ":queued:{queue}"  # job ids waiting, scored by enqueue time
-JOB_KEY = PREFIX + ":job:{id}"
-JOBS_BY_KIND = PREFIX + ":jobs:{kind}"  # zset of ids by creation time, for listings
-IDEMPOTENCY_KEY = PREFIX + ":idem:{scope}:{key}"
-RUNNING_SET = PREFIX + ":running:{queue}"  # ids of running jobs: the recovery sweep reads only these
-FINISHED_ZSET = PREFIX + ":finished"  # ids of finished jobs by finish time: the retention sweep's queue
 SWEEP_BATCH = 500  # most jobs one retention sweep removes, so a backlog is cleared over sweeps, never in one
-ACTIVE_KEY = PREFIX + ":active:{owner}"  # set of an owner's unfinished job ids, for its concurrency cap
-MODEL_KEY = PREFIX + ":model:{base}"
-WORKER_KEY = PREFIX + ":worker:{queue}:{name}"
 
 logger = logging.getLogger(__name__)
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-_JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings")
+_JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings", "images_ready")
 
 
 # KEYS: job hash, its queue's queued zset, its queue's running set; ARGV: id, worker, now, expected state,
@@ -171,6 +173,15 @@ class JobStore:
         curve = json.loads(self.r.hget(key, "curve") or "[]")
         curve.append(point)
         self.r.hset(key, "curve", json.dumps(curve))
+
+    def add_ready_image(self, job_id: str, image: dict[str, Any]) -> None:
+        """A generate job's image is written and can be fetched: `image` has its `index` (and what the worker knows of
+        it then: seed, assigned classes, URL). One JSON list, rewritten whole like the curve; an index written again
+        (a redelivered job) replaces its entry, so each image is listed once."""
+        key = JOB_KEY.format(id=job_id)
+        ready = [r for r in json.loads(self.r.hget(key, "images_ready") or "[]") if r.get("index") != image["index"]]
+        ready.append(image)
+        self.r.hset(key, "images_ready", json.dumps(ready))
 
     def finish(self, job_id: str, state: JobState, result: dict[str, Any] | None = None,
                error: dict[str, Any] | None = None) -> None:  # fmt: skip

@@ -12,12 +12,14 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common import disk_layout
+from common.disk_layout import REDIS_URL_FILE  # noqa: F401  (re-exported for workers.embedded)
+
 TESTBED = "testbed"  # the embedded tiny model's base-model name (testbed.BASE_MODEL_NAME)
 TESTBED_MODELS = (TESTBED,)
 DEFAULT_ADMIN_TOKEN = "dev-admin-token"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # `fairdiff up` writes the URL of the Redis it started here (under the data dir) while it runs
-REDIS_URL_FILE = "url"
 
 
 def is_loopback(host: str | None) -> bool:
@@ -203,11 +205,11 @@ class Settings(BaseSettings):
 
     @property
     def adaptor_dir(self) -> Path:
-        return self.data_dir / "adaptors"
+        return disk_layout.adaptor_dir(self.data_dir)
 
     @property
     def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
+        return disk_layout.jobs_dir(self.data_dir)
 
     @property
     def default_admin_token(self) -> bool:
@@ -229,7 +231,7 @@ class Settings(BaseSettings):
     def _embedded_redis(self) -> Settings:
         if "redis_url" not in self.model_fields_set:
             try:
-                url = (self.data_dir / "redis" / REDIS_URL_FILE).read_text().strip()
+                url = (disk_layout.redis_dir(self.data_dir) / REDIS_URL_FILE).read_text().strip()
             except OSError:
                 url = ""
             if url.startswith("redis://"):

@@ -86,6 +86,9 @@ class LedgerState(BaseModel):
 
     key: str
     delivered: dict[str, int] = Field(..., description="Delivered images per joint class so far.")
+    drift: float | None = Field(
+        None, description="Largest total variation, over the target's attributes, between delivered shares and the target."
+    )
 
 
 class Timings(BaseModel):

@@ -30,6 +30,9 @@ def image_metadata(job: dict[str, Any], index: int) -> dict[str, Any]:
     result = job.get("result") if isinstance(job.get("result"), dict) else {}
     images = result.get("images") or []
     image = images[index] if index < len(images) and isinstance(images[index], dict) else {}
+    if not image:  # still running: what the worker recorded when it wrote the image
+        ready = [r for r in job.get("images_ready") or [] if isinstance(r, dict) and r.get("index") == index]
+        image = ready[0] if ready else {}
     readings = image.get("attributes") or {}
     audited = {attr: reading.get("class") for attr, reading in readings.items() if isinstance(reading, dict)}
     return {
@@ -78,11 +81,37 @@ def image_path(jobs_dir: Path, job_id: str, index: int) -> Path | None:
     return path if path.is_relative_to(root) and path.is_file() else None
 
 
+def output_format(job: dict[str, Any]) -> str:
+    """The image format a generate job's request chose (png by default)."""
+    extra = (job.get("request") or {}).get("extra") or {}
+    return str(extra.get("output_format", "png"))
+
+
+def formatted_url(url: Any, fmt: str) -> Any:
+    """A worker's `.png` image URL with the extension of `fmt` (anything else is returned as it is)."""
+    if fmt != "png" and isinstance(url, str) and url.endswith(".png"):
+        return url[: -len("png")] + fmt
+    return url
+
+
+def ready_image_event(job: dict[str, Any], image: dict[str, Any]) -> dict[str, Any]:
+    """The `image` event for an image the worker has written: which image, its seed, its assigned classes and its URL
+    in the request's format. The audit's reading comes with the finished job (the audit reads all images at once)."""
+    return {
+        "id": job.get("id"),
+        "index": image.get("index"),
+        "seed": image.get("seed"),
+        "seed_index": image.get("index"),
+        "assigned": image.get("assigned"),
+        "url": formatted_url(image.get("url"), output_format(job)),
+    }
+
+
 def present_images(job: dict[str, Any], jobs_dir: Path) -> None:
     """Apply the request's `output_format` and `response_format` to a generate job's view, in place: image URLs end
     in the chosen extension, and with `b64_json` a succeeded job's images are inline too."""
     extra = (job.get("request") or {}).get("extra") or {}
-    fmt = extra.get("output_format", "png")
+    fmt = output_format(job)
     inline = extra.get("response_format") == "b64_json"
     result = job.get("result")
     if (fmt == "png" and not inline) or not isinstance(result, dict) or not isinstance(result.get("images"), list):
@@ -93,8 +122,7 @@ def present_images(job: dict[str, Any], jobs_dir: Path) -> None:
             images.append(image)
             continue
         image = dict(image)
-        if fmt != "png" and isinstance(image.get("url"), str) and image["url"].endswith(".png"):
-            image["url"] = image["url"][: -len("png")] + fmt
+        image["url"] = formatted_url(image.get("url"), fmt)
         if inline and job.get("state") == "succeeded":
             path = image_path(jobs_dir, job["id"], k)
             image["b64_json"] = base64.b64encode(encode(path, fmt, image_metadata(job, k))).decode("ascii") if path else None

@@ -12,11 +12,11 @@ import time
 
 from fastapi import Request
 
-from common.jobs import PREFIX, JobStore
+from common.jobs import JobStore
+from common.redis_keys import RATE_KEY
 from service.api.deps import ANON, Caller
 from service.errors import TooManyRequests
 
-RATE_KEY = PREFIX + ":rate:{scope}:{window}"
 RATE_WINDOW_S = 60
 ACTIVE_RETRY_AFTER_S = 5  # a job finishes in seconds on the testbed; clients retry about that often
 

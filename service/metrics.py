@@ -26,12 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.batch_stats import BATCH_STATS_KEY, SIZE_BUCKETS, WAIT_BUCKETS, histogram
 from common.celery_config import INFERENCE_QUEUE, TRAINING_QUEUE
-from common.jobs import JOB_KEY, PREFIX, JobStore
+from common.jobs import JOB_KEY, JobStore
+from common.redis_keys import STATS_KEY
 from common.schemas import JobState
 
 logger = logging.getLogger(__name__)
 
-STATS_KEY = PREFIX + ":stats"  # hash of worker-side counters: field -> number
 QUEUES = (INFERENCE_QUEUE, TRAINING_QUEUE)
 # Always exported (0 until a worker reports), so dashboards and alerts find them from the start.
 KNOWN_WORKER_STATS = (
@@ -39,7 +39,7 @@ KNOWN_WORKER_STATS = (
     # fairness, per strategy where it says so (workers/inference.py _fairness_stats)
     "images_delivered_assign", "images_delivered_adaptor", "images_delivered_guidance", "images_delivered_none",
     "requests_audited_assign", "requests_met_assigned_assign", "enforcement_rounds", "enforcement_shortfalls",
-    "no_person_images",
+    "no_person_images", "ledger_settlements", "ledger_drift_milli_total", "ledger_drift_last",
 )  # fmt: skip
 _OBSERVED_FIELD = "metrics_observed"
 # Label values come from a fixed set, whatever clients send: any other method is "other", any path that matches

@@ -32,6 +32,7 @@ import httpx
 from fastapi import FastAPI
 
 from common.jobs import JobStore
+from common.redis_keys import WEBHOOK_KEY, WEBHOOK_LOCK_KEY, WEBHOOKS_PENDING
 from common.schemas import JobKind, JobState
 from common.settings import Settings
 from service.errors import InvalidField
@@ -39,9 +40,6 @@ from service.images import present_images
 
 logger = logging.getLogger(__name__)
 
-PENDING = "fairdiff:webhooks:pending"  # zset: job id -> when to look at it next
-HOOK_KEY = "fairdiff:webhook:{id}"  # hash: url, events, attempts, state, last_status, last_error
-LOCK_KEY = "fairdiff:webhook:lock:{id}"
 FINAL_EVENTS = ("succeeded", "failed", "cancelled")
 POLL_UNFINISHED_S = 1.0  # how often a registered job that is still running is looked at
 MAX_BACKOFF_S = 300.0
@@ -92,17 +90,17 @@ def check_webhook(url: str | None, settings: Settings) -> None:
 
 
 def register(store: JobStore, job_id: str, url: str, events: list[str] | None) -> None:
-    key = HOOK_KEY.format(id=job_id)
+    key = WEBHOOK_KEY.format(id=job_id)
     pipe = store.r.pipeline()
     pipe.hset(key, mapping={"url": url, "events": json.dumps(list(events or FINAL_EVENTS)), "attempts": 0, "state": "pending"})
     pipe.expire(key, store.ttl_s + 3600)
-    pipe.zadd(PENDING, {job_id: time.time()})
+    pipe.zadd(WEBHOOKS_PENDING, {job_id: time.time()})
     pipe.execute()
 
 
 def delivery_state(store: JobStore, job_id: str) -> dict[str, Any] | None:
     """What the job's view shows of its webhook: state (pending, delivered, failed, refused, skipped) and attempts."""
-    hook = store.r.hgetall(HOOK_KEY.format(id=job_id))
+    hook = store.r.hgetall(WEBHOOK_KEY.format(id=job_id))
     if not hook:
         return None
     out: dict[str, Any] = {"state": hook.get("state", "pending"), "attempts": int(hook.get("attempts", 0))}
@@ -136,7 +134,8 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: float
 # -- delivering ----------------------------------------------------------------------------------------
 def job_payload(app: FastAPI, job: dict[str, Any]) -> dict[str, Any]:
     """The finished job as its owner reads it (without the owner's tenant id or the ledger's scope)."""
-    data = {k: v for k, v in job.items() if k not in ("owner", "cancel", "queue", "worker", "attempts")}
+    # images_ready: the event stream's progress record, which the finished job's result supersedes
+    data = {k: v for k, v in job.items() if k not in ("owner", "cancel", "queue", "worker", "attempts", "images_ready")}
     if isinstance(data.get("request"), dict):
         data["request"] = {k: v for k, v in data["request"].items() if k != "ledger_scope"}
     if job.get("kind") == JobKind.generate.value:
@@ -147,23 +146,23 @@ def job_payload(app: FastAPI, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _next(store: JobStore, job_id: str, delay_s: float) -> None:
-    store.r.zadd(PENDING, {job_id: time.time() + delay_s})
+    store.r.zadd(WEBHOOKS_PENDING, {job_id: time.time() + delay_s})
 
 
 def _close(store: JobStore, job_id: str, **fields: Any) -> None:
     pipe = store.r.pipeline()
-    pipe.hset(HOOK_KEY.format(id=job_id), mapping={k: v for k, v in fields.items() if v is not None})
-    pipe.zrem(PENDING, job_id)
+    pipe.hset(WEBHOOK_KEY.format(id=job_id), mapping={k: v for k, v in fields.items() if v is not None})
+    pipe.zrem(WEBHOOKS_PENDING, job_id)
     pipe.execute()
 
 
 def _prepare(app: FastAPI, store: JobStore, job_id: str) -> tuple[str, bytes, str, int] | None:
     """What to send for a due job (url, body, message id, attempts so far), or None when nothing is to be sent now."""
     settings: Settings = app.state.settings
-    hook = store.r.hgetall(HOOK_KEY.format(id=job_id))
+    hook = store.r.hgetall(WEBHOOK_KEY.format(id=job_id))
     job = store.get(job_id)
     if not hook or job is None:
-        store.r.zrem(PENDING, job_id)
+        store.r.zrem(WEBHOOKS_PENDING, job_id)
         return None
     state = JobState(job["state"])
     if not state.finished:
@@ -192,14 +191,14 @@ def _record(store: JobStore, settings: Settings, job_id: str, attempts: int, sta
         _close(store, job_id, state="failed", attempts=attempts, last_status=status, last_error=reason)
         logger.warning("webhook for job %s given up after %d attempts: %s", job_id, attempts, reason)
         return
-    store.r.hset(HOOK_KEY.format(id=job_id), mapping={"attempts": attempts, "last_status": status or "", "last_error": reason})
+    store.r.hset(WEBHOOK_KEY.format(id=job_id), mapping={"attempts": attempts, "last_status": status or "", "last_error": reason})
     _next(store, job_id, min(MAX_BACKOFF_S, settings.webhook_retry_base_s * 2 ** (attempts - 1)))
 
 
 async def deliver(app: FastAPI, client: httpx.AsyncClient, job_id: str) -> None:
     store: JobStore = app.state.store
     settings: Settings = app.state.settings
-    lock = LOCK_KEY.format(id=job_id)
+    lock = WEBHOOK_LOCK_KEY.format(id=job_id)
     if not await asyncio.to_thread(store.r.set, lock, "1", nx=True, ex=int(settings.webhook_timeout_s) + 30):
         return  # another gateway has it
     try:
@@ -233,7 +232,7 @@ async def run_dispatcher(app: FastAPI, interval_s: float = 0.25) -> None:
     async with httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
         while True:
             try:
-                due = await asyncio.to_thread(store.r.zrangebyscore, PENDING, "-inf", time.time(), 0, BATCH)
+                due = await asyncio.to_thread(store.r.zrangebyscore, WEBHOOKS_PENDING, "-inf", time.time(), 0, BATCH)
                 await asyncio.gather(*(deliver(app, client, job_id) for job_id in due))
             except asyncio.CancelledError:
                 raise

@@ -141,3 +141,19 @@ def test_the_gateways_base_model_aliases_are_the_profiles():
     for name, aliases in BASE_MODEL_ALIASES.items():
         profile = get_profile(name)
         assert profile is not None and tuple(profile.aliases) == aliases
+
+
+# The base-model seam: the testbed enters product code through its profile only. The CNN head reader
+# loads heads in the testbed CNN's on-disk format, whose architecture the testbed defines.
+TESTBED_DOORS = {"adaptors.testbed_profile", "adaptors.classifiers"}
+
+
+def test_product_code_reaches_the_testbed_only_through_its_profile():
+    graph = import_graph()
+    entering = sorted(
+        module for module, deps in graph.items()
+        if not module.startswith("testbed") and any(d == "testbed" or d.startswith("testbed.") for d in deps)
+    )  # fmt: skip
+    assert set(entering) <= TESTBED_DOORS, (
+        f"modules importing the testbed besides its profile: {sorted(set(entering) - TESTBED_DOORS)}"
+    )

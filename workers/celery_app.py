@@ -14,6 +14,7 @@ from typing import Any
 from celery.signals import setup_logging, worker_ready, worker_shutdown
 
 from common.celery_config import FINETUNE_TASK, GENERATE_TASK, INFERENCE_QUEUE, TRAINING_QUEUE, make_celery
+from common.disk_layout import checkpoints_dir
 from common.schemas import JobKind
 from common.settings import get_settings
 
@@ -73,7 +74,7 @@ def _sweep(queues: list[str]) -> None:
         if queue in RECOVERABLE:
             kind, task = RECOVERABLE[queue]
             requeue_orphans(job_store(), app, kind, queue, task, settings.visibility_timeout_s, HEARTBEAT_TTL_S)
-    sweep_expired(job_store(), [settings.jobs_dir, settings.data_dir / "checkpoints"])
+    sweep_expired(job_store(), [settings.jobs_dir, checkpoints_dir(settings.data_dir)])
 
 
 def _lifecycle(queues: list[str], worker: str) -> None:

@@ -18,8 +18,8 @@ def out(text: str) -> None:
 
 def load_model(model: str) -> tuple[str, Any, Any]:
     """The base pipeline and its classifier (None when none is configured), as settings say."""
-    from adaptors.classifiers import load_classifier
     from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.readers.registry import load_classifier
 
     settings = get_settings()
     configure_threads(settings.torch_threads)

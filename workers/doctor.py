@@ -28,9 +28,8 @@ def _check(report: dict, name: str, fix: str, fn: Callable[[], Any]) -> Any:
 
 
 def run_doctor() -> dict:
-    from adaptors.classifiers import load_classifier
     from adaptors.generation import GenerationSpec, configure_threads, generate, load_pipeline
-    from adaptors.readers.registry import load_auditor
+    from adaptors.readers.registry import load_auditor, load_classifier
     from common.readers import reader_choice
 
     settings = get_settings()

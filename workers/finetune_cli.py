@@ -13,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from common.disk_layout import cli_checkpoint_path
 from common.finetune_config import check_hyperparameters
 from common.settings import get_settings
 from workers.console import UsageError
@@ -95,7 +96,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     store = AdaptorStore((Path(args.store) if args.store else settings.adaptor_dir).resolve())
     adaptor_id = args.id or f"{args.method}-{uuid.uuid4().hex[:8]}"
     staging = store.staging_dir(adaptor_id)
-    ckpt = store.root / ".checkpoints" / adaptor_id
+    ckpt = cli_checkpoint_path(store.root, adaptor_id)
     bar = tqdm(desc=f"{args.method} {adaptor_id}", unit="it", file=sys.stderr)
 
     def progress(point: dict) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.disk_layout import is_published
 from common.jobs import JobStore
 from common.schemas import GenerateJob, JobState, Strategy
 from workers import ledger
@@ -56,7 +58,7 @@ def list_manifests(store: Any) -> list[Any]:
     root = Path(store.root)
     out = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.name.startswith(".") or not (entry / "manifest.json").is_file():
+        if not is_published(entry):
             continue
         try:
             out.append(store.manifest(entry.name))
@@ -289,11 +291,12 @@ def settle_step(r: Any, req: GenerateJob, hold: LedgerHold | None, report: dict[
     else:
         got = list(hold.reserved)
     ledger.settle(r, hold.lid, hold.reserved, got, attrs)
-    return {"key": req.ledger, "delivered": ledger.delivered(r, hold.lid)}
+    counts = ledger.delivered(r, hold.lid)
+    return {"key": req.ledger, "delivered": counts, "drift": round(ledger.drift(counts, req.fairness_target or {}), 4)}
 
 
-def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
-    """Write the PNGs the result links to; returns how many."""
+def publish_step(runtime: Runtime, job_id: str, images: Any, on_image: Callable[[int], None] | None = None) -> int:
+    """Write the PNGs the result links to, calling `on_image(k)` as soon as image k is on disk; returns how many."""
     from adaptors.generation import to_uint8
 
     out_dir = runtime.settings.jobs_dir / job_id
@@ -301,7 +304,21 @@ def publish_step(runtime: Runtime, job_id: str, images: Any) -> int:
     pixels = to_uint8(images)
     for k, px in enumerate(pixels):
         save_png(px, out_dir / f"{k}.png")
+        if on_image is not None:
+            on_image(k)
     return len(pixels)
+
+
+def image_ready_publisher(jobs: JobStore, job_id: str, req: GenerateJob, rendered: Rendered) -> Callable[[int], None]:
+    """What publish_step calls per written image: records it on the job, so its event stream sends an `image` event
+    (index, seed, assigned classes, URL) before the audit and the result."""
+
+    def on_image(k: int) -> None:
+        assigned = rendered.assignment[k] if rendered.assignment else None
+        jobs.add_ready_image(job_id, {"index": k, "seed": req.seed, "assigned": assigned,
+                                      "url": f"/v1/jobs/{job_id}/images/{k}.png"})  # fmt: skip
+
+    return on_image
 
 
 def build_result(job_id: str, n: int, rendered: Rendered, report: dict[str, Any] | None, decision: Decision,
@@ -358,6 +375,23 @@ def _fairness_stats(decision: Decision, rendered: Rendered, report: dict[str, An
         stats["enforcement_rounds"] = int(rendered.enforcement.get("rounds", 0))
         stats["enforcement_shortfalls"] = int(not rendered.enforcement.get("satisfied"))
     return stats
+
+
+def _gauges(cache: Any, ledger_state: dict | None) -> dict[str, float] | None:
+    """Values /metrics shows as the last reporting worker's: the cache's size, the last settled ledger's drift."""
+    gauges: dict[str, float] = {}
+    if cache is not None:
+        gauges["adaptor_cache_bytes"] = int(cache.nbytes)
+    if ledger_state is not None:
+        gauges["ledger_drift_last"] = float(ledger_state["drift"])
+    return gauges or None
+
+
+def _ledger_stats(ledger_state: dict | None) -> dict[str, int]:
+    """Counters whose ratio is the mean ledger drift after a settlement (in thousandths, since counters are integers)."""
+    if ledger_state is None:
+        return {}
+    return {"ledger_settlements": 1, "ledger_drift_milli_total": round(1000 * ledger_state["drift"])}
 
 
 @dataclass
@@ -456,7 +490,7 @@ def complete_step(jobs: JobStore, runtime: Runtime, p: Prepared, rendered: Rende
     except JobFailed as exc:
         return fail_step(jobs, p.job_id, p.req, p.hold, exc)
     job_id, req, decision = p.job_id, p.req, p.decision
-    n = publish_step(runtime, job_id, rendered.images)
+    n = publish_step(runtime, job_id, rendered.images, image_ready_publisher(jobs, job_id, req, rendered))
     t2 = time.perf_counter()
     report = audit_step(runtime, req, rendered)
     audit_s = time.perf_counter() - t2
@@ -476,8 +510,9 @@ def complete_step(jobs: JobStore, runtime: Runtime, p: Prepared, rendered: Rende
         adaptor_cache_misses=after[1] - before[1],
         adaptor_swaps=after[2] - before[2],
         adaptor_cache_evictions=after[3] - before[3],
-        gauges={"adaptor_cache_bytes": int(cache.nbytes)} if cache is not None else None,
+        gauges=_gauges(cache, ledger_state),
         **_fairness_stats(decision, rendered, report, n),
+        **_ledger_stats(ledger_state),
     )
     jobs.finish(job_id, JobState.succeeded, result=result)
     logger.info("generate %s: %d images in %.2fs (strategy %s)", job_id, n, rendered.seconds, decision.used)

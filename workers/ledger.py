@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 import redis
 
 from adaptors.assign import deficit_assignment, joint_key
+from common.redis_keys import LEDGER_PREFIX
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "fairdiff:ledger:"
+PREFIX = LEDGER_PREFIX
 _PENDING = "pending:"
 
 
@@ -38,6 +39,28 @@ def _counts(raw: Mapping[str, str]) -> tuple[dict[str, int], dict[str, int]]:
 
 def delivered(r: redis.Redis, lid: str) -> dict[str, int]:
     return _counts(r.hgetall(lid))[0]
+
+
+def drift(counts: Mapping[str, int], target: Mapping[str, Mapping[str, float]]) -> float:
+    """How far a ledger's delivered images are from its target: the largest total variation over its attributes.
+
+    0 when every attribute's delivered shares equal the target; what /metrics reports after each settlement,
+    so an operator sees a ledger falling behind (conditioning misses the audit keeps seeing) without asking it.
+    """
+    from common.bias import total_variation
+
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    worst = 0.0
+    for attr, shares in target.items():
+        marginal: dict[str, float] = {}
+        for key, n in counts.items():
+            cls = dict(part.split("=", 1) for part in key.split(",")).get(attr)
+            if cls is not None:
+                marginal[cls] = marginal.get(cls, 0.0) + n / total
+        worst = max(worst, total_variation(marginal, shares))
+    return worst
 
 
 def reserve(r: redis.Redis, lid: str, n: int, target: Mapping[str, Mapping[str, float]], ttl_s: int) -> list[dict[str, str]]:

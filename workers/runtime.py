@@ -16,12 +16,11 @@ from typing import Any
 import redis
 
 from common.jobs import JobStore
+from common.redis_keys import STATS_KEY
 from common.schemas import ModelInfo
 from common.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
-
-STATS_KEY = "fairdiff:stats"
 
 
 @dataclass
@@ -115,8 +114,8 @@ def loaded() -> bool:
 
 
 def _build(settings: Settings) -> Runtime:
-    from adaptors.classifiers import load_classifier
     from adaptors.generation import configure_threads, load_pipeline
+    from adaptors.readers.registry import load_classifier
 
     t0 = time.perf_counter()
     configure_threads(settings.torch_threads)

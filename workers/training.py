@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.disk_layout import checkpoints_dir, staging_path
 from common.jobs import JobStore
 from common.schemas import FinetuneJob, JobState
 from workers.lifecycle import claim
@@ -23,11 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 def staging_dir(runtime: Runtime, job_id: str) -> Path:
-    return runtime.settings.adaptor_dir / f".staging-{job_id}"
+    return staging_path(runtime.settings.adaptor_dir, job_id)
 
 
 def checkpoint_dir(runtime: Runtime, job_id: str) -> Path:
-    return runtime.settings.data_dir / "checkpoints" / job_id
+    return checkpoints_dir(runtime.settings.data_dir) / job_id
 
 
 def _manifest_dict(manifest: Any) -> dict[str, Any]:

@@ -75,6 +75,7 @@ class HaarFaceDetector(FaceDetector):
         min_neighbors: int = 4,
         min_size: float = 0.06,
         min_score: float = 0.75,
+        max_side: int = 256,
     ) -> None:
         import cv2
 
@@ -87,6 +88,9 @@ class HaarFaceDetector(FaceDetector):
             raise FileNotFoundError(f"Haar cascade files missing under {root} (opencv-python-headless 4.x ships them)")
         self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
         self.min_score = min_score  # 0.75: at least 3 x min_neighbors raw hits; single-digit hits are texture
+        # the cascades' cost grows with the pixel count: larger images are searched at this size (0: as they come;
+        # 256 kept every answer of the comparison in research/face_detectors at 2.5x less time on 512 px photos)
+        self.max_side = max_side
 
     def _run(self, cascade, gray: np.ndarray) -> tuple[list[list[float]], list[float]]:
         side = max(12, int(self.min_size * min(gray.shape)))
@@ -99,6 +103,15 @@ class HaarFaceDetector(FaceDetector):
 
     def detect_gray(self, gray: np.ndarray) -> Detection:
         """Faces in one H x W uint8 grayscale image."""
+        scale = 1.0
+        if self.max_side and max(gray.shape) > self.max_side:
+            scale = max(gray.shape) / self.max_side
+            size = (round(gray.shape[1] / scale), round(gray.shape[0] / scale))
+            gray = self._cv2.resize(gray, size, interpolation=self._cv2.INTER_AREA)
+        found = self._detect_gray(gray)
+        return Detection(found.boxes * scale, found.scores) if scale != 1.0 else found
+
+    def _detect_gray(self, gray: np.ndarray) -> Detection:
         w = gray.shape[1]
         boxes, scores = self._run(self.cascades[0], gray)
         if len(self.cascades) > 1:

@@ -16,15 +16,23 @@ from pathlib import Path
 import torch
 
 from adaptors.readers.base import AttributeReader
+from common.settings import has_attribute_classifier
 
 READER_FILE = "reader.json"
-TESTBED_READERS = ("testbed-cnn", "testbed-clip")
 
 
 def testbed_clip_dir() -> Path:
-    from testbed import WEIGHTS_DIR
+    """The embedded testbed's CLIP folder (tests and benchmarks name it; product code goes by setting)."""
+    return Path(shipped_clip_dir("testbed-clip") or "")
 
-    return WEIGHTS_DIR / "clip"
+
+def shipped_clip_dir(setting: str) -> str | None:
+    """The CLIP folder behind a shipped reader name (e.g. 'testbed-clip'), for readers that need the encoder."""
+    from adaptors.profiles import named_reader
+
+    factory = named_reader(setting)
+    folder = getattr(factory, "clip_folder", None)
+    return str(folder) if folder is not None else None
 
 
 def _clip_path(folder: Path, value: str) -> Path:
@@ -71,17 +79,32 @@ def load_reader(setting: str, device: torch.device | str = "cpu") -> AttributeRe
     """The reader a setting names; None for 'none'."""
     if setting == "none":
         return None
-    if setting == "testbed-cnn":
-        from adaptors.classifiers import TestbedAttributeClassifier
+    from adaptors.profiles import named_reader, shipped_reader_names
 
-        return TestbedAttributeClassifier(device=device)
-    if setting == "testbed-clip":
-        reader = load_reader_folder(testbed_clip_dir(), device)
-        reader.name = "testbed-clip"
-        return reader
+    factory = named_reader(setting)
+    if factory is not None:
+        return factory(device)
     if not Path(setting).is_dir():
-        raise FileNotFoundError(f"reader {setting!r}: neither 'none', {' / '.join(TESTBED_READERS)}, nor an existing folder")
+        raise FileNotFoundError(
+            f"reader {setting!r}: neither 'none', {' / '.join(shipped_reader_names())}, nor an existing folder"
+        )
     return load_reader_folder(setting, device)
+
+
+def load_classifier(setting: str, base_model: str, device: torch.device | str = "cpu") -> AttributeReader | None:
+    """The steering reader (FAIRDIFF_CLASSIFIER) for a base model: 'auto' is its profile's steering reader; 'none'
+    steers with nothing; anything else is a reader `load_reader` knows (a shipped name, or a reader folder of any kind:
+    CLIP zero-shot, CLIP probe, a head in the CNN's format)."""
+    if not has_attribute_classifier(setting, base_model):
+        return None
+    if setting == "auto":
+        from adaptors.profiles import get_profile
+
+        profile = get_profile(base_model)
+        if profile is None or profile.steer_reader is None:
+            return None
+        return profile.readers[profile.steer_reader](device)
+    return load_reader(setting, device)
 
 
 def audit_record(auditor: AttributeReader, steerer: AttributeReader | None, steered: bool) -> dict:

@@ -4,6 +4,10 @@ Events (each `data` is JSON):
 - `state`: the job's id, state, queue position and progress, whenever its state changes (the first event is one);
 - `progress`: the same snapshot, whenever the step (or any progress field) moves;
 - `curve`: a finetune's new curve points (loss, measured bias, ...) since the last event;
+- `image`: a generate job's image is written and can be fetched, one event per image (its `index`, the request's
+  `seed` and the image's `seed_index`, its `assigned` classes, its `url`), always before `done`. Images are written
+  when their request's generation ends (the batches of one request finish together), then audited together, so
+  the events of one job arrive close together, just before `done`, which carries each image's audited classes;
 - `done`: the whole job, exactly as GET on the job answers, once it has finished;
 - `error`: the record disappeared, the stream reached its time limit, or too many streams are open (`code` says
   which: `job_lost`, `stream_timeout`, `too_many_streams`); reconnect or poll.
@@ -27,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from common.jobs import JobStore
 from common.schemas import JobState
 from service.api.jobview import MAX_POLL_INTERVAL_S, POLL_INTERVAL_S, public_job
+from service.images import ready_image_event
 from service.limits import WaitHolders
 
 MAX_STREAM_S = 3600.0  # a stream ends after this long with an `error` event (code `stream_timeout`); clients reconnect
@@ -35,7 +40,8 @@ PING_S = 15  # comment lines that keep proxies from closing an idle stream
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        "description": "Server-Sent Events: `state`, `progress`, `curve` (finetunes), then `done` with the whole job.",
+        "description": "Server-Sent Events: `state`, `progress`, `curve` (finetunes), `image` (generate jobs, one per "
+        "image written), then `done` with the whole job.",
     }
 }
 
@@ -57,6 +63,7 @@ async def _stream(store: JobStore, job_id: str, view: Callable[[dict[str, Any]],
     last_state: str | None = None
     last_progress: Any = None
     curve_seen = 0
+    images_seen: set[Any] = set()
     deadline = time.monotonic() + max_s
     interval = POLL_INTERVAL_S
     try:
@@ -80,6 +87,11 @@ async def _stream(store: JobStore, job_id: str, view: Callable[[dict[str, Any]],
                 seq += 1
                 yield _event("curve", {"id": job_id, "points": curve[curve_seen:]}, seq)
                 curve_seen = len(curve)
+            for image in job.get("images_ready") or []:
+                if isinstance(image, dict) and image.get("index") not in images_seen:
+                    images_seen.add(image.get("index"))
+                    seq += 1
+                    yield _event("image", ready_image_event(job, image), seq)
             if state.finished:
                 seq += 1
                 yield _event("done", await run_in_threadpool(view, job), seq)

@@ -17,7 +17,7 @@ from PIL import Image
 from adaptors.readers import AttributeReader
 from adaptors.readers.clip import ClipEncoder, ClipProbeReader, ClipSubjectReader, ClipZeroShotReader, fit_probe
 from adaptors.readers.faces import FaceCropReader
-from adaptors.readers.registry import READER_FILE, audit_record, load_reader, load_reader_folder
+from adaptors.readers.registry import READER_FILE, audit_record, load_classifier, load_reader, load_reader_folder
 
 SPEC = {
     "attributes": {
@@ -120,6 +120,8 @@ def test_fit_probe_reports_held_out_accuracy_and_loads_as_a_reader(clip_dir, tmp
 
     reader = load_reader(str(tmp_path / "probe"))
     assert isinstance(reader, ClipProbeReader) and reader.attributes["size"] == ["big", "small"]
+    # FAIRDIFF_CLASSIFIER may name the probe folder: the steering reader of a real SD (docs/real-sd.md)
+    assert isinstance(load_classifier(str(tmp_path / "probe"), "/models/sd15"), ClipProbeReader)
     red = torch.zeros(1, 3, 40, 40)
     red[:, 0] = 0.85
     assert reader.attributes["colour"][int(reader.predict(red).probs["colour"].argmax())] == "red"

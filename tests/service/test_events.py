@@ -67,6 +67,33 @@ def test_events_stream_state_then_each_step_in_order_then_the_finished_job(clien
     assert client.app.state.wait_holders.held == 0, "a finished stream gives its place back"
 
 
+def test_each_written_image_is_one_image_event_before_done_with_its_url_in_the_requested_format(
+    client: TestClient, store: JobStore
+) -> None:
+    job_id = gen(client, num_images=3, seed=7, output_format="webp").json()["id"]
+
+    def run() -> None:
+        store.mark_running(job_id, "test-worker")
+        for k in (0, 1, 0, 2):  # index 0 written twice (a redelivered job): still one event
+            time.sleep(0.15)
+            store.add_ready_image(job_id, {"index": k, "seed": 7, "assigned": {"gender": "female"},
+                                           "url": f"/v1/jobs/{job_id}/images/{k}.png"})  # fmt: skip
+        time.sleep(0.15)
+        store.finish(job_id, JobState.succeeded, result={"images": []})
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+        events = read_events(resp)
+    worker.join()
+    images = [d for k, d in events if k == "image"]
+    assert [d["index"] for d in images] == [0, 1, 2], events
+    assert images[2] == {"id": job_id, "index": 2, "seed": 7, "seed_index": 2, "assigned": {"gender": "female"},
+                         "url": f"/v1/jobs/{job_id}/images/2.webp"}  # fmt: skip
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and kinds.index("done") > max(i for i, k in enumerate(kinds) if k == "image")
+
+
 def test_a_finished_job_streams_its_state_and_done_at_once(client: TestClient, store: JobStore) -> None:
     job_id = gen(client).json()["id"]
     client.delete(f"/v1/jobs/{job_id}")

@@ -43,10 +43,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     procs: list[ManagedProcess] = []
     redis_proc = start_redis(free_port(), tmp_path_factory.mktemp("e2e-redis"), appendonly=True)
     procs.append(redis_proc)
-    # audit_reader=classifier: the per-request count assertions below were measured with the CNN reading the
-    # images it steered; the testbed's default audit (its CLIP) is exercised in tests/workers/test_audit_reader.py
+    # the testbed's default readers, as deployed: the CNN steers, the tiny CLIP audits (and `enforce` checks with it)
     env = fairdiff_env(redis_proc.info["url"], tmp_path_factory.mktemp("e2e-data"), "testbed",
-                       admin_token="e2e-admin-secret", max_batch="16", audit_reader="classifier")  # fmt: skip
+                       admin_token="e2e-admin-secret", max_batch="16")  # fmt: skip
     try:
         workers = [start_worker("inference", env, logs), start_worker("training", env, logs)]
         procs += workers
@@ -214,9 +213,9 @@ def test_assign_delivers_the_requested_split_and_reports_it(stack):
     assert abs(result["counts"]["gender"]["male"] - 4) <= 1, result["counts"]
     oracle = oracle_readings(client, result)
     assert abs(sum(r.gender == "male" for r in oracle if r.person) - 4) <= 1, [r.gender for r in oracle]
-    # this stack audits with the CNN that steered `assign`: the result says so; the unsteered base image does not
-    assert result["audit_reader"] == {"name": "testbed-cnn", "steered": True}
-    assert base["result"]["audit_reader"] == {"name": "testbed-cnn", "steered": False}
+    # the tiny CLIP audits what the CNN steered, so the audit did not read its own steering, and the result says so
+    assert result["audit_reader"] == {"name": "testbed-clip", "steered": False}
+    assert base["result"]["audit_reader"] == {"name": "testbed-clip", "steered": False}
 
 
 def test_enforce_makes_the_delivered_counts_exact(stack):
@@ -227,6 +226,8 @@ def test_enforce_makes_the_delivered_counts_exact(stack):
     result = resp.json()["result"]
     assert result["enforcement"]["applied"] is True and result["enforcement"]["satisfied"] is True, result["enforcement"]
     assert result["counts"]["gender"] == result["assigned_counts"]["gender"] == {"female": 4, "male": 4}
+    # the counts enforce made exact are the audit's reading: the tiny CLIP's, not the CNN's that steered the retries
+    assert result["audit_reader"] == {"name": "testbed-clip", "steered": False}
     assert result["enforcement"]["per_attribute"]["gender"]["satisfied"] is True and result["guarantee"] == "exact"
     oracle = oracle_readings(client, result)
     assert abs(sum(r.gender == "female" for r in oracle if r.person) - 4) <= 1, [r.gender for r in oracle]
@@ -258,6 +259,12 @@ def test_a_ledger_makes_single_image_requests_add_up(stack):
     assert result["ledger"]["key"] == "e2e-stream"
     assert sum(delivered.values()) == 10 - no_person  # every image the audit saw a person in, and only those
     assert abs(delivered.get("gender=female", 0) - 3) <= 1, delivered
+    share = delivered.get("gender=female", 0) / sum(delivered.values())
+    assert result["ledger"]["drift"] == pytest.approx(abs(share - 0.3), abs=1e-3)  # TV of two classes: |share - target|
+    lines = client.get("/metrics").text.splitlines()
+    stats = {m.split()[0]: float(m.split()[1]) for m in lines if m.startswith("fairdiff_worker_ledger")}
+    assert stats["fairdiff_worker_ledger_settlements"] >= 10, stats  # every request settled (other tests may add theirs)
+    assert stats["fairdiff_worker_ledger_drift_last"] == pytest.approx(result["ledger"]["drift"]), stats
     bad = client.post("/v1/generate", json={"prompt": "x", "ledger": "k"})
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "ledger"
 

@@ -1,6 +1,7 @@
 """The playground's endpoints through real processes (uvicorn, a Celery inference worker, redis-server): Server-Sent
 Events of a real job to its end, inline images in each format, the OpenAI client library, and the page in a real
-browser when one is installed (Debian's chromium driven by Playwright; skipped without them)."""
+browser (Debian's chromium driven by Playwright: under CI installed when missing and never skipped; elsewhere
+skipped without them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import base64
 import io
 import json
 import os
-import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 
 from service.images import read_metadata
+from tests.support.browser import find_chromium, in_ci, install_chromium
 from tests.support.processes import (
     ManagedProcess,
     dump_logs,
@@ -91,6 +93,15 @@ def test_the_event_stream_follows_a_real_job_step_by_step_to_its_result(stack) -
     assert done["state"] == "succeeded" and len(done["result"]["images"]) == 8
     assert done == client.get(accepted.json()["url"]).json()
     assert done["result"]["images"][0]["attributes"]["gender"]["class"] in ("female", "male")
+    # one `image` event per image, after the last step and before `done`, naming what the result then confirms
+    images = [d for k, d in events if k == "image"]
+    assert [d["index"] for d in images] == list(range(8)), kinds
+    assert kinds.index("image") > max(i for i, k in enumerate(kinds) if k == "progress")
+    for event, final in zip(images, done["result"]["images"], strict=True):
+        assert (event["seed"], event["seed_index"], event["url"]) == (4, final["seed_index"], final["url"])
+        assert event["assigned"] == final["assigned"] and event["assigned"]["gender"] in ("female", "male")
+    png = client.get(images[5]["url"])
+    assert png.status_code == 200 and read_metadata(png.content)["seed_index"] == 5
 
 
 @pytest.mark.parametrize("fmt", ["webp", "jpeg"])
@@ -121,16 +132,30 @@ def test_the_openai_client_library_against_the_real_stack(stack) -> None:
     assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _chromium() -> str | None:
-    return os.environ.get("FAIRDIFF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium: found, or under CI installed with apt-get; a CI run without one fails instead of skipping."""
+    path = find_chromium()
+    if path is None and in_ci():
+        try:
+            path = install_chromium()
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            pytest.fail(f"CI runs the browser test and could not get chromium: {exc}")
+    if path is None:
+        pytest.skip("needs Debian's chromium (apt-get install chromium); CI installs it itself")
+    return path
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Debian's chromium (apt-get install chromium)")
-def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(stack, tmp_path: Path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
+def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(chromium: str, stack, tmp_path: Path) -> None:
+    try:
+        from playwright import sync_api
+    except ImportError:
+        if in_ci():
+            raise  # a dev dependency: CI that lacks it is broken, not excused
+        pytest.skip("needs playwright (pip install -e '.[dev]')")
     shots = Path(os.environ.get("FAIRDIFF_SCREENSHOT_DIR") or tmp_path)
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1300})
             failed: list[str] = []
@@ -144,10 +169,16 @@ def test_the_playground_in_a_browser_generates_and_charts_what_was_delivered(sta
             page.fill("#seed", "5")
             page.select_option("#enforce", "true")
             page.check("#baseline")
+            page.evaluate("""() => { window.arrived = 0; new MutationObserver((changes) => { for (const c of changes)
+                for (const n of c.addedNodes) if (n.classList && n.classList.contains('arriving')) window.arrived++; })
+                .observe(document.getElementById('grid'), { childList: true }); }""")
             page.click("#go")
-            page.wait_for_selector("#grid figure.img img[src]", timeout=90_000)
-            page.wait_for_function("document.querySelectorAll('#grid figure.img img[src]').length === 8", timeout=30_000)
+            # images show as their `image` events arrive (dashed, `.arriving`), then the audited result replaces them
+            done = "#grid figure.img:not(.arriving) img[src]"
+            page.wait_for_selector(done, timeout=90_000)
+            page.wait_for_function(f"document.querySelectorAll('{done}').length === 8", timeout=30_000)
             page.screenshot(path=str(shots / "playground.png"), full_page=True)
+            assert page.evaluate("window.arrived") == 8, "each image was shown as its `image` event arrived"
             job_id = page.locator("#summary h2").inner_text().split()[-1]
             job = stack["client"].get(f"/v1/jobs/{job_id}").json()
             counts = job["result"]["counts"]["gender"]

@@ -167,3 +167,20 @@ def test_a_job_not_finished_within_the_wait_is_a_504_pointing_at_it(settings: Se
         err = assert_error(resp, 504, None, "job_not_finished")
         location = resp.headers["location"]
         assert location in err["message"] and c.get(location).json()["state"] == "queued"
+
+
+def test_an_image_fetched_while_its_job_runs_carries_its_assigned_classes(client: TestClient, store: JobStore,
+                                                                          settings: Settings) -> None:  # fmt: skip
+    """An `image` event's URL works at once: before the audit, its metadata names what the worker had assigned."""
+    job_id = gen(client, num_images=2, seed=3).json()["id"]
+    store.mark_running(job_id, "test-worker")
+    folder = settings.jobs_dir / job_id
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), COLOURS[1]).save(folder / "1.png")
+    store.add_ready_image(job_id, {"index": 1, "seed": 3, "assigned": {"gender": "male"},
+                                   "url": f"/v1/jobs/{job_id}/images/1.png"})  # fmt: skip
+    resp = client.get(f"/v1/jobs/{job_id}/images/1.webp")
+    assert resp.status_code == 200 and client.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
+    meta = read_metadata(resp.content)
+    assert (meta["seed"], meta["seed_index"], meta["assigned"]) == (3, 1, {"gender": "male"}) and "audited" not in meta
+    assert client.get(f"/v1/jobs/{job_id}/images/0.png").status_code == 404  # not written yet

@@ -88,6 +88,7 @@ def wait_state(client: TestClient, url: str, state: str, headers: dict | None = 
 def test_a_finished_job_is_posted_once_signed_to_the_receiver(hooked: TestClient, store: JobStore, receiver: Receiver) -> None:
     job_id = gen(hooked, webhook=receiver.url).json()["id"]
     assert hooked.get(f"/v1/jobs/{job_id}").json()["webhook"] == {"state": "pending", "attempts": 0}
+    store.add_ready_image(job_id, {"index": 0, "seed": 0, "assigned": None, "url": f"/v1/jobs/{job_id}/images/0.png"})
     finish(store, job_id)
     receiver.wait(1)
     headers, body = receiver.calls[0]
@@ -96,6 +97,7 @@ def test_a_finished_job_is_posted_once_signed_to_the_receiver(hooked: TestClient
     payload = json.loads(body)
     assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job_id
     assert payload["data"]["result"]["images"][0]["seed_index"] == 0 and "owner" not in payload["data"]
+    assert "images_ready" not in payload["data"]  # the event stream's record; the result has every image
     assert payload["data"]["url"] == f"/v1/jobs/{job_id}"
     assert wait_state(hooked, f"/v1/jobs/{job_id}", "delivered") == {"state": "delivered", "attempts": 1, "last_status": 204}
     time.sleep(0.5)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from common.jobs import JobStore
+from common.jobs import JOB_KEY, JobStore
 from common.schemas import JobKind, JobState
 from workers.lifecycle import claim
 from workers.recovery import mark_alive
@@ -35,7 +35,7 @@ def test_a_queued_job_is_claimed_once(store: JobStore) -> None:
 
 def test_a_cancelled_job_is_never_claimed(store: JobStore) -> None:
     job_id = store.create(JobKind.generate, "inference", {"prompt": "p"})
-    store.r.hset(f"fairdiff:job:{job_id}", "cancel", "1")
+    store.r.hset(JOB_KEY.format(id=job_id), "cancel", "1")
     assert not store.try_mark_running(job_id, "batcher/1", JobState.queued.value)
     assert claim(store, job_id, "worker/1", "generate") == (None, "cancelled")
 

@@ -195,7 +195,7 @@ def test_standalone_processes_find_the_redis_of_a_running_up(tmp_path: Path, mon
 def test_the_quick_start_offers_a_fairness_target_exactly_when_a_classifier_loads() -> None:
     """The launcher (torch-free) and the workers must agree; a banner that offers a target the
     workers cannot serve would answer the user's first request with an error."""
-    from adaptors.classifiers import load_classifier
+    from adaptors.readers.registry import load_classifier
     from common.settings import Settings
     from workers.embedded import banner
 

@@ -33,6 +33,15 @@ def test_two_hundred_single_image_requests_reach_sixty_one_forty(r):
     for _ in range(200):
         one_request(r, lid)
     assert ledger.delivered(r, lid) == {"gender=female": 60, "gender=male": 140}
+    assert ledger.drift(ledger.delivered(r, lid), TARGET) == pytest.approx(0.0)
+
+
+def test_drift_is_the_worst_attributes_total_variation():
+    target = {"gender": {"female": 0.5, "male": 0.5}, "age": {"young": 0.75, "old": 0.25}}
+    counts = {"gender=female,age=young": 6, "gender=male,age=young": 2, "gender=male,age=old": 2}
+    # gender 0.6/0.4 -> TV 0.1; age 0.8/0.2 -> TV 0.05
+    assert ledger.drift(counts, target) == pytest.approx(0.1)
+    assert ledger.drift({}, target) == 0.0
 
 
 def test_conditioning_misses_are_made_up_by_later_requests(r):

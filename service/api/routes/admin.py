@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from common import adaptor_manifest
+from common import disk_layout
 from common.celery_config import FINETUNE_TASK, TRAINING_QUEUE
 from common.finetune_config import check_hyperparameters, check_prompts
 from common.jobs import JobStore
@@ -197,9 +197,9 @@ def retire_adaptor(adaptor_id: str, _admin: AdminDep, settings: SettingsDep) -> 
         pass
     missing = NotFound(f"no adaptor {adaptor_id!r} in the store", param="id", code="adaptor_not_found")
     root = settings.adaptor_dir
-    dest = root / f"{adaptor_manifest.RETIRED_PREFIX}{adaptor_id}"
+    dest = disk_layout.retired_path(root, adaptor_id)
     if dest.exists():
-        dest = root / f"{adaptor_manifest.RETIRED_PREFIX}{adaptor_id}-{int(time.time())}"
+        dest = disk_layout.retired_path(root, adaptor_id, str(int(time.time())))
     try:
         (root / adaptor_id).rename(dest)  # atomic on one filesystem: readers see it or they don't
     except FileNotFoundError as exc:  # retired concurrently

@@ -35,8 +35,9 @@ def get_job(job_id: str, request: Request, store: StoreDep, caller: CallerDep) -
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses=SSE_RESPONSES | error_responses(401, 403, 404))
 async def job_events(job_id: str, request: Request, store: StoreDep, caller: CallerDep) -> EventSourceResponse:
-    """Live progress as Server-Sent Events: `state` and `progress` (step i of n) as they change, then `done` with the
-    whole job (what GET on the job answers), then the stream ends. Same ownership as GET: another API key's job is a
+    """Live progress as Server-Sent Events: `state` and `progress` (step i of n) as they change, `image` per image as
+    soon as it is written (index, seed, assigned classes, URL), then `done` with the whole job (what GET on the job
+    answers), then the stream ends. Same ownership as GET: another API key's job is a
     404."""
     await run_in_threadpool(load_job, store, job_id, JobKind.generate, caller)
     return job_event_stream(request, store, job_id, job_view(request, store, JobPublic))

@@ -229,11 +229,24 @@ async function pollJob(url, token, onUpdate) {
   }
 }
 
-async function followJob(accepted) {
+// An image the worker has written, shown as it arrives; the finished job's result (with the audit) replaces the grid.
+function showArrivedImage(data) {
+  $("result").hidden = false;
+  const card = el("figure", { class: "img arriving", "data-index": String(data.index) });
+  const pic = el("img", { alt: "image " + data.index });
+  card.append(pic);
+  for (const [attr, cls] of Object.entries(data.assigned || {})) card.append(el("div", { class: "reading", text: `${attr}: assigned ${cls}` }));
+  card.append(el("div", { class: "muted", text: "auditing…" }));
+  $("grid").append(card);
+  imageSource({ url: data.url }, null).then((src) => { if (src) pic.src = src; });
+}
+
+async function followJob(accepted, onImage) {
   let final = null;
   try {
     await streamEvents(accepted.url + "/events", apiKey, (event, data) => {
       if (event === "state" || event === "progress") showProgress(data);
+      if (event === "image" && onImage) onImage(data);
       if (event === "done") { final = data; return false; }
       return true;
     });
@@ -249,12 +262,13 @@ async function onGenerate(ev) {
   go.disabled = true;
   showError($("error"), null);
   $("result").hidden = true;
+  for (const id of ["summary", "charts", "grid"]) $(id).replaceChildren();
   $("status").hidden = false;
   $("progress").value = 0;
   $("state-line").textContent = "submitting…";
   try {
     const { status, data } = await api("POST", "/v1/generate", generateBody());
-    const job = status === 200 ? data : await followJob(data);
+    const job = status === 200 ? data : await followJob(data, showArrivedImage);
     showProgress(job);
     if (job.state !== "succeeded") throw new Error("job " + job.state + (job.error ? ": " + job.error.message : ""));
     await renderResult(job, null);
