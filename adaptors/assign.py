@@ -31,8 +31,8 @@ import logging
 import math
 import re
 import zlib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -390,8 +390,6 @@ def generate_assigned(
     occupation kept). Two-class attributes keep their text directions, which land ~.95 of images
     already; adding classifier guidance to them lowered senator's gender hits on the benchmark.
     """
-    from dataclasses import replace
-
     from adaptors.generation import generate
 
     if len(assignment) != spec.num_images:
@@ -411,10 +409,45 @@ def generate_assigned(
             return generate(pipe, replace(spec, prompts=prompts), max_batch=max_batch, on_step=on_step)
         no_directions: list[list[Direction]] = [[] for _ in assignment]
         return generate_directed(pipe, replace(spec, prompts=prompts), no_directions, 0, on_step, max_batch, steer)
+    cfg_prompts, directions = _assigned_conditions(base_prompts, assignment, texts, mode, guidance_weight, groups,
+                                                   steer.classes if steer is not None else ())  # fmt: skip
+    return generate_directed(pipe, replace(spec, prompts=cfg_prompts), directions, warmup_steps, on_step, max_batch, steer)
+
+
+def assigned_rows(
+    spec: GenerationSpec,
+    assignment: Sequence[Mapping[str, str]],
+    texts: ClassTexts,
+    mode: Mode = "prompt",
+    guidance_weight: float = 5.0,
+) -> list[ImageRow]:
+    """generate_assigned's images as rows for a shared pass (denoise_rows), without classifier guidance: what a
+    request contributes to a batch of several requests. Same texts and directions, so the same pixels."""
+    if len(assignment) != spec.num_images:
+        raise ValueError(f"assignment has {len(assignment)} entries for num_images={spec.num_images}")
+    base_prompts = spec.prompt_list()
+    if mode == "prompt":
+        prompts = [augment_prompt(p, a, texts) for p, a in zip(base_prompts, assignment)]
+        return image_rows(replace(spec, prompts=prompts))
+    cfg_prompts, directions = _assigned_conditions(base_prompts, assignment, texts, mode, guidance_weight, None, ())
+    return image_rows(replace(spec, prompts=cfg_prompts), directions)
+
+
+def _assigned_conditions(
+    base_prompts: Sequence[str],
+    assignment: Sequence[Mapping[str, str]],
+    texts: ClassTexts,
+    mode: Mode,
+    guidance_weight: float,
+    groups: Mapping[str, Sequence[str]] | None,
+    steered: Sequence[Mapping[str, str]],
+) -> tuple[list[str], list[list[Direction]]]:
+    """(CFG prompt, group directions) per image for modes "guidance" and "both"; attributes in `steered` are left
+    to classifier guidance."""
     group_classes = _group_classes(assignment, texts, groups)
-    if steer is not None:  # multi-class attributes the classifier reads are steered by it alone
-        group_classes = {a: c for a, c in group_classes.items() if not any(a in classes for classes in steer.classes)}
-    cfg_prompts = base_prompts
+    if steered:  # multi-class attributes the classifier reads are steered by it alone
+        group_classes = {a: c for a, c in group_classes.items() if not any(a in classes for classes in steered)}
+    cfg_prompts = list(base_prompts)
     if mode == "both":  # CFG towards the augmented prompt, group directions on top
         cfg_prompts = [augment_prompt(p, a, texts) for p, a in zip(base_prompts, assignment)]
     directions: list[list[Direction]] = []
@@ -427,7 +460,7 @@ def generate_assigned(
             rows.append((augment_prompt(prompt, {attr: classes[attr]}, texts), guidance_weight))
             rows += [(augment_prompt(prompt, {attr: c}, texts), -guidance_weight / len(others)) for c in others]
         directions.append(rows)
-    return generate_directed(pipe, replace(spec, prompts=cfg_prompts), directions, warmup_steps, on_step, max_batch, steer)
+    return cfg_prompts, directions
 
 
 def _group_classes(
@@ -491,65 +524,136 @@ def generate_directed(
     """
     import torch
 
-    from adaptors.generation import default_size, initial_latents
-
     if len(directions) != spec.num_images:
         raise ValueError(f"directions has {len(directions)} entries for num_images={spec.num_images}")
     if classifier_guidance is not None and len(classifier_guidance.classes) != spec.num_images:
         raise ValueError(f"classifier_guidance has {len(classifier_guidance.classes)} entries for num_images={spec.num_images}")
-    prompts = spec.prompt_list()
-    height = spec.height or default_size(pipe)
-    width = spec.width or default_size(pipe)
-    cfg = spec.guidance_scale > 1.0  # as the pipeline: no unconditional pass at scale <= 1
+    rows = image_rows(spec, directions)
     chunks = [range(i, min(i + max_batch, spec.num_images)) for i in range(0, spec.num_images, max_batch)]
     total = spec.steps * len(chunks)
     outputs: list[torch.Tensor] = []
     for c, chunk in enumerate(chunks):
-        n = len(chunk)
-        conds = _Conditions()
-        uncond = conds.add(spec.negative_prompt or "") if cfg else -1
-        prompt_rows = [conds.add(prompts[i]) for i in chunk]
-        image_dirs = [[(conds.add(text), coef) for text, coef in directions[i] if coef != 0.0] for i in chunk]
 
-        # classifier guidance takes a gradient inside the loop, which inference_mode would forbid
-        steering = classifier_guidance is not None and classifier_guidance.scale > 0
-        with torch.no_grad() if steering else torch.inference_mode():
-            embeds = pipe.encode_prompt(conds.texts, pipe.device, 1, False)[0]
-            # rows of the UNet batch: (image, text row); warm-up steps need only the CFG rows
-            base_pairs = [(j, uncond) for j in range(n)] if cfg else []
-            base_pairs += [(j, prompt_rows[j]) for j in range(n)]
-            dir_pairs = sorted({(j, r) for j in range(n) for r, _ in image_dirs[j]} - set(base_pairs))
-            pipe.scheduler.set_timesteps(spec.steps, device=pipe.device)
-            latents = initial_latents(pipe, spec.seed, [spec.start_index + i for i in chunk], height, width)
-            latents = latents * pipe.scheduler.init_noise_sigma
-            for s, t in enumerate(pipe.scheduler.timesteps):
-                guided = s >= warmup_steps and any(image_dirs)
+        def _step(s: int, _base: int = c * spec.steps) -> None:
+            if on_step is not None:
+                on_step(_base + s, total)
+
+        outputs.append(denoise_rows(pipe, [rows[i] for i in chunk], spec.steps, spec.height, spec.width, warmup_steps,
+                                    _step, classifier_guidance, list(chunk)))  # fmt: skip
+    logger.debug("directed %d images in %d chunks (warm-up %d)", spec.num_images, len(chunks), warmup_steps)
+    return torch.cat(outputs)
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image of a shared denoising pass: its starting noise (seed, index), texts, CFG scale and directions.
+
+    Images of different requests (prompts, seeds, guidance scales, assigned classes) share a pass
+    as rows of one UNet batch; only steps and size must agree.
+    """
+
+    seed: int
+    index: int
+    prompt: str
+    negative_prompt: str = ""
+    guidance_scale: float = 5.0
+    directions: tuple[Direction, ...] = ()
+
+
+def image_rows(spec: GenerationSpec, directions: Sequence[Sequence[Direction]] | None = None) -> list[ImageRow]:
+    """The rows of a request: image i starts from generate()'s noise for (spec.seed, spec.start_index + i)."""
+    prompts = spec.prompt_list()
+    return [
+        ImageRow(spec.seed, spec.start_index + i, prompts[i], spec.negative_prompt or "", spec.guidance_scale,
+                 tuple(directions[i]) if directions is not None else ())
+        for i in range(spec.num_images)
+    ]  # fmt: skip
+
+
+def denoise_rows(
+    pipe: StableDiffusionPipeline,
+    rows: Sequence[ImageRow],
+    steps: int,
+    height: int | None = None,
+    width: int | None = None,
+    warmup_steps: int = 0,
+    on_step: Callable[[int], None] | None = None,
+    classifier_guidance: ClassifierGuidance | None = None,
+    guidance_indices: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Images in [0, 1] (N x 3 x H x W, CPU) for `rows`, all in one batch: every text in one encoder call, every
+    (image, text) pair in one UNet call per step. `on_step(s)` is called after step s (1-based) and may raise
+    GenerationCancelled. `guidance_indices[j]` is row j's index into `classifier_guidance.classes`.
+
+    A row with guidance scale <= 1 has no unconditional pass (as the pipeline). A row's pixels do not depend on
+    the other rows beyond the last bits of batched float arithmetic (measured on CPU: at most 1/255 on a handful
+    of pixels between a batch of 16 and one image alone).
+    """
+    import torch
+
+    from adaptors.generation import default_size, initial_latents
+
+    n = len(rows)
+    height = height or default_size(pipe)
+    width = width or default_size(pipe)
+    cfg = [row.guidance_scale > 1.0 for row in rows]  # as the pipeline: no unconditional pass at scale <= 1
+    conds = _Conditions()
+    uncond = [conds.add(row.negative_prompt) if cfg[j] else -1 for j, row in enumerate(rows)]
+    prompt_rows = [conds.add(row.prompt) for row in rows]
+    image_dirs = [[(conds.add(text), coef) for text, coef in row.directions if coef != 0.0] for row in rows]
+    with_cfg = [j for j in range(n) if cfg[j]]
+    # classifier guidance takes a gradient inside the loop, which inference_mode would forbid
+    steering = classifier_guidance is not None and classifier_guidance.scale > 0
+    indices = list(guidance_indices) if guidance_indices is not None else list(range(n))
+    with torch.no_grad() if steering else torch.inference_mode():
+        embeds = pipe.encode_prompt(conds.texts, pipe.device, 1, False)[0]
+        # rows of the UNet batch: (image, text row); warm-up steps need only the CFG rows
+        base_pairs = [(j, uncond[j]) for j in with_cfg]
+        base_pairs += [(j, prompt_rows[j]) for j in range(n)]
+        dir_pairs = sorted({(j, r) for j in range(n) for r, _ in image_dirs[j]} - set(base_pairs))
+        scales = torch.tensor([rows[j].guidance_scale for j in with_cfg], device=pipe.device).view(-1, 1, 1, 1)
+        uniform = len(with_cfg) == n and len({row.guidance_scale for row in rows}) == 1
+        pipe.scheduler.set_timesteps(steps, device=pipe.device)
+        latents = torch.cat([initial_latents(pipe, row.seed, [row.index], height, width) for row in rows])
+        latents = latents * pipe.scheduler.init_noise_sigma
+        phases: dict[bool, tuple[Any, Any, dict[tuple[int, int], int]]] = {}
+
+        def phase(guided: bool) -> tuple[Any, Any, dict[tuple[int, int], int]]:
+            """(image index per UNet row, text embedding per UNet row, row of each pair): fixed within a phase."""
+            if guided not in phases:
                 pairs = base_pairs + (dir_pairs if guided else [])
                 img_idx = torch.tensor([p[0] for p in pairs], device=pipe.device)
                 txt_idx = torch.tensor([p[1] for p in pairs], device=pipe.device)
-                model_in = pipe.scheduler.scale_model_input(latents[img_idx], t)
-                eps_rows = pipe.unet(model_in, t, encoder_hidden_states=embeds[txt_idx], return_dict=False)[0]
-                row_of = {pair: k for k, pair in enumerate(pairs)}
-                eps_prompt = eps_rows[[row_of[(j, prompt_rows[j])] for j in range(n)]]
-                if cfg:
-                    eps_uncond = eps_rows[:n]
-                    eps = eps_uncond + spec.guidance_scale * (eps_prompt - eps_uncond)
-                else:
-                    eps = eps_prompt.clone()
-                if guided:
-                    for j in range(n):
-                        for r, coef in image_dirs[j]:
-                            eps[j] += coef * (eps_rows[row_of[(j, r)]] - eps_prompt[j])
-                if steering and s >= warmup_steps:
-                    eps = eps - _classifier_push(pipe, classifier_guidance, [chunk[j] for j in range(n)], latents, eps, t)
-                latents = pipe.scheduler.step(eps, t, latents, return_dict=False)[0]
-                if on_step is not None:
-                    on_step(c * spec.steps + s + 1, total)
-            image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * n)
-        outputs.append(image.float().cpu())
-    logger.debug("directed %d images in %d chunks (warm-up %d)", spec.num_images, len(chunks), warmup_steps)
-    return torch.cat(outputs)
+                phases[guided] = (img_idx, embeds[txt_idx], {pair: k for k, pair in enumerate(pairs)})
+            return phases[guided]
+
+        prompt_pos = len(with_cfg)  # the prompt rows follow the unconditional ones, image by image
+        for s, t in enumerate(pipe.scheduler.timesteps):
+            guided = s >= warmup_steps and any(image_dirs)
+            img_idx, text_embeds, row_of = phase(guided)
+            model_in = pipe.scheduler.scale_model_input(latents[img_idx], t)
+            eps_rows = pipe.unet(model_in, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
+            eps_prompt = eps_rows[prompt_pos : prompt_pos + n]
+            if uniform:  # one scale for every row: the pipeline's own arithmetic
+                eps_uncond = eps_rows[:n]
+                eps = eps_uncond + rows[0].guidance_scale * (eps_prompt - eps_uncond)
+            else:
+                eps = eps_prompt.clone()
+                if with_cfg:
+                    eps_uncond = eps_rows[: len(with_cfg)]
+                    eps[with_cfg] = eps_uncond + scales * (eps_prompt[with_cfg] - eps_uncond)
+            if guided:
+                for j in range(n):
+                    for r, coef in image_dirs[j]:
+                        eps[j] += coef * (eps_rows[row_of[(j, r)]] - eps_prompt[j])
+            if steering and s >= warmup_steps:
+                eps = eps - _classifier_push(pipe, classifier_guidance, indices, latents, eps, t)
+            latents = pipe.scheduler.step(eps, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(s + 1)
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * n)
+    return image.float().cpu()
 
 
 def _classifier_push(pipe, guidance: ClassifierGuidance, indices: Sequence[int], latents, eps, t):

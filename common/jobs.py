@@ -42,6 +42,21 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _JSON_FIELDS = ("request", "progress", "result", "error", "curve", "timings", "images_ready")
 
 
+# KEYS: job hash, its queue's queued zset, its queue's running set; ARGV: id, worker, now, expected state,
+# expected raw `started` ("" = none), the running state's name. 1 when this caller now runs the job.
+_CLAIM_LUA = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= ARGV[4] then return 0 end
+if (redis.call('HGET', KEYS[1], 'started') or '') ~= ARGV[5] then return 0 end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[6], 'started', ARGV[3], 'worker', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -125,6 +140,22 @@ class JobStore:
             pipe.zrem(QUEUED_ZSET.format(queue=job["queue"]), job_id)
             pipe.sadd(RUNNING_SET.format(queue=job["queue"]), job_id)
         pipe.execute()
+
+    def try_mark_running(self, job_id: str, worker: str, expect_state: str, expect_started: str = "") -> bool:
+        """mark_running only if the job is still in `expect_state` with that raw `started` value ("" = never
+        started) and not cancelled, in one atomic step: of two workers claiming one job (its own message and a
+        peer's batch gathering it), exactly one wins."""
+        queue = self.r.hget(JOB_KEY.format(id=job_id), "queue") or ""
+        keys = [JOB_KEY.format(id=job_id), QUEUED_ZSET.format(queue=queue), RUNNING_SET.format(queue=queue)]
+        args = [job_id, worker, time.time(), expect_state, expect_started, JobState.running.value]
+        return bool(self._claim_script(keys=keys, args=args))
+
+    @property
+    def _claim_script(self) -> Any:
+        script = getattr(self, "_claim", None)
+        if script is None:
+            script = self._claim = self.r.register_script(_CLAIM_LUA)
+        return script
 
     def set_progress(self, job_id: str, step: int, total: int, **extra: Any) -> None:
         self.r.hset(JOB_KEY.format(id=job_id), "progress", json.dumps({"step": step, "total": total, **extra}))

@@ -22,6 +22,7 @@ IDEMPOTENCY_KEY = PREFIX + ":idem:{scope}:{key}"  # Idempotency-Key -> job id, p
 MODEL_KEY = PREFIX + ":model:{base}"  # JSON ModelInfo a worker published for its base model
 WORKER_KEY = PREFIX + ":worker:{queue}:{name}"  # heartbeat, expires when a worker stops
 STATS_KEY = PREFIX + ":stats"  # hash of worker-side counters: field -> number, read by /metrics
+BATCH_STATS_KEY = PREFIX + ":batch_stats"  # hash of shared-pass histograms and counters (common/batch_stats.py)
 
 # per-caller state
 LEDGER_PREFIX = PREFIX + ":ledger:"  # + scope:hash -> hash of delivered counts per class

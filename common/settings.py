@@ -112,7 +112,20 @@ class Settings(BaseSettings):
         "per-prompt total variation to its target on held-out evaluation prompts, or on held-out seeds of this "
         "prompt for guidance weights) is at most this; otherwise it uses the exact `assign`.",
     )
-    max_batch: int = Field(16, ge=1, description="Images denoised together; larger requests run in chunks.")
+    max_batch: int = Field(
+        16,
+        ge=1,
+        description="Images denoised together: larger requests run in chunks, and an inference worker batches waiting "
+        "compatible requests (same steps and size, no adaptor) up to this many images into one pass.",
+    )
+    batch_window_ms: float = Field(
+        50.0,
+        ge=0.0,
+        le=1000.0,
+        description="How long an inference worker under load waits for more compatible requests when its batch is "
+        "not full and the queue is empty, counted from the last request that joined (at most 4 windows in all; 0: "
+        "never wait). A worker whose last pass served one request does not wait, so a lone client pays nothing.",
+    )
     data_dir: Path = Field(Path("./fairdiff-data"), description="Job images and the adaptor store (shared volume).")
 
     # runtime: broker, queues, gateway

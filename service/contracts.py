@@ -114,6 +114,14 @@ class AdaptorApplication(BaseModel):
     reason: str = Field(..., description="Why (a skipped map names the group words the prompt already holds).")
 
 
+class BatchInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    jobs: int = Field(..., description="Requests in the pass, this one included.")
+    images: int = Field(..., description="Images in the pass.")
+    wait_s: float = Field(..., description="Time the pass waited for more requests to join it.")
+
+
 class GenerateResult(BaseModel):
     """A finished generate job's `result` (docs/api.md defines realised, bias, TV and KL)."""
 
@@ -142,6 +150,9 @@ class GenerateResult(BaseModel):
         None, description="For an adaptor that may skip a prompt (a `mapping`'s keyword detector): whether it applied."
     )
     timings: Timings
+    batch: BatchInfo | None = Field(
+        None, description="The denoising pass this job was rendered in; null for a job that cannot share one."
+    )
 
 
 # -- finetune hyperparameters -------------------------------------------------------------------

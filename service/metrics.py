@@ -5,7 +5,9 @@
 - job durations and images generated, observed once per job when the gateway first sees it
   finished (a Redis HSETNX on the job record makes that once across gateway replicas);
 - worker-side counters (adaptor cache hits/misses, swaps, ...) that workers keep in the Redis
-  hash `fairdiff:stats`, exported as gauges `fairdiff_worker_<field>`.
+  hash `fairdiff:stats`, exported as gauges `fairdiff_worker_<field>`;
+- the inference workers' shared passes (common/batch_stats.py): batch size and batch wait histograms,
+  images and seconds rendered in passes (rate(images) / rate(seconds) is the images/s while rendering).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 
 import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.batch_stats import BATCH_STATS_KEY, SIZE_BUCKETS, WAIT_BUCKETS, histogram
 from common.celery_config import INFERENCE_QUEUE, TRAINING_QUEUE
 from common.jobs import JOB_KEY, JobStore
 from common.redis_keys import STATS_KEY
@@ -63,6 +66,7 @@ class StoreCollector(Collector):
                 depth.add_metric([q], self.store.queue_depth(q))
                 workers.add_metric([q], len(self.store.live_workers(q)))
             stats = dict(self.store.r.hgetall(STATS_KEY))
+            batch = dict(self.store.r.hgetall(BATCH_STATS_KEY))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             logger.warning("metrics: redis unavailable, store gauges left out: %s", exc)
             return
@@ -78,6 +82,20 @@ class StoreCollector(Collector):
             gauge = GaugeMetricFamily(_metric_name(field), f"Worker-reported {field} (from Redis {STATS_KEY})")
             gauge.add_metric([], value)
             yield gauge
+        yield from _batch_metrics(batch)
+
+
+def _batch_metrics(stats: dict[str, str]) -> Iterable[Any]:
+    """The inference workers' shared passes, from the hash common/batch_stats.py keeps."""
+    for name, buckets, doc in (("size", SIZE_BUCKETS, "Images per shared denoising pass of an inference worker"),
+                               ("wait_seconds", WAIT_BUCKETS, "Time a pass waited for more requests to batch")):  # fmt: skip
+        counts, total = histogram(stats, name, buckets)
+        family = HistogramMetricFamily(f"fairdiff_batch_{name}", doc)
+        family.add_metric([], counts, total)
+        yield family
+    for field, doc in (("jobs", "Requests served in shared passes"), ("images", "Images rendered in shared passes"),
+                       ("render_seconds", "Seconds spent rendering shared passes")):  # fmt: skip
+        yield CounterMetricFamily(f"fairdiff_batch_{field}", doc, value=float(stats.get(field, 0.0)))
 
 
 class GatewayMetrics:

@@ -1,7 +1,8 @@
-"""The body of the generate task: one job id in, PNGs and a result record out.
+"""The steps of one generate job: decide, load, reserve, render, enforce, publish, audit, settle, result.
 
 Idempotent by job id: a finished job is never run again, and a redelivered running job runs
 again from scratch with the same per-image seeds, so it produces the same pixels and result.
+workers/generate.py runs them for a job alone or, through workers/batching.py, in a shared pass.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from common.disk_layout import is_published
 from common.jobs import JobStore
 from common.schemas import GenerateJob, JobState, Strategy
 from workers import ledger
-from workers.lifecycle import claim
-from workers.runtime import Runtime, get_runtime, incr_stats
+from workers.runtime import Runtime, incr_stats
 from workers.strategy import Decision, StrategyError, decide
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def _generate_latent(runtime: Runtime, spec, target: dict, adaptor_id: str, on_s
     return assignment, images, regenerate
 
 
-def _enforce(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step,
-             generate_fn: Any = None) -> tuple[Any, list, dict[str, Any]]:  # fmt: skip
+def enforce_step(runtime: Runtime, spec, assignment: list[dict[str, str]], images, on_step,
+                 generate_fn: Any = None) -> tuple[Any, list, dict[str, Any]]:  # fmt: skip
     """Regenerate misses (wrong class or no person) with fresh noise until the counts are exact."""
     from adaptors.assign import class_texts_for
     from adaptors.enforce import enforce
@@ -260,13 +260,13 @@ def render_step(runtime: Runtime, req: GenerateJob, decision: Decision, spec, en
         assignment, images = _generate_assigned(runtime, spec, req.fairness_target, on_step, hold.reserved if hold else None)
         out = Rendered(images, assignment)
         if req.enforce and runtime.auditor is not None:
-            out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step)
+            out.images, out.audited, out.enforcement = enforce_step(runtime, spec, assignment, images, on_step)
     elif decision.used == Strategy.latent.value and req.fairness_target and decision.adaptor_id:
         assignment, images, regenerate = _generate_latent(runtime, spec, req.fairness_target, decision.adaptor_id, on_step,
                                                           hold.reserved if hold else None)  # fmt: skip
         out = Rendered(images, assignment)
         if req.enforce and runtime.auditor is not None:
-            out.images, out.audited, out.enforcement = _enforce(runtime, spec, assignment, images, on_step, regenerate)
+            out.images, out.audited, out.enforcement = enforce_step(runtime, spec, assignment, images, on_step, regenerate)
     elif directions is not None:
         from adaptors.assign import generate_directed
 
@@ -420,72 +420,113 @@ def _ledger_stats(ledger_state: dict | None) -> dict[str, int]:
     return {"ledger_settlements": 1, "ledger_drift_milli_total": round(1000 * ledger_state["drift"])}
 
 
-def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | None = None) -> str:
-    """Run one generate job to a final state; returns that state's name (for logs and tests).
+@dataclass
+class Prepared:
+    """A claimed job after its request was read, its strategy decided and its adaptor loaded: what the render
+    (alone, or as one member of a batch) and the completion steps need."""
 
-    The steps: claim, decide, load, reserve (ledger), render (+ enforce), publish, audit, settle, result.
-    A step that ends the job raises JobFailed with the error body the job records.
-    """
-    from adaptors.generation import GenerationCancelled, GenerationSpec
+    job_id: str
+    job: dict[str, Any]
+    req: GenerateJob
+    spec: Any  # adaptors.generation.GenerationSpec
+    decision: Decision
+    encoder: Any
+    directions: Any
+    load_s: float
+    t_start: float
+    cache_before: tuple[int, int, int, int]
+    cache_after: tuple[int, int, int, int]
+    hold: LedgerHold | None = None
+    batch: dict[str, Any] | None = None  # the shared pass it was rendered in (workers/batching.py)
 
-    job, outcome = claim(jobs, job_id, worker, "generate")
-    if job is None:
-        return str(outcome)
+
+def prepare_step(jobs: JobStore, job: dict[str, Any], runtime: Runtime, decision: Decision | None = None) -> Prepared | str:
+    """Read, decide and load for a claimed job; a job that ends here is recorded and its final state returned."""
+    from adaptors.generation import GenerationSpec
+
+    job_id = job["id"]
     t_start = time.time()
     try:
         req = GenerateJob.from_dict(job["request"])
     except (TypeError, ValueError) as exc:
         jobs.finish(job_id, JobState.failed, error={"type": "invalid_request", "message": str(exc)})
         return JobState.failed.value
-    runtime = runtime or get_runtime()
-    cache = runtime.cache
-    before = _cache_counters(cache)
+    before = _cache_counters(runtime.cache)
     spec = GenerationSpec(prompt=req.prompt, num_images=req.num_images, seed=req.seed, steps=req.steps,
                           guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt,
                           height=req.height, width=req.width)  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        decision = decision or decide_step(runtime, req)
+        encoder, directions = load_step(runtime, decision, req.prompt)
+    except JobFailed as exc:
+        return fail_step(jobs, job_id, req, None, exc)
+    return Prepared(job_id, job, req, spec, decision, encoder, directions, time.perf_counter() - t0, t_start, before,
+                    _cache_counters(runtime.cache))  # fmt: skip
+
+
+def fail_step(jobs: JobStore, job_id: str, req: GenerateJob, hold: LedgerHold | None, exc: JobFailed) -> str:
+    """Record a job a step ended, giving back its ledger reservation."""
+    if hold is not None:  # release the reservation: nothing was delivered
+        release_step(jobs.r, req, hold)
+    logger.info("generate %s failed: %s", job_id, exc.error.get("message"))
+    if exc.error.get("type") == "enforcement_incomplete":
+        incr_stats(jobs.r, enforcement_shortfalls=1)
+    jobs.finish(job_id, JobState.failed, error=exc.error)
+    return JobState.failed.value
+
+
+def cancel_step(jobs: JobStore, p: Prepared) -> str:
+    """Record a job cancelled between steps, giving back its ledger reservation."""
+    if p.hold is not None:
+        release_step(jobs.r, p.req, p.hold)
+    logger.info("generate %s: cancelled between steps", p.job_id)
+    jobs.finish(p.job_id, JobState.cancelled)
+    incr_stats(jobs.r, jobs_cancelled=1)
+    return JobState.cancelled.value
+
+
+def run_prepared(jobs: JobStore, runtime: Runtime, p: Prepared) -> str:
+    """A prepared job rendered on its own (chunked by max_batch), then completed."""
+    from adaptors.generation import GenerationCancelled
 
     def on_step(step: int, total: int) -> None:
-        if jobs.step_and_check_cancel(job_id, step, total):
-            raise GenerationCancelled(job_id)
+        if jobs.step_and_check_cancel(p.job_id, step, total):
+            raise GenerationCancelled(p.job_id)
 
-    hold: LedgerHold | None = None
     try:
-        t0 = time.perf_counter()
-        decision = decide_step(runtime, req)
-        encoder, directions = load_step(runtime, decision, req.prompt)
-        load_s = time.perf_counter() - t0
-        after = _cache_counters(cache)
-        jobs.set_progress(job_id, 0, req.steps * -(-req.num_images // runtime.settings.max_batch))
-        hold = reserve_step(jobs.r, runtime, req, decision)
-        rendered = render_step(runtime, req, decision, spec, encoder, directions, hold, on_step)
-        check_enforcement_step(req, rendered)
+        jobs.set_progress(p.job_id, 0, p.req.steps * -(-p.req.num_images // runtime.settings.max_batch))
+        p.hold = reserve_step(jobs.r, runtime, p.req, p.decision)
+        rendered = render_step(runtime, p.req, p.decision, p.spec, p.encoder, p.directions, p.hold, on_step)
     except JobFailed as exc:
-        if hold is not None:  # release the reservation: nothing was delivered
-            release_step(jobs.r, req, hold)
-        logger.info("generate %s failed: %s", job_id, exc.error.get("message"))
-        if exc.error.get("type") == "enforcement_incomplete":
-            incr_stats(jobs.r, enforcement_shortfalls=1)
-        jobs.finish(job_id, JobState.failed, error=exc.error)
-        return JobState.failed.value
+        return fail_step(jobs, p.job_id, p.req, p.hold, exc)
     except BaseException as exc:
-        if hold is not None:
-            release_step(jobs.r, req, hold)
         if not isinstance(exc, GenerationCancelled):
+            if p.hold is not None:
+                release_step(jobs.r, p.req, p.hold)
             raise
-        logger.info("generate %s: cancelled between steps", job_id)
-        jobs.finish(job_id, JobState.cancelled)
-        incr_stats(jobs.r, jobs_cancelled=1)
-        return JobState.cancelled.value
+        return cancel_step(jobs, p)
+    return complete_step(jobs, runtime, p, rendered)
 
+
+def complete_step(jobs: JobStore, runtime: Runtime, p: Prepared, rendered: Rendered) -> str:
+    """After the render: strict enforcement's check, publish, audit, settle, result, counters, finish."""
+    try:
+        check_enforcement_step(p.req, rendered)
+    except JobFailed as exc:
+        return fail_step(jobs, p.job_id, p.req, p.hold, exc)
+    job_id, req, decision = p.job_id, p.req, p.decision
     n = publish_step(runtime, job_id, rendered.images, image_ready_publisher(jobs, job_id, req, rendered))
     t2 = time.perf_counter()
     report = audit_step(runtime, req, rendered)
     audit_s = time.perf_counter() - t2
-    ledger_state = settle_step(jobs.r, req, hold, report)
-    timings = {"queue_s": max(0.0, t_start - float(job.get("created", t_start))), "load_s": load_s,
-               "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.time() - t_start}  # fmt: skip
+    ledger_state = settle_step(jobs.r, req, p.hold, report)
+    timings = {"queue_s": max(0.0, p.t_start - float(p.job.get("created", p.t_start))), "load_s": p.load_s,
+               "generate_s": rendered.seconds, "audit_s": audit_s, "total_s": time.time() - p.t_start}  # fmt: skip
     result = build_result(job_id, n, rendered, report, decision, ledger_state, timings, audit_reader_record(runtime, decision))
-    result["adaptor_application"] = application_step(cache, decision, req.prompt)
+    result["adaptor_application"] = application_step(runtime.cache, decision, req.prompt)
+    result["batch"] = p.batch
+    cache, before, after = runtime.cache, p.cache_before, p.cache_after
     # counted before the job shows as succeeded, so a client that sees it finished also sees it in the stats
     incr_stats(
         jobs.r,

@@ -14,7 +14,7 @@ import redis
 from common.celery_config import FINETUNE_TASK, GENERATE_TASK
 from common.schemas import JobState
 from workers.celery_app import app
-from workers.inference import run_generate
+from workers.generate import run_generate
 from workers.recovery import executing, incarnation, note_retry
 from workers.runtime import job_store, loaded
 from workers.training import fail_finetune, run_finetune

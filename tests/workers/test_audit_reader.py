@@ -31,7 +31,7 @@ def _runtime(tmp_path, **settings):
 
 
 def _run(jobs: JobStore, runtime, **request) -> dict:
-    from workers.inference import run_generate
+    from workers.generate import run_generate
 
     job_id = jobs.create(JobKind.generate, INFERENCE_QUEUE, GenerateJob(**request).to_dict())
     assert run_generate(jobs, job_id, "test-worker", runtime) == JobState.succeeded.value
