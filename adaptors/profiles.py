@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class BaseModelProfile:
     # named prompt sets a finetune may ask for instead of listing prompts, and each training set's held-out partner
     prompt_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     held_out_sets: Mapping[str, str] = field(default_factory=dict)
+    # writes `n` examples (seed) of the data the model was trained on as an image + caption folder, for trainers
+    # that learn from training data (invdiff) when the job names none; None: the operator must bring the data
+    write_training_data: Callable[[Path, int, int], None] | None = None
 
 
 _FACTORIES: dict[str, Callable[[], BaseModelProfile]] = {}
@@ -40,12 +44,14 @@ def get_profile(name: str) -> BaseModelProfile | None:
 def _testbed_profile() -> BaseModelProfile:
     import testbed
     from testbed import world
+    from testbed.data import write_caption_folder
 
     return BaseModelProfile(
         name=testbed.BASE_MODEL_NAME,
         aliases=(testbed.BASE_MODEL_ID,),
         prompt_sets={name: tuple(world.prompt_set(name) or ()) for name in world.PROMPT_SETS},
         held_out_sets=dict(world.HELD_OUT_SET),
+        write_training_data=write_caption_folder,
     )
 
 

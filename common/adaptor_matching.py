@@ -19,6 +19,13 @@ from common.bias import total_variation
 from common.schemas import TARGET_TOLERANCE
 
 GUIDANCE_KIND = "ida"  # calibrated guidance weights: applied by the `guidance` strategy, not as an `adaptor`
+# kinds trained without a fairness_target (InvDiff's invariance across inferred groups): never matched to a
+# target, served only when a request names them by adaptor_id
+TARGETLESS_KINDS = frozenset({"unet_delta"})
+
+
+def has_no_target(manifest: Any) -> bool:
+    return manifest_field(manifest, "kind") in TARGETLESS_KINDS or not manifest_target(manifest)
 
 
 def manifest_field(manifest: Any, *names: str) -> Any:
@@ -67,6 +74,8 @@ def find_matching_adaptor(
     matches = []
     for manifest in manifests:
         if manifest_field(manifest, "base_model") not in base_models or manifest_field(manifest, "kind") == GUIDANCE_KIND:
+            continue
+        if manifest_field(manifest, "kind") in TARGETLESS_KINDS:
             continue
         trained = manifest_target(manifest)
         if not trained or not targets_match(trained, target, tol):
@@ -132,6 +141,10 @@ def adaptor_conflict(
     """
     aid = manifest_field(manifest, "id")
     trained = manifest_target(manifest) or {}
+    if target and has_no_target(manifest):
+        return ("adaptor_has_no_target",
+                f"adaptor {aid!r} was trained without a fairness_target (kind {manifest_field(manifest, 'kind')!r}); "
+                "omit fairness_target to use it, or name an adaptor trained for this target")  # fmt: skip
     if target and not targets_match(trained, target, tol):
         return ("adaptor_target_mismatch",
                 f"adaptor {aid!r} was trained for fairness_target {dict(trained)}, not the requested one; "

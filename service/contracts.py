@@ -20,6 +20,7 @@ from common.finetune_config import (
     UNET_MODULE_CHOICES,
     DFTConfig,
     FairMappingConfig,
+    InvDiffConfig,
     IDAConfig,
 )
 
@@ -190,6 +191,16 @@ _DESCRIPTIONS: dict[str, str] = {
     "depth": "Linear layers of the residual mapping network (its last layer starts at zero: the identity map).",
     "fair_weight": "lambda: weight of the fair-distance term against the text-consistency term.",
     "skip_keywords": "Comma-separated words besides the base model's class words that make the map skip a prompt.",
+    "dataset": "InvDiff's training set on the training worker: a folder of images with metadata.jsonl (file_name, "
+    "text) or a CSV (image, caption); empty: the base model's own training data, where its profile has it.",
+    "images": "Training examples used (a random subset of a larger set).",
+    "groups": "K: soft groups inferred from the base model's losses.",
+    "loss_draws": "Timesteps each example's loss is averaged over when inferring groups.",
+    "group_iterations": "Adam iterations of the group inference.",
+    "group_lr": "Learning rate of the group inference.",
+    "variance_weight": "lambda of mean + lambda * variance of the group losses.",
+    "mix_ratio": "r: the denoiser is (1 - r) * base + r * G, in training and in the published adaptor.",
+    "batch_size": "Training examples per iteration.",
 }
 
 
@@ -200,6 +211,10 @@ _RANGES: dict[str, dict[str, float]] = {
         for k in (
             "rank",
             "depth",
+            "images",
+            "loss_draws",
+            "group_iterations",
+            "batch_size",
             "num_tokens",
             "steps",
             "images_per_prompt",
@@ -232,10 +247,13 @@ _RANGES: dict[str, dict[str, float]] = {
             "eval_seed",
             "kl_threshold",
             "fair_weight",
+            "variance_weight",
         )
     },  # fmt: skip
     **{k: {"ge": 0, "le": 1} for k in ("confidence", "flip_weight", "region_share", "min_subject_kept", "min_fairness_gain")},
-    **{k: {"gt": 0} for k in ("ce_temperature", "step", "pg_sigma")},
+    **{k: {"gt": 0} for k in ("ce_temperature", "step", "pg_sigma", "group_lr")},
+    "mix_ratio": {"ge": 0, "le": 1},
+    "groups": {"ge": 2},
     "ema_decay": {"ge": 0, "lt": 1},
 }
 
@@ -265,11 +283,15 @@ IDAHyperparameters = _hyperparameter_model("IDAHyperparameters", IDAConfig, "Met
 FairMappingHyperparameters = _hyperparameter_model(
     "FairMappingHyperparameters", FairMappingConfig, "Method `fair_mapping` (docs/methods/fair_mapping.md)."
 )
+InvDiffHyperparameters = _hyperparameter_model(
+    "InvDiffHyperparameters", InvDiffConfig, "Method `invdiff` (docs/methods/invdiff.md); takes no fairness_target."
+)
 HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "dft": DFTHyperparameters,
     "prefix": PrefixHyperparameters,
     "ida": IDAHyperparameters,
     "fair_mapping": FairMappingHyperparameters,
+    "invdiff": InvDiffHyperparameters,
 }
 
 
@@ -317,6 +339,8 @@ FINETUNE_REQUEST_EXAMPLES = {
                "prompts": ["a photo of the face of a senator, a person"], "hyperparameters": {"num_tokens": 5}},
     "ida": {"method": "ida", "fairness_target": {"gender": {"female": 0.5, "male": 0.5}}, "prompt_set": "testbed-test",
             "hyperparameters": {"max_iterations": 8}},
+    "invdiff": {"method": "invdiff", "prompt_set": "testbed-train",
+                "hyperparameters": {"dataset": "/srv/data/finetune-set", "groups": 2, "mix_ratio": 0.5}},
 }  # fmt: skip
 FINETUNE_EXAMPLE = {
     **{k: v for k, v in JOB_EXAMPLE.items() if k not in ("request", "result")},
