@@ -246,7 +246,7 @@ class InvDiffConfig:
 
     # stage 1: group inference
     groups: int = 2  # K
-    loss_draws: int = 8  # timesteps (shared by every example) each example's loss is averaged over
+    loss_draws: int = 16  # timesteps (shared by every example) each example's loss is averaged over
     group_iterations: int = 500
     group_lr: float = 0.05
 

@@ -20,8 +20,8 @@ from common.finetune_config import (
     UNET_MODULE_CHOICES,
     DFTConfig,
     FairMappingConfig,
-    InvDiffConfig,
     IDAConfig,
+    InvDiffConfig,
 )
 
 # -- the generate result ------------------------------------------------------------------------

@@ -226,8 +226,13 @@ class FinetuneRequest(BaseModel):
         default_factory=dict,
         description="Overrides of the method's defaults; every numeric one has an upper bound (`x-maximum`, per method).",
         json_schema_extra={
-            "x-maximum": {"dft": DFT_MAXIMUM, "prefix": DFT_MAXIMUM, "ida": IDA_MAXIMUM, "fair_mapping": FAIR_MAPPING_MAXIMUM,
-                          "invdiff": INVDIFF_MAXIMUM}
+            "x-maximum": {
+                "dft": DFT_MAXIMUM,
+                "prefix": DFT_MAXIMUM,
+                "ida": IDA_MAXIMUM,
+                "fair_mapping": FAIR_MAPPING_MAXIMUM,
+                "invdiff": INVDIFF_MAXIMUM,
+            }
         },
     )
     name: Text | None = Field(None, max_length=200)

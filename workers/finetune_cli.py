@@ -21,18 +21,26 @@ from workers.console import out as _out
 
 # the trainers' error fields, as the options that set them
 _OPTIONS = {"prompts": "--prompts", "fairness_target": "--target", "hyperparameters": "--hparams"}
-METHODS = ("dft", "prefix", "ida", "fair_mapping", "invdiff")  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
+METHODS = (
+    "dft",
+    "prefix",
+    "ida",
+    "fair_mapping",
+    "invdiff",
+)  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
 
 
 def add_parser(command) -> None:
     """`command(name, help)` makes the subcommand's parser (workers.cli.build_parser)."""
-    ft = command("finetune", "train a fairness adaptor here (dft, prefix, ida, fair_mapping or invdiff) and publish it to the store")
+    ft = command(
+        "finetune", "train a fairness adaptor here (dft, prefix, ida, fair_mapping or invdiff) and publish it to the store"
+    )
     ft.add_argument("method", choices=METHODS,
                     help="dft: LoRA trained by Shen et al.'s DFT; prefix: DFT on soft prefix tokens; ida: guidance; "
                          "fair_mapping: a text-embedding map (Li et al.); invdiff: a second-pass UNet LoRA trained "
                          "without labels or a target on the model's training data (--hparams '{\"dataset\": PATH}')")  # fmt: skip
     ft.add_argument("--target", metavar="JSON",
-                    help='fairness target, e.g. \'{"gender": {"female": 0.5, "male": 0.5}}\' (every method but invdiff)')  # fmt: skip
+                    help='fairness target, e.g. \'{"gender": {"female": 0.5, "male": 0.5}}\' (not for invdiff)')  # fmt: skip
     group = ft.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompts", nargs="+", metavar="PROMPT", help="training prompts")
     group.add_argument("--prompt-set", metavar="NAME", help="a named prompt set of the base model, e.g. testbed-train")

@@ -47,7 +47,9 @@ def group_losses(per_example: torch.Tensor, weights: torch.Tensor, min_mass: flo
     return (weights[:, keep] * per_example[:, None]).sum(0) / mass[keep]
 
 
-def invariance_loss(per_example: torch.Tensor, weights: torch.Tensor, variance_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def invariance_loss(
+    per_example: torch.Tensor, weights: torch.Tensor, variance_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """InvDiff's min step: mean + lambda * variance of the group losses; returns (loss, the group losses)."""
     groups = group_losses(per_example, weights)
     return groups.mean() + variance_weight * groups.var(unbiased=False), groups.detach()

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 GROUPS_FILE = "invdiff_groups.safetensors"
 ENCODE_BATCH = 256
+MAX_GRAD_NORM = 1.0  # the authors' clipping
 
 
 def training_set(job: FinetuneJob, cfg: InvDiffConfig, checkpoint_dir: Path) -> CaptionSet:
@@ -114,13 +115,17 @@ def example_losses(pipe, scheduler: DDPMScheduler, data: EncodedSet, draws: int,
                 x0 = data.mean[i : i + ENCODE_BATCH]
                 noise = torch.randn(x0.shape, generator=gen).to(x0)
                 t = torch.full((len(x0),), int(step), device=x0.device, dtype=torch.long)
-                pred = pipe.unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=data.embeds[data.caption[i : i + len(x0)]]).sample
+                pred = pipe.unet(
+                    scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=data.embeds[data.caption[i : i + len(x0)]]
+                ).sample
                 err = (pred.float() - noise_target(scheduler, x0, noise, t).float()).pow(2).flatten(1).mean(1)
                 table[i : i + len(x0), j] = err.cpu().numpy()
     return table
 
 
-def stage_groups(pipe, scheduler, data: EncodedSet, cfg: InvDiffConfig, checkpoint_dir: Path, should_stop: StopFn) -> tuple[np.ndarray, np.ndarray]:
+def stage_groups(
+    pipe, scheduler, data: EncodedSet, cfg: InvDiffConfig, checkpoint_dir: Path, should_stop: StopFn
+) -> tuple[np.ndarray, np.ndarray]:
     """(loss table, soft groups), from the checkpoint folder when an earlier attempt of this job got that far."""
     path = checkpoint_dir / GROUPS_FILE
     if path.is_file():
@@ -141,8 +146,9 @@ def group_summary(losses: np.ndarray, weights: np.ndarray, labels: dict[str, lis
     out: dict[str, Any] = {
         "sizes": [int((hard == g).sum()) for g in range(weights.shape[1])],
         "mass": [round(float(m), 2) for m in weights.sum(0)],
-        "mean_loss": [round(float(mean_loss[hard == g].mean()), 6) if (hard == g).any() else None
-                      for g in range(weights.shape[1])],  # fmt: skip
+        "mean_loss": [
+            round(float(mean_loss[hard == g].mean()), 6) if (hard == g).any() else None for g in range(weights.shape[1])
+        ],  # fmt: skip
     }
     if labels:
         out["agreement_nmi"] = {k: round(normalised_mutual_information(hard, v), 4) for k, v in labels.items()}
@@ -155,7 +161,7 @@ def group_summary(losses: np.ndarray, weights: np.ndarray, labels: dict[str, lis
 
 
 def optimise(pipe, scheduler, data: EncodedSet, weights: np.ndarray, trainable: LoraTrainable, cfg: InvDiffConfig,
-             checkpoint_dir: Path, progress: ProgressFn, should_stop: StopFn, config_key: dict) -> list[dict[str, Any]]:  # fmt: skip
+             checkpoint_dir: Path, progress: ProgressFn, should_stop: StopFn, config_key: dict) -> list[dict]:  # fmt: skip
     """Stage 2: the LoRA's iterations on mean + lambda * variance of the group losses of the mixed prediction,
     resumed from the checkpoint; leaves the EMA in the parameters and returns the iteration records."""
     params = trainable.params
@@ -176,10 +182,13 @@ def optimise(pipe, scheduler, data: EncodedSet, weights: np.ndarray, trainable: 
             noise = torch.randn(x0.shape, generator=gen).to(x0)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=gen).to(pipe.device)
             pred = pipe.unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=data.embeds[data.caption[idx]]).sample
-            per_example = F.mse_loss(pred.float(), noise_target(scheduler, x0, noise, t).float(), reduction="none").flatten(1).mean(1)
+            per_example = (
+                F.mse_loss(pred.float(), noise_target(scheduler, x0, noise, t).float(), reduction="none").flatten(1).mean(1)
+            )
             loss, groups = invariance_loss(per_example, w_all[idx], cfg.variance_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             opt.step()
             ema.step(params)
             record = {"iteration": it + 1, "step": it + 1, "total": cfg.iterations, "loss": round(loss.item(), 6),
