@@ -169,7 +169,7 @@ def test_short_run_publishes_an_adaptor_that_round_trips(pipe, classifier, tmp_p
     spec = GenerationSpec(prompt=prompt, num_images=2, seed=1, steps=3)
     base = generate(pipe, spec)
     adaptor = load_adaptor(tmp_path / "out")
-    assert isinstance(adaptor, UnetDeltaAdaptor) and adaptor.ratio == TINY.get("mix_ratio", 0.5)
+    assert isinstance(adaptor, UnetDeltaAdaptor) and adaptor.ratio == 0.8
     adaptor.attach(pipe)
     assert torch.equal(generate(pipe, spec), base), "attached but not active: the base model"
     adaptor.activate(pipe)
