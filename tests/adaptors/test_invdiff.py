@@ -190,3 +190,25 @@ def test_a_bad_dataset_fails_before_training(pipe, classifier, tmp_path: Path):
     with pytest.raises(DatasetError, match="is empty"):
         get_trainer("invdiff")(job, pipe, classifier, tmp_path / "out", tmp_path / "ckpt", points.append, lambda: False)
     assert points == [] and not (tmp_path / "out").exists()
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(pipe, classifier, tmp_path: Path):
+    """No dataset named: the testbed's profile writes its own training data into the checkpoint folder, once."""
+    from adaptors.generation import GenerationCancelled
+    from adaptors.trainers import get_trainer
+    from adaptors.trainers.invdiff import GROUPS_FILE
+    from common.schemas import FinetuneJob
+
+    job = FinetuneJob(method="invdiff", base_model="testbed", fairness_target={}, prompts=["a photo of a doctor"],
+                      hyperparameters={**TINY, "iterations": 4})  # fmt: skip
+    first: list[dict] = []
+    with pytest.raises(GenerationCancelled):
+        get_trainer("invdiff")(job, pipe, classifier, tmp_path / "out", tmp_path / "ckpt", first.append,
+                               lambda: sum("iteration" in p for p in first) == 2)  # fmt: skip
+    assert (tmp_path / "ckpt" / GROUPS_FILE).is_file() and (tmp_path / "ckpt" / "training_data" / "metadata.jsonl").is_file()
+    second: list[dict] = []
+    manifest = get_trainer("invdiff")(job, pipe, classifier, tmp_path / "out", tmp_path / "ckpt", second.append,
+                                      lambda: False)  # fmt: skip
+    assert [p["iteration"] for p in second if "iteration" in p] == [3, 4]
+    assert second[0]["sizes"] == first[0]["sizes"]  # the groups were read back, not inferred again
+    assert manifest.metrics["examples"] == TINY["images"]
