@@ -198,6 +198,7 @@ def main() -> None:
                             "agreement_nmi": invdiff_train["groups"]["agreement_nmi"],
                             **{s: runs["invdiff"][s]["bias"] for s in sets}}  # fmt: skip
         brief["base"] = {s: base[s]["bias"] for s in sets}
+        brief["generation_cost_vs_none"] = {k: runs[k]["generation_cost_vs_none"] for k in runs}
         publish("fairness_invdiff", {"attempts": {**previous.get("attempts", {}), args.attempt: brief}}, merge=True)
         return
     publish("fairness_invdiff", result, merge=True)  # keeps the attempts recorded beside it
