@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptors import gmm, ida, lora, mapping, prefix  # noqa: F401  (each registers its kind in KINDS)
+from adaptors import gmm, ida, lora, mapping, prefix, unet_delta  # noqa: F401  (each registers its kind in KINDS)
 from adaptors.base import KINDS, Adaptor, load_tensors
 from common.adaptor_manifest import MANIFEST_NAME, AdaptorManifest
 

@@ -33,6 +33,9 @@ class BaseModelProfile:
     steer_reader: str | None = None
     # the subject reader 'auto' uses for the finetune gate: () -> (what it reads, images -> subject per image)
     subject_reader: Callable[[], tuple[str, Callable[[Any], list[str | None]]]] | None = None
+    # writes `n` examples (seed) of the data the model was trained on as an image + caption folder, for trainers
+    # that learn from training data (invdiff) when the job names none; None: the operator must bring the data
+    write_training_data: Callable[[Path, int, int], None] | None = None
 
 
 _FACTORIES: dict[str, Callable[[], BaseModelProfile]] = {}

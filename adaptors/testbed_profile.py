@@ -15,6 +15,7 @@ from adaptors.profiles import BaseModelProfile, register_profile
 def _testbed_profile() -> BaseModelProfile:
     import testbed
     from testbed import world
+    from testbed.data import write_caption_folder
 
     def cnn(device: Any) -> Any:
         from adaptors.classifiers import TestbedAttributeClassifier
@@ -58,6 +59,7 @@ def _testbed_profile() -> BaseModelProfile:
         readers={"testbed-cnn": cnn, "testbed-clip": clip},
         steer_reader="testbed-cnn",
         subject_reader=oracle_subject,
+        write_training_data=write_caption_folder,
     )
 
 

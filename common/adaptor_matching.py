@@ -23,6 +23,13 @@ GUIDANCE_KIND = "ida"  # calibrated guidance weights: applied by the `guidance` 
 LATENT_KIND = "gmm"  # per-prompt latent mixtures: applied by the `latent` strategy, for any target their classes carry
 PER_PROMPT_KINDS = (GUIDANCE_KIND, LATENT_KIND)  # calibrated per prompt and sampler setting, not trained for a target
 _WHAT = {GUIDANCE_KIND: "guidance weights", LATENT_KIND: "latent mixtures"}
+# kinds trained without a fairness_target (InvDiff's invariance across inferred groups): never matched to a
+# target, served only when a request names them by adaptor_id
+TARGETLESS_KINDS = frozenset({"unet_delta"})
+
+
+def has_no_target(manifest: Any) -> bool:
+    return manifest_field(manifest, "kind") in TARGETLESS_KINDS or not manifest_target(manifest)
 
 
 def manifest_field(manifest: Any, *names: str) -> Any:
@@ -71,6 +78,8 @@ def find_matching_adaptor(
     matches = []
     for manifest in manifests:
         if manifest_field(manifest, "base_model") not in base_models or manifest_field(manifest, "kind") in PER_PROMPT_KINDS:
+            continue
+        if manifest_field(manifest, "kind") in TARGETLESS_KINDS:
             continue
         trained = manifest_target(manifest)
         if not trained or not targets_match(trained, target, tol):
@@ -139,6 +148,10 @@ def adaptor_conflict(
     aid = manifest_field(manifest, "id")
     kind = manifest_field(manifest, "kind")
     trained = manifest_target(manifest) or {}
+    if target and kind != LATENT_KIND and has_no_target(manifest):
+        return ("adaptor_has_no_target",
+                f"adaptor {aid!r} was trained without a fairness_target (kind {manifest_field(manifest, 'kind')!r}); "
+                "omit fairness_target to use it, or name an adaptor trained for this target")  # fmt: skip
     if kind != LATENT_KIND and target and not targets_match(trained, target, tol):
         return ("adaptor_target_mismatch",
                 f"adaptor {aid!r} was trained for fairness_target {dict(trained)}, not the requested one; "

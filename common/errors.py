@@ -20,6 +20,7 @@ JOB_ERROR_TYPES: dict[str, str] = {
     "no_matching_adaptor": "conflict_error",
     "no_calibration": "conflict_error",
     "adaptor_target_mismatch": "conflict_error",
+    "adaptor_has_no_target": "conflict_error",
     "adaptor_prompt_mismatch": "conflict_error",
     "adaptor_sampler_mismatch": "conflict_error",
     "adaptor_base_mismatch": "conflict_error",

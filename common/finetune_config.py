@@ -54,17 +54,26 @@ FAIR_MAPPING_MAXIMUM: dict[str, float] = {
     "depth": 16, "fair_weight": WEIGHT_MAX, "lr": 10.0, "iterations": 100_000, "guidance_scale": 50.0, "seed": SEED_MAX,
     "eval_images": 1024, "eval_steps": STEPS_MAX, "eval_seed": SEED_MAX, "min_subject_kept": 1.0, "min_fairness_gain": 1.0,
 }  # fmt: skip
+INVDIFF_MAXIMUM: dict[str, float] = {
+    "images": 1_000_000, "groups": 64, "loss_draws": 64, "group_iterations": 100_000, "group_lr": 10.0,
+    "variance_weight": WEIGHT_MAX, "mix_ratio": 1.0, "rank": 256, "lr": 10.0, "iterations": 1_000_000,
+    "batch_size": 4096, "ema_decay": 1.0, "checkpoint_every": 100_000, "seed": SEED_MAX, "guidance_scale": 50.0,
+    "eval_images": 1024, "eval_steps": STEPS_MAX, "eval_seed": SEED_MAX, "min_subject_kept": 1.0,
+    "min_fairness_gain": 1.0,
+}  # fmt: skip
 SKIP_KEYWORDS_MAX_CHARS = 4000
 GMM_MAXIMUM: dict[str, float] = {
     "images": 16_384, "components": 64, "at_step": STEPS_MAX, "dims": 256, "steps": STEPS_MAX, "guidance_scale": 50.0,
     "seed": SEED_MAX, "eval_requests": 256, "eval_images": 64, "eval_seed": SEED_MAX, "max_batch": 1024,
 }  # fmt: skip
 COVARIANCE_CHOICES = ("full", "diag")
+DATASET_MAX_CHARS = 4096
 
 
 def upper_bounds(cls: type) -> dict[str, float]:
     """The upper bound of each numeric hyperparameter of a config class (shown in OpenAPI, checked at the gateway)."""
-    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM, FairMappingConfig: FAIR_MAPPING_MAXIMUM, GMMConfig: GMM_MAXIMUM}[cls]
+    return {DFTConfig: DFT_MAXIMUM, IDAConfig: IDA_MAXIMUM, FairMappingConfig: FAIR_MAPPING_MAXIMUM, GMMConfig: GMM_MAXIMUM,
+            InvDiffConfig: INVDIFF_MAXIMUM}[cls]  # fmt: skip
 
 
 @dataclass
@@ -153,7 +162,7 @@ class DFTConfig:
         return cfg
 
 
-def check_prompts(cfg: DFTConfig | IDAConfig | FairMappingConfig | GMMConfig, prompts: list[str]) -> None:
+def check_prompts(cfg: DFTConfig | IDAConfig | FairMappingConfig | GMMConfig | InvDiffConfig, prompts: list[str]) -> None:
     """What a config asks of the training prompts, checked where the prompts are known (the gateway, the trainer)."""
     if not prompts:
         raise ValueError("prompts: a finetune needs at least one training prompt")
@@ -266,10 +275,73 @@ class GMMConfig:
         return cfg
 
 
-def check_hyperparameters(method: str, hp: dict[str, Any]) -> DFTConfig | IDAConfig | FairMappingConfig | GMMConfig:
+@dataclass
+class InvDiffConfig:
+    """InvDiff (Hou et al.): soft groups inferred from the frozen model's denoising losses on its training data, then
+    a UNet LoRA G mixed as (1 - r) * eps + r * G, trained on mean + lambda * variance of the groups' losses."""
+
+    # the training set: a folder with metadata.jsonl or a CSV on the training worker ("": the base model's own
+    # training data, written by its profile, where it has one)
+    dataset: str = ""
+    images: int = 2048  # examples used (a random subset of a larger set)
+
+    # stage 1: group inference
+    groups: int = 2  # K
+    loss_draws: int = 16  # timesteps (shared by every example) each example's loss is averaged over
+    group_iterations: int = 500
+    group_lr: float = 0.05
+
+    # stage 2: G
+    variance_weight: float = 1.0  # lambda of mean + lambda * variance of the group losses
+    # r, in training and in the published adaptor (the authors sample at 0.8; their training, by a slip, at 0.5)
+    mix_ratio: float = 0.8
+    rank: int = 8
+    lr: float = 1e-3
+    iterations: int = 300
+    batch_size: int = 64
+    ema_decay: float = 0.95
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    # evaluation and the gates, as DFTConfig's (the reference is uniform: the method has no target)
+    guidance_scale: float = 5.0
+    eval_images: int = 16
+    eval_steps: int = 20
+    eval_seed: int = 10_000
+    min_subject_kept: float = 0.95
+    min_fairness_gain: float = 0.0
+
+    @classmethod
+    def from_hyperparameters(cls, hp: dict[str, Any]) -> InvDiffConfig:
+        cfg = parse_hyperparameters(cls, hp, "invdiff")
+        require_at_most(cfg, INVDIFF_MAXIMUM)
+        require_positive(cfg, "images", "loss_draws", "group_iterations", "rank", "iterations", "batch_size",
+                         "checkpoint_every", "eval_images", "eval_steps")  # fmt: skip
+        require_non_negative(cfg, "variance_weight", "seed", "eval_seed")
+        if cfg.groups < 2:
+            raise ValueError("hyperparameters.groups: must be >= 2")
+        for name in ("lr", "group_lr"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"hyperparameters.{name}: must be > 0")
+        if cfg.guidance_scale < 1:
+            raise ValueError("hyperparameters.guidance_scale: must be >= 1 (1: no classifier-free guidance)")
+        require_unit_interval(cfg, "mix_ratio", "ema_decay", "min_subject_kept", "min_fairness_gain")
+        if cfg.ema_decay == 1.0:
+            raise ValueError("hyperparameters.ema_decay: must be below 1 (at 1 the published average never moves)")
+        if len(cfg.dataset) > DATASET_MAX_CHARS or "\x00" in cfg.dataset:
+            raise ValueError(f"hyperparameters.dataset: must be a path of at most {DATASET_MAX_CHARS} characters")
+        return cfg
+
+
+FinetuneConfig = DFTConfig | IDAConfig | FairMappingConfig | GMMConfig | InvDiffConfig
+
+
+def check_hyperparameters(method: str, hp: dict[str, Any]) -> FinetuneConfig:
     """The validated config of a finetune `method` (a key of FINETUNE_METHODS); ValueError naming the field."""
     if method == "gmm":
         return GMMConfig.from_hyperparameters(hp)
+    if method == "invdiff":
+        return InvDiffConfig.from_hyperparameters(hp)
     if method == "ida":
         return IDAConfig.from_hyperparameters(hp)
     if method == "fair_mapping":

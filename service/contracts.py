@@ -23,6 +23,7 @@ from common.finetune_config import (
     FairMappingConfig,
     GMMConfig,
     IDAConfig,
+    InvDiffConfig,
 )
 
 # -- the generate result ------------------------------------------------------------------------
@@ -212,12 +213,20 @@ _DESCRIPTIONS: dict[str, str] = {
     "depth": "Linear layers of the residual mapping network (its last layer starts at zero: the identity map).",
     "fair_weight": "lambda: weight of the fair-distance term against the text-consistency term.",
     "skip_keywords": "Comma-separated words besides the base model's class words that make the map skip a prompt.",
-    "images": "N: calibration images per prompt (their latents are what the mixture is fitted on).",
     "components": "K: mixture components per class at most (a class with few images gets fewer, at least one).",
     "at_step": "t*: the denoising step (0 = the first) after which latents are recorded, and moved at request time.",
     "dims": "Principal components of the latent the mixture is fitted on.",
     "covariance": "Covariance of each component: full or diagonal.",
     "eval_requests": "Held-out requests on which the latent strategy and assign are measured side by side.",
+    "dataset": "InvDiff's training set on the training worker: a folder of images with metadata.jsonl (file_name, "
+    "text) or a CSV (image, caption); empty: the base model's own training data, where its profile has it.",
+    "groups": "K: soft groups inferred from the base model's losses.",
+    "loss_draws": "Timesteps each example's loss is averaged over when inferring groups.",
+    "group_iterations": "Adam iterations of the group inference.",
+    "group_lr": "Learning rate of the group inference.",
+    "variance_weight": "lambda of mean + lambda * variance of the group losses.",
+    "mix_ratio": "r: the denoiser is (1 - r) * base + r * G, in training and in the published adaptor.",
+    "batch_size": "Training examples per iteration.",
 }
 
 
@@ -228,6 +237,10 @@ _RANGES: dict[str, dict[str, float]] = {
         for k in (
             "rank",
             "depth",
+            "images",
+            "loss_draws",
+            "group_iterations",
+            "batch_size",
             "num_tokens",
             "steps",
             "images_per_prompt",
@@ -265,15 +278,23 @@ _RANGES: dict[str, dict[str, float]] = {
             "kl_threshold",
             "fair_weight",
             "at_step",
+            "variance_weight",
         )
     },  # fmt: skip
     **{k: {"ge": 0, "le": 1} for k in ("confidence", "flip_weight", "region_share", "min_subject_kept", "min_fairness_gain")},
-    **{k: {"gt": 0} for k in ("ce_temperature", "step", "pg_sigma")},
+    **{k: {"gt": 0} for k in ("ce_temperature", "step", "pg_sigma", "group_lr")},
+    "mix_ratio": {"ge": 0, "le": 1},
+    "groups": {"ge": 2},
     "ema_decay": {"ge": 0, "lt": 1},
 }
 
 
-def _hyperparameter_model(name: str, config: type, doc: str, **fixed: Any) -> type[BaseModel]:
+def _hyperparameter_model(
+    name: str, config: type, doc: str, descriptions: dict[str, str] | None = None, **fixed: Any
+) -> type[BaseModel]:
+    """A pydantic model of a method's config; `descriptions` overrides the shared ones for fields whose meaning
+    differs by method (e.g. `images`)."""
+    described = {**_DESCRIPTIONS, **(descriptions or {})}
     defaults = config()
     spec: dict[str, Any] = {}
     for f in fields(config):
@@ -283,7 +304,7 @@ def _hyperparameter_model(name: str, config: type, doc: str, **fixed: Any) -> ty
         kind: Any = type(default)
         if f.name in _CHOICES:
             kind = Literal[_CHOICES[f.name]]  # type: ignore[valid-type]
-        spec[f.name] = (kind, Field(default, description=_DESCRIPTIONS.get(f.name), **_RANGES.get(f.name, {})))
+        spec[f.name] = (kind, Field(default, description=described.get(f.name), **_RANGES.get(f.name, {})))
     model = create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **spec)
     return model
 
@@ -298,13 +319,25 @@ IDAHyperparameters = _hyperparameter_model("IDAHyperparameters", IDAConfig, "Met
 FairMappingHyperparameters = _hyperparameter_model(
     "FairMappingHyperparameters", FairMappingConfig, "Method `fair_mapping` (docs/methods/fair_mapping.md)."
 )
-GMMHyperparameters = _hyperparameter_model("GMMHyperparameters", GMMConfig, "Method `gmm` (docs/methods/gmm.md).")
+GMMHyperparameters = _hyperparameter_model(
+    "GMMHyperparameters",
+    GMMConfig,
+    "Method `gmm` (docs/methods/gmm.md).",
+    descriptions={"images": "N: calibration images per prompt (their latents are what the mixture is fitted on)."},
+)
+InvDiffHyperparameters = _hyperparameter_model(
+    "InvDiffHyperparameters",
+    InvDiffConfig,
+    "Method `invdiff` (docs/methods/invdiff.md); takes no fairness_target.",
+    descriptions={"images": "Training examples used (a random subset of a larger set)."},
+)
 HYPERPARAMETERS: dict[str, type[BaseModel]] = {
     "dft": DFTHyperparameters,
     "prefix": PrefixHyperparameters,
     "ida": IDAHyperparameters,
     "fair_mapping": FairMappingHyperparameters,
     "gmm": GMMHyperparameters,
+    "invdiff": InvDiffHyperparameters,
 }
 
 
@@ -352,6 +385,8 @@ FINETUNE_REQUEST_EXAMPLES = {
                "prompts": ["a photo of the face of a senator, a person"], "hyperparameters": {"num_tokens": 5}},
     "ida": {"method": "ida", "fairness_target": {"gender": {"female": 0.5, "male": 0.5}}, "prompt_set": "testbed-test",
             "hyperparameters": {"max_iterations": 8}},
+    "invdiff": {"method": "invdiff", "prompt_set": "testbed-train",
+                "hyperparameters": {"dataset": "/srv/data/finetune-set", "groups": 2, "mix_ratio": 0.5}},
 }  # fmt: skip
 FINETUNE_EXAMPLE = {
     **{k: v for k, v in JOB_EXAMPLE.items() if k not in ("request", "result")},

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from common.finetune_config import DFT_MAXIMUM, FAIR_MAPPING_MAXIMUM, IDA_MAXIMUM
+from common.finetune_config import DFT_MAXIMUM, FAIR_MAPPING_MAXIMUM, IDA_MAXIMUM, INVDIFF_MAXIMUM
 from common.schemas import JobState, Strategy
 from service.contracts import GenerateResult
 
 # Finetune methods the gateway accepts; the training worker's trainer registry must know each.
-FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "gmm", "ida", "prefix"})
+FINETUNE_METHODS: frozenset[str] = frozenset({"dft", "fair_mapping", "gmm", "ida", "invdiff", "prefix"})
+# methods that take no fairness_target (they debias towards invariance, not towards a distribution)
+TARGETLESS_METHODS: frozenset[str] = frozenset({"invdiff"})
 
 
 def encodable(text: str) -> str:
@@ -215,7 +217,9 @@ class FinetuneRequest(BaseModel):
 
     method: Text = Field(..., description=f"Trainer; one of {sorted(FINETUNE_METHODS)}.")
     base_model: Text | None = Field(None, description="Defaults to the gateway's configured base model.")
-    fairness_target: FairnessTargetIn = Field(..., description=_TARGET_DOC)
+    fairness_target: FairnessTargetIn | None = Field(
+        None, description=_TARGET_DOC + " Required, except for `invdiff`, which takes none."
+    )
     prompts: list[Text] | None = Field(None, min_length=1, max_length=10_000)
     prompt_set: Text | None = Field(
         None, description="Instead of prompts: a named prompt set of the base model (its workers publish the names)."
@@ -224,7 +228,13 @@ class FinetuneRequest(BaseModel):
         default_factory=dict,
         description="Overrides of the method's defaults; every numeric one has an upper bound (`x-maximum`, per method).",
         json_schema_extra={
-            "x-maximum": {"dft": DFT_MAXIMUM, "prefix": DFT_MAXIMUM, "ida": IDA_MAXIMUM, "fair_mapping": FAIR_MAPPING_MAXIMUM}
+            "x-maximum": {
+                "dft": DFT_MAXIMUM,
+                "prefix": DFT_MAXIMUM,
+                "ida": IDA_MAXIMUM,
+                "fair_mapping": FAIR_MAPPING_MAXIMUM,
+                "invdiff": INVDIFF_MAXIMUM,
+            }
         },
     )
     name: Text | None = Field(None, max_length=200)

@@ -70,3 +70,29 @@ def render_empties(n: int, seed: int) -> np.ndarray:
     """n images with no person, in [-1, 1]."""
     arr = np.stack([render_empty(seed * 104_729 + i) for i in range(n)])
     return (arr.transpose(0, 3, 1, 2) * 2.0 - 1.0).astype(np.float32)
+
+
+def write_caption_folder(folder, n: int, seed: int) -> None:
+    """Write n images drawn from the stereotyped table (the data the testbed's bias came from) as PNGs with a
+    `metadata.jsonl` (`file_name`, `text`), the layout of diffusers' text-to-image examples; each row also keeps
+    the drawn classes (`gender`, `skin_tone`, `age`, `occupation`), which a trainer may report agreement with but
+    never trains on."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from testbed.world import ATTRIBUTES, OCCUPATIONS
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = render_set(n, seed)
+    pixels = np.clip((data.images.transpose(0, 2, 3, 1) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    rows = []
+    for i in range(n):
+        name = f"{i:06d}.png"
+        Image.fromarray(pixels[i]).save(folder / name)
+        rows.append({"file_name": name, "text": data.captions[i],
+                     "gender": ATTRIBUTES["gender"][data.gender[i]], "skin_tone": ATTRIBUTES["skin_tone"][data.skin_tone[i]],
+                     "age": ATTRIBUTES["age"][data.age[i]], "occupation": OCCUPATIONS[data.occupation[i]].name})  # fmt: skip
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

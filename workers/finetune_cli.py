@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from common.disk_layout import cli_checkpoint_path
-from common.finetune_config import check_hyperparameters
+from common.finetune_config import InvDiffConfig, check_hyperparameters
 from common.settings import get_settings
 from workers.console import UsageError
 from workers.console import load_model as _load_model
@@ -22,17 +22,28 @@ from workers.console import out as _out
 
 # the trainers' error fields, as the options that set them
 _OPTIONS = {"prompts": "--prompts", "fairness_target": "--target", "hyperparameters": "--hparams"}
-METHODS = ("dft", "prefix", "ida", "fair_mapping", "gmm")  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
+METHODS = (
+    "dft",
+    "prefix",
+    "ida",
+    "fair_mapping",
+    "gmm",
+    "invdiff",
+)  # adaptors.trainers registers each (service.schemas.FINETUNE_METHODS)
 
 
 def add_parser(command) -> None:
     """`command(name, help)` makes the subcommand's parser (workers.cli.build_parser)."""
-    ft = command("finetune", "train a fairness adaptor here (dft, prefix, ida, fair_mapping or gmm) and publish it to the store")
+    ft = command(
+        "finetune", "train a fairness adaptor here (dft, prefix, ida, fair_mapping, gmm or invdiff) and publish it to the store"
+    )
     ft.add_argument("method", choices=METHODS,
                     help="dft: LoRA trained by Shen et al.'s DFT; prefix: DFT on soft prefix tokens; ida: guidance; "
-                         "fair_mapping: a text-embedding map (Li et al.); gmm: per-prompt latent mixtures")  # fmt: skip
-    ft.add_argument("--target", required=True, metavar="JSON",
-                    help='fairness target, e.g. \'{"gender": {"female": 0.5, "male": 0.5}}\'')  # fmt: skip
+                         "fair_mapping: a text-embedding map (Li et al.); gmm: per-prompt latent mixtures; invdiff: a "
+                         "second-pass UNet LoRA trained without labels or a target on the model's training data "
+                         "(--hparams '{\"dataset\": PATH}')")  # fmt: skip
+    ft.add_argument("--target", metavar="JSON",
+                    help='fairness target, e.g. \'{"gender": {"female": 0.5, "male": 0.5}}\' (not for invdiff)')  # fmt: skip
     group = ft.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompts", nargs="+", metavar="PROMPT", help="training prompts")
     group.add_argument("--prompt-set", metavar="NAME", help="a named prompt set of the base model, e.g. testbed-train")
@@ -63,11 +74,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         hyperparameters = json.loads(args.hparams)
         if not isinstance(hyperparameters, dict):
             raise ValueError("must be a JSON object")
-        check_hyperparameters(args.method, hyperparameters)
+        config = check_hyperparameters(args.method, hyperparameters)
+        if isinstance(config, InvDiffConfig) and config.dataset:  # every row checked before the model loads
+            from adaptors.caption_data import read_caption_set
+
+            read_caption_set(config.dataset)
     except ValueError as exc:  # json.JSONDecodeError is one
         raise UsageError("--hparams", str(exc).removeprefix("hyperparameters.")) from None
+    if (args.target is None) != (args.method == "invdiff"):
+        raise UsageError("--target", "method 'invdiff' takes none" if args.target else f"method {args.method!r} needs one")
     try:
-        raw_target = json.loads(args.target)
+        raw_target = json.loads(args.target or "{}")
     except json.JSONDecodeError as exc:
         raise UsageError("--target", f"not valid JSON ({exc})") from None
     name = args.model or settings.base_model
@@ -78,7 +95,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if classifier is None:
         raise UsageError("--model", f"finetuning needs an attribute classifier for {model!r} (FAIRDIFF_CLASSIFIER)")
     try:
-        target = validate_target(raw_target, classifier.attributes, field="--target")
+        target = validate_target(raw_target, classifier.attributes, field="--target") if args.target else {}
     except FieldError as exc:
         raise UsageError(exc.field, exc.message) from None
     profile = get_profile(model)

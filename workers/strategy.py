@@ -17,6 +17,7 @@ from common.adaptor_matching import (
     find_latent_calibration,
     find_matching_adaptor,
     fit_to_target,
+    has_no_target,
     latent_fit,
     manifest_field,
     uncovered_class,
@@ -132,6 +133,10 @@ def decide(
             conflict = adaptor_conflict(explicit, target, prompt, steps, guidance_scale)
             if conflict is not None:
                 raise StrategyError(*conflict)
+            if has_no_target(explicit):
+                return Decision(strategy, Strategy.adaptor.value, f"explicit adaptor_id; adaptor {adaptor_id} "
+                                f"({manifest_field(explicit, 'kind')}) has no fairness_target: it was debiased without "
+                                "one, so no distribution is promised", adaptor_id)  # fmt: skip
             fit = fit_to_target(explicit, prompt)
         return Decision(strategy, Strategy.adaptor.value, "explicit adaptor_id", adaptor_id, EXPECTED, fit)
     if strategy == Strategy.none.value:

@@ -92,6 +92,8 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     def should_stop() -> bool:
         return jobs.cancel_requested(job_id)
 
+    from adaptors.caption_data import FIELD as DATASET_FIELD
+    from adaptors.caption_data import DatasetError
     from adaptors.fairness_gain import FinetuneRefused
     from adaptors.generation import GenerationCancelled
 
@@ -101,6 +103,11 @@ def run_finetune(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
             cancelled = jobs.cancel_requested(job_id)
         except GenerationCancelled:
             cancelled = True
+        except DatasetError as exc:  # a training set the operator must fix: checked before any training
+            fail_finetune(jobs, runtime, job_id, {"type": "invalid_request", "message": str(exc), "param": DATASET_FIELD})
+            incr_stats(jobs.r, finetunes_failed=1)
+            logger.warning("finetune %s: %s", job_id, exc)
+            return JobState.failed.value
         except FinetuneRefused as exc:  # a gate (subject lost, no fairness gain): the finished finetune fails for good
             fail_finetune(jobs, runtime, job_id, exc.error())
             incr_stats(jobs.r, finetunes_failed=1)

@@ -2,13 +2,13 @@
 
 Every trainer has the same signature (adaptors.trainers.registry.TrainerFn) so the training worker
 runs any of them alike. Importing this package registers the built-in methods: `dft` and `prefix`
-(adaptors.trainers.dft) `ida` (adaptors.trainers.ida), `fair_mapping` (adaptors.trainers.fair_mapping) and `gmm`
-(adaptors.trainers.gmm).
+(adaptors.trainers.dft) `ida` (adaptors.trainers.ida), `fair_mapping` (adaptors.trainers.fair_mapping), `gmm`
+(adaptors.trainers.gmm) and `invdiff` (adaptors.trainers.invdiff).
 """
 
 from __future__ import annotations
 
-from adaptors.trainers import dft, fair_mapping, gmm, ida  # noqa: F401  (each registers its methods in TRAINERS)
+from adaptors.trainers import dft, fair_mapping, gmm, ida, invdiff  # noqa: F401  (each registers its methods in TRAINERS)
 from adaptors.trainers.registry import TRAINERS, TrainerFn, registered_trainer
 
 

@@ -28,7 +28,7 @@ def test_openapi_types_the_finetune_request_by_method_and_the_job_result(client:
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/admin/finetunes"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["discriminator"]["propertyName"] == "method"
-    assert set(body["discriminator"]["mapping"]) == {"dft", "prefix", "ida", "fair_mapping", "gmm"}
+    assert set(body["discriminator"]["mapping"]) == {"dft", "prefix", "ida", "fair_mapping", "gmm", "invdiff"}
     components = schema["components"]["schemas"]
     dft = components["FinetuneRequest_dft"]["properties"]["hyperparameters"]["$ref"].rsplit("/", 1)[1]
     lr = components[dft]["properties"]["lr"]

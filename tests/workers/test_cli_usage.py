@@ -50,7 +50,7 @@ def test_help_shows_defaults_and_the_finetune_methods(capsys):
     assert "(default: 8)" in text and "(default: auto)" in text and "--target JSON" in text
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
-    assert "dft, prefix, ida, fair_mapping or gmm" in " ".join(capsys.readouterr().out.split())
+    assert "dft, prefix, ida, fair_mapping, gmm or invdiff" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize(
@@ -80,6 +80,11 @@ def test_help_shows_defaults_and_the_finetune_methods(capsys):
         (["finetune", "gmm", "--target", TARGET, "--prompts", "x", "--hparams", '{"images": 2}'], "--hparams"),
         (["generate", "--strategy", "latent", "x"], "--target"),
         (["audit", "-n", "0"], "-n/--num-images"),
+        (["finetune", "dft", "--prompts", "x"], "--target"),  # every method but invdiff needs one
+        (["finetune", "invdiff", "--target", TARGET, "--prompts", "x"], "--target"),  # invdiff takes none
+        (["finetune", "invdiff", "--prompts", "x", "--hparams", '{"groups": 1}'], "--hparams"),
+        # the training set is checked before the model loads
+        (["finetune", "invdiff", "--prompts", "x", "--hparams", '{"dataset": "/no/such/set"}'], "--hparams"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_naming_the_option(capsys, argv, option):

@@ -23,6 +23,7 @@ from service.api.jobview import job_url, load_job, public_job
 from service.errors import Conflict, InvalidField, NotFound, ServiceUnavailable, error_responses
 from service.schemas import (
     FINETUNE_METHODS,
+    TARGETLESS_METHODS,
     AdaptorRetired,
     FinetuneList,
     FinetunePublic,
@@ -67,6 +68,22 @@ def _eval_prompts(body: FinetuneRequest, info: ModelInfo) -> list[str] | None:
     return prompt_set(info, held_out) if held_out else None
 
 
+def _finetune_target(body: FinetuneRequest, info: ModelInfo) -> dict[str, dict[str, float]]:
+    """The validated target; none for the methods that take none (and a 422 when one is given to them)."""
+    if body.method in TARGETLESS_METHODS:
+        if body.fairness_target:
+            raise InvalidField(f"fairness_target: method {body.method!r} takes none (it debiases without a target)",
+                               param="fairness_target", code="invalid_fairness_target")  # fmt: skip
+        return {}
+    if body.fairness_target is None:
+        raise InvalidField(f"fairness_target: method {body.method!r} needs one", param="fairness_target",
+                           code="invalid_fairness_target")  # fmt: skip
+    try:
+        return validate_target(body.fairness_target, info.attributes)
+    except FieldError as exc:
+        raise InvalidField.from_field_error(exc, code="invalid_fairness_target") from exc
+
+
 def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStore) -> FinetuneJob:
     if body.method not in FINETUNE_METHODS:
         raise InvalidField(
@@ -84,10 +101,7 @@ def build_finetune_job(body: FinetuneRequest, settings: Settings, store: JobStor
             f"base_model: no worker has registered base model {base_model!r}", param="base_model", code="unknown_model"
         )
     info = require_model_info(store, base_model)
-    try:
-        target = validate_target(body.fairness_target, info.attributes)
-    except FieldError as exc:
-        raise InvalidField.from_field_error(exc, code="invalid_fairness_target") from exc
+    target = _finetune_target(body, info)
 
     if (body.prompts is None) == (body.prompt_set is None):
         raise InvalidField(
