@@ -1,7 +1,7 @@
 # ruff: noqa: T201, B023, E501  (a research script: prints its rows; each hook runs inside its own loop iteration)
 """Variants of the latent move on the benchmark's weakest cells (issue 36): overshoot, t*, matching images to classes.
 
-python research/gmm_variants.py [--cells mechanic/gender_50_50 secretary/skin_tone_40_30_20_10] [--requests 5]
+python research/gmm/variants.py [--cells mechanic/gender_50_50 secretary/skin_tone_40_30_20_10] [--requests 5]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from scipy.optimize import linear_sum_assignment  # noqa: E402

@@ -5,7 +5,7 @@ Per held-out occupation: N calibration images (latents recorded after every step
 steering classifier's majority class of their finished images; then fresh seeds, each assigned a gender class
 50/50, moved (or drawn) into a component of its class at step s, every image read by the oracle.
 
-    python research/gmm_study.py [--occupations senator secretary] [--n 256] [--eval 48]
+    python research/gmm/study.py [--occupations senator secretary] [--n 256] [--eval 48]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sklearn.decomposition import PCA  # noqa: E402
