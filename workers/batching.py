@@ -2,14 +2,15 @@
 
 Most traffic is one or a few images per request, and a denoising pass over 16 images costs far less
 than 16 passes over one (testbed on CPU: 0.76 s against 16 x 0.22 s). So the task that claims a job
-that can share a pass (no adaptor or per-request guidance directions, no classifier steering, at
-most `max_batch` images) looks in the job store's queue of waiting jobs for others with the same
-steps and size, claims each with the same atomic step a task claims its own job with, and renders
-all of them as rows of one batch (adaptors.assign.denoise_rows), each image with its own prompt,
-negative prompt, seed, guidance scale and `assign` conditioning. When the batch is not full and the
-queue is empty it waits for more, up to FAIRDIFF_BATCH_WINDOW_MS after the last request that joined
-(at most WINDOW_CAP windows in all), but only while the stream is busy (its last pass served more
-than one request), so a lone client never waits.
+that can share a pass (no adaptor, or the same weight adaptor; no per-request guidance directions,
+prompt encoder or classifier steering; at most `max_batch` images) looks in the job store's queue of
+waiting jobs for others with the same steps, size and adaptor, claims each with the same atomic step
+a task claims its own job with, and renders all of them as rows of one batch
+(adaptors.assign.denoise_rows), each image with its own prompt, negative prompt, seed, guidance
+scale and `assign` conditioning. When the batch is not full and the queue is empty it waits for
+more, up to FAIRDIFF_BATCH_WINDOW_MS after the last request that joined (at most WINDOW_CAP windows
+in all), but only while the stream is busy (its last pass served more than one request), so a lone
+client never waits.
 
 Why a gathering step on the job store and not the celery-batches task class: celery-batches buffers
 messages in the worker and needs a prefetch multiplier of 0 or above `flush_every` to see several, so
@@ -61,15 +62,31 @@ PROGRESS_EVERY_S = 0.05  # progress and cancel flags are read this often during 
 _last_pass_jobs = 1  # requests the previous pass of this process served: above 1, the stream is busy
 
 
-def batch_key(runtime: Runtime, req: GenerateJob, decision: Any) -> tuple[int, int | None, int | None] | None:
-    """(steps, height, width) for a job that can share a pass; None for one that runs alone as before."""
+BatchKey = tuple[int, int | None, int | None, str | None]
+
+
+def batch_key(runtime: Runtime, req: GenerateJob, decision: Any) -> BatchKey | None:
+    """(steps, height, width, adaptor id) for a job that can share a pass; None for one that runs alone as before.
+
+    An adaptor job shares only with jobs of the same adaptor, whose weights are swapped in once for the whole
+    pass; `shares_weights_only` tells, once the adaptor is loaded, whether it acts through weights alone."""
+    if decision.used == Strategy.adaptor.value:
+        if decision.adaptor_id is None or req.num_images > runtime.settings.max_batch:
+            return None
+        return (req.steps, req.height, req.width, decision.adaptor_id)
     if decision.adaptor_id is not None or decision.used not in (Strategy.none.value, Strategy.assign.value):
         return None
     if req.num_images > runtime.settings.max_batch:
         return None
     if decision.used == Strategy.assign.value and _steered(runtime, req):
         return None
-    return (req.steps, req.height, req.width)
+    return (req.steps, req.height, req.width, None)
+
+
+def shares_weights_only(prepared: Prepared) -> bool:
+    """Whether a prepared job's adaptor (if any) acts through the swapped-in weights alone (a LoRA, a UNet delta):
+    one with its own prompt encoder (prefix, mapping) or guidance directions (IDA) renders on its own."""
+    return prepared.encoder is None and prepared.directions is None
 
 
 def _steered(runtime: Runtime, req: GenerateJob) -> bool:
@@ -117,7 +134,7 @@ def _try_member(jobs: JobStore, runtime: Runtime, worker: str, job_id: str, key:
         return None
     try:
         req = GenerateJob.from_dict(job["request"])
-        if req.num_images > room or (req.steps, req.height, req.width) != key or req.adaptor_id:
+        if req.num_images > room or (req.steps, req.height, req.width) != key[:3] or req.adaptor_id not in (None, key[3]):
             return None
         decision = decide_step(runtime, req)
     except (JobFailed, TypeError, ValueError):

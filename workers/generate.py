@@ -27,6 +27,6 @@ def run_generate(jobs: JobStore, job_id: str, worker: str, runtime: Runtime | No
     prepared = prepare_step(jobs, job, runtime)
     if isinstance(prepared, str):
         return prepared
-    if batching.batch_key(runtime, prepared.req, prepared.decision) is not None:
+    if batching.batch_key(runtime, prepared.req, prepared.decision) is not None and batching.shares_weights_only(prepared):
         return batching.run_batch(jobs, runtime, worker, prepared)
     return run_prepared(jobs, runtime, prepared)

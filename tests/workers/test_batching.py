@@ -133,6 +133,37 @@ def test_cancel_one_job_of_a_pass_leaves_the_others_unchanged(stack: Stack) -> N
         assert np.array_equal(stack.pixels(ids[k]), stack.pixels(reference_ids[k]))
 
 
+def test_jobs_of_one_weight_adaptor_share_a_pass_and_others_do_not(stack: Stack) -> None:
+    """Two jobs naming the same LoRA share one pass with its weights swapped in once; each image equals the one the
+    job gets alone (within the last bit of uint8, as above); a plain job waiting beside them runs in its own pass."""
+    from adaptors.store import AdaptorStore
+    from tests.adaptors.mixin import make_lora
+
+    store = AdaptorStore(stack.tmp / "data" / "adaptors")
+    if not store.exists("shared-lora"):
+        staging = store.staging_dir("shared-lora")
+        make_lora(stack.env["FAIRDIFF_BASE_MODEL"], "shared-lora", 3).save(staging)
+        store.publish(staging)
+    bodies = [
+        {"prompt": "a photo of the face of a senator, a person", "seed": 21, "adaptor_id": "shared-lora"},
+        {"prompt": "a photo of the face of a nurse, a person", "seed": 22, "adaptor_id": "shared-lora"},
+        {"prompt": "a photo of the face of a judge, a person", "seed": 23},
+    ]
+    ids = stack.submit(bodies, steps=10)
+    jobs = stack.wait(ids, 120, stack.procs)
+    assert [j["state"] for j in jobs] == ["succeeded"] * 3, [j.get("error") for j in jobs]
+    assert [j["result"]["strategy"]["used"] for j in jobs] == ["adaptor", "adaptor", "none"]
+    assert [j["result"]["batch"]["jobs"] for j in jobs] == [2, 2, 1]
+    (alone_id,) = stack.submit([bodies[1]], steps=10)
+    (alone,) = stack.wait([alone_id], 60, stack.procs)
+    assert alone["result"]["batch"]["jobs"] == 1
+    diff = np.abs(stack.pixels(ids[1]) - stack.pixels(alone_id))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (int(diff.max()), float((diff > 0).mean()))
+    (plain_id,) = stack.submit([{k: v for k, v in bodies[1].items() if k != "adaptor_id"}], steps=10)
+    (plain,) = stack.wait([plain_id], 60, stack.procs)
+    assert np.abs(stack.pixels(ids[1]) - stack.pixels(plain_id)).max() > 10  # the adaptor was applied in the pass
+
+
 def test_worker_killed_mid_batch_loses_no_job_and_runs_none_twice(stack: Stack) -> None:
     # the module's worker is stopped, so the victim alone takes the messages
     for p in [p for p in stack.procs if p.name.startswith("worker-") and p.alive()]:
