@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks.fairness_dft import BASE_HP as DFT_BASE_HP  # noqa: E402
 from benchmarks.fairness_dft import SEEDS, held_out_images, oracle_summary  # noqa: E402
-from benchmarks.results_io import RESULTS, environment, publish, revision, weights_fingerprint  # noqa: E402
+from benchmarks.results_io import RESULTS, code_revision, environment, publish, weights_fingerprint  # noqa: E402
 from common.bias import total_variation  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
@@ -180,7 +180,7 @@ def main() -> None:
         pipe, classifier = load_pipeline("testbed", device="cpu"), TestbedAttributeClassifier()
         with tempfile.TemporaryDirectory() as tmp:
             cost = generation_cost(pipe, classifier, {**MAPPING_HP, **json.loads(args.hp)}, args.cost_only, Path(tmp))
-        publish("fairness_mapping", {"generation_cost": {**cost, "revision": revision()}}, merge=True)
+        publish("fairness_mapping", {"generation_cost": {**cost, "revision": code_revision()}}, merge=True)
         return
     sizes = {"per_seed": args.per_seed, "seeds": SEEDS[: args.seeds], "train_images": args.train_images}
     pipe = load_pipeline("testbed", device="cpu")
@@ -193,7 +193,7 @@ def main() -> None:
     hp = {**MAPPING_HP, **json.loads(args.hp)}
     result: dict = {
         "benchmark": "fairness_mapping",
-        "revision": revision(),
+        "revision": code_revision(),
         "weights": weights_fingerprint(resolve_model_path("testbed")),
         "sizes": {"held_out_images_per_occupation": args.per_seed * args.seeds, "seeds": list(sizes["seeds"]),
                   "training_images_per_occupation": args.train_images, "reduced": args.per_seed * args.seeds < 256},
