@@ -42,7 +42,7 @@ def loaded_adapters(pipe) -> dict[str, set[str]]:
     return {c: _adapter_names(getattr(pipe, c, None)) for c in COMPONENTS}
 
 
-def _switch(pipe, adapter: str | None) -> None:
+def switch_adapter(pipe, adapter: str | None) -> None:
     """Enable exactly `adapter` on every component that has it and disable LoRA everywhere else."""
     for component in COMPONENTS:
         layers = _tuner_layers(getattr(pipe, component, None))
@@ -61,7 +61,7 @@ def _switch(pipe, adapter: str | None) -> None:
 
 
 def active_adapter(pipe) -> str | None:
-    """The adapter in effect (as `_switch` leaves it), None when LoRA is off everywhere."""
+    """The adapter in effect (as `switch_adapter` leaves it), None when LoRA is off everywhere."""
     for component in COMPONENTS:
         for layer in _tuner_layers(getattr(pipe, component, None)):
             if not layer.disable_adapters and layer.active_adapters:
@@ -83,14 +83,14 @@ class LoraAdaptor(Adaptor):
         state = {k: v.to(pipe.device, pipe.unet.dtype) for k, v in self.tensors.items()}
         active = active_adapter(pipe)
         pipe.load_lora_weights(state, adapter_name=self.id)
-        _switch(pipe, active)  # attaching does not change what the pipeline generates
+        switch_adapter(pipe, active)  # attaching does not change what the pipeline generates
         logger.debug("attached LoRA %s (%s)", self.id, ", ".join(self.components()))
 
     def activate(self, pipe) -> None:
-        _switch(pipe, self.id)
+        switch_adapter(pipe, self.id)
 
     def deactivate(self, pipe) -> None:
-        _switch(pipe, None)
+        switch_adapter(pipe, None)
 
     def detach(self, pipe) -> None:
         remove_adapter(pipe, self.id)
@@ -110,7 +110,7 @@ def remove_adapter(pipe, name: str) -> None:
         pipe.unload_lora_weights()  # no adapter left: remove the LoRA wrappers, restoring the base modules
     else:
         # PEFT promotes another adapter when the active one is deleted: put back what was in effect
-        _switch(pipe, active if active in remaining else None)
+        switch_adapter(pipe, active if active in remaining else None)
 
 
 def to_file_layout(component: str, peft_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -79,4 +79,5 @@ def named_reader(setting: str) -> Callable[[Any], Any] | None:
 def shipped_reader_names() -> list[str]:
     """Every reader name the registered profiles ship, for error messages and help."""
     _load_providers()
-    return sorted({r for name in list(_FACTORIES) for r in (get_profile(name).readers if get_profile(name) else {})})
+    profiles = [get_profile(name) for name in list(_FACTORIES)]
+    return sorted({r for profile in profiles if profile is not None for r in profile.readers})

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from adaptors.lora import LoraAdaptor, _switch
+from adaptors.lora import LoraAdaptor, switch_adapter
 from common.adaptor_manifest import AdaptorManifest
 
 logger = logging.getLogger(__name__)
@@ -122,20 +122,20 @@ class UnetDeltaAdaptor(LoraAdaptor):
         return self._mixers[key]
 
     def activate(self, pipe) -> None:
-        _switch(pipe, self.id)
+        switch_adapter(pipe, self.id)
         self._mixer(pipe).install()
 
     def deactivate(self, pipe) -> None:
         mixer = self._mixers.get(id(pipe))
         if mixer is not None:
             mixer.remove()
-        _switch(pipe, None)
+        switch_adapter(pipe, None)
 
     def detach(self, pipe) -> None:
         mixer = self._mixers.pop(id(pipe), None)
         if mixer is not None:
             if mixer.installed:
-                _switch(pipe, None)
+                switch_adapter(pipe, None)
             mixer.remove()
         super().detach(pipe)
 
