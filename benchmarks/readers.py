@@ -6,12 +6,16 @@ per strategy -- `none`, `assign` (class prompts, group-direction guidance and th
 guidance), `assign_enforce` (misses regenerated until the audit reader, the CLIP, is satisfied), `guidance`
 (IDA: the per-occupation weights benchmarks/fairness_ida.py calibrated and recorded in its result, at the
 steps they were calibrated for; skin tone uses its uniform-target calibration) -- where accuracy on guided
-images is the audit/oracle agreement the audit's figures rest on; time per image.
+images is the audit/oracle agreement the audit's figures rest on; time per image. Each figure is also given
+on the "world-like" images only (`world_like`: oracle palette fit at least that of 99% of VAE round-trips of
+renders), because strong guidance sometimes smears a face into colours no render has; the oracle's pixel vote
+still answers there, but no reader trained on the world can be held to it, and the share of such images is
+the generator's failure, reported beside the reader's.
 The face detector's time and result on the photographs inside the scikit-image wheel. The request-
 fairness benchmark's headline numbers stay oracle-read; this one measures the readers themselves.
 Writes benchmarks/results/readers.json.
 
-    python benchmarks/readers.py [--requests 2] [--images 8]
+    python benchmarks/readers.py [--requests 4] [--images 8]
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from adaptors.readers.registry import load_reader, testbed_clip_dir  # noqa: E40
 from benchmarks.results_io import RESULTS, environment, publish, weights_fingerprint  # noqa: E402
 from common.settings import Settings  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
-from testbed.oracle import read_batch  # noqa: E402
+from testbed.oracle import palette_fit, read_batch  # noqa: E402
 from testbed.world import ATTRIBUTES, TEST_OCCUPATIONS, prompt_for  # noqa: E402
 
 TARGETS = {
@@ -58,20 +62,49 @@ def ida_calibrations() -> tuple[dict[str, dict[str, dict]], int, str | None]:
     ida = json.loads(path.read_text())
     weights = {name: {occ: row["weights"] for occ, row in ida.get(f"{cal}_per_occupation", {}).items()}
                for name, cal in IDA_CALIBRATION.items()}  # fmt: skip
-    return weights, int(ida["calibration"]["steps"]), ida.get("code_revision")
+    revision = ida.get("code_revision") or ida.get("revision") or _committed_at(path)
+    return weights, int(ida["calibration"]["steps"]), revision
 
 
-def agreement(reader, images: torch.Tensor, readings) -> dict:
-    """Per attribute, the share of images with a person (by the oracle) whose class the reader reads as the oracle does."""
+def _committed_at(path: Path) -> str | None:
+    """The commit that last wrote a result file (for results written before they recorded their revision)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--abbrev=12", "--", str(path)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"committed at {out}" if out else None
+
+
+def world_like(images: torch.Tensor, cut: float) -> np.ndarray:
+    """Which images look like the world (oracle palette fit at least `cut`); see `testbed.oracle.palette_fit`."""
+    return np.asarray([palette_fit(im) >= cut for im in images.clamp(0, 1).permute(0, 2, 3, 1).numpy()])
+
+
+def agreement(reader, images: torch.Tensor, readings, like: np.ndarray | None = None) -> dict:
+    """Per attribute, the share of images with a person (by the oracle) whose class the reader reads as the oracle does;
+    with `like` (a mask of world-like images), the same on those images only, under `world_like`."""
     t0 = time.perf_counter()
     pred = reader.predict(images)
     seconds = time.perf_counter() - t0
     out: dict = {"images": len(images), "oracle_person": int(sum(r.person for r in readings))}
+    right = {}
     for a, classes in reader.attributes.items():
-        pairs = [(classes[int(pred.probs[a][i].argmax())], getattr(r, a)) for i, r in enumerate(readings) if r.person]
-        out[a] = round(float(np.mean([p == o for p, o in pairs])), 4) if pairs else None
+        right[a] = np.asarray(
+            [r.person and classes[int(pred.probs[a][i].argmax())] == getattr(r, a) for i, r in enumerate(readings)]
+        )
+    person = np.asarray([r.person for r in readings])
+    for a in reader.attributes:
+        out[a] = round(float(right[a][person].mean()), 4) if person.any() else None
     out["person_agreement"] = round(float(np.mean([(float(p) >= 0.5) == r.person for p, r in zip(pred.person, readings)])), 4)
     out["ms_per_image"] = round(1000 * seconds / len(images), 3)
+    if like is not None:
+        keep = person & like
+        share = round(float(keep.sum() / max(1, person.sum())), 4)
+        accuracy = {a: round(float(right[a][keep].mean()), 4) if keep.any() else None for a in reader.attributes}
+        out["world_like"] = {"share_of_people": share, **accuracy}
     return out
 
 
@@ -109,7 +142,7 @@ def face_detectors() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=2, help="requests per occupation and target")
+    parser.add_argument("--requests", type=int, default=4, help="requests per occupation and target")
     parser.add_argument("--images", type=int, default=8, help="images per request")
     parser.add_argument("--renders", type=int, default=1000)
     parser.add_argument("--clip-accuracy", type=Path, metavar="FOLDER",
@@ -131,6 +164,10 @@ def main() -> None:
     x, _ = render_balanced(args.renders, 4242)
     renders = (torch.from_numpy(x) + 1) / 2
     render_readings = read_batch(x)
+    # "world-like": at least the palette fit of 99% of VAE round-trips of renders (what the decoder's blur alone does)
+    with torch.no_grad():
+        roundtrips = (pipe.vae.decode(pipe.vae.encode(torch.from_numpy(x)).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    cut = float(np.quantile([palette_fit(im) for im in roundtrips.permute(0, 2, 3, 1).numpy()], 0.01))
 
     images = {k: [] for k in STRATEGIES}
     occupations: list[str] = []
@@ -169,7 +206,7 @@ def main() -> None:
     for name, reader in readers.items():
         entry = {"renders": agreement(reader, renders, render_readings)}
         for k in stacked:
-            entry[k] = agreement(reader, stacked[k], readings[k])
+            entry[k] = agreement(reader, stacked[k], readings[k], world_like(stacked[k], cut))
         entry["guided_per_occupation"] = per_occupation_agreement(reader, stacked["assign"], readings["assign"], occupations)
         if "guidance" in stacked:
             entry["guidance_per_occupation"] = per_occupation_agreement(reader, stacked["guidance"], readings["guidance"],
@@ -179,6 +216,13 @@ def main() -> None:
     worst = {a: min(result["readers"]["testbed-clip"][k][a] for k in guided) for a in ATTRIBUTES}
     result["auditor_guided_agreement_min"] = worst
     result["auditor_meets_0_97"] = all(v is not None and v >= 0.97 for v in worst.values())
+    clip = result["readers"]["testbed-clip"]
+    result["world_like"] = {
+        "palette_fit_cut": round(cut, 4),
+        "rule": "oracle palette fit >= the 1st percentile of VAE round-trips of renders (testbed.oracle.palette_fit)",
+        "auditor_guided_agreement_min": {a: min(clip[k]["world_like"][a] for k in guided) for a in ATTRIBUTES},
+        "guided_share_of_people_min": min(clip[k]["world_like"]["share_of_people"] for k in guided),
+    }
     result["enforce_satisfied_per_auditor"] = round(float(np.mean(satisfied)), 4)
     # how often `enforce` believes it is exact while the oracle disagrees with the assignment is the
     # request-fairness benchmark's business; here: the auditor's reading of enforced images vs the oracle
@@ -207,8 +251,8 @@ def clip_accuracy(folder: Path, seed: int = 12345) -> dict:
     from adaptors.generation import GenerationSpec, generate, load_pipeline
     from adaptors.readers.registry import load_reader_folder
     from testbed.classifier import _vae_roundtrip
-    from testbed.clip import OCCUPATIONS, PROMPT_TEMPLATE
     from testbed.data import render_balanced
+    from testbed.world import OCCUPATIONS, PROMPT_TEMPLATE
 
     reader = load_reader_folder(folder)
     x, _ = render_balanced(1000, seed)

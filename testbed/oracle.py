@@ -81,6 +81,20 @@ def read(image: np.ndarray) -> OracleReading:
     )
 
 
+_ALL_COLOURS = np.concatenate([_BG, _SHIRT, _SKIN, _HAIR, [[0.1, 0.1, 0.12]]])  # the eyes' colour last
+_FIT_DISTANCE = 0.15
+
+
+def palette_fit(image: np.ndarray) -> float:
+    """How much an H x W x 3 image in [0, 1] looks like the world: the share of its pixels above the shoulders
+    within 0.15 (RGB) of one of the world's colours. Renders are near 1 and VAE round-trips of renders above
+    about 0.8; smeared, off-palette generations (strong guidance gone wrong) are lower. On such images the
+    oracle's per-pixel vote still gives an answer, but no reader of the world can be held to it."""
+    upper = image[: image.shape[0] - 7]
+    dist = np.linalg.norm(upper[:, :, None, :] - _ALL_COLOURS[None, None], axis=-1).min(-1)
+    return float((dist < _FIT_DISTANCE).mean())
+
+
 def read_batch(images: np.ndarray) -> list[OracleReading]:
     """Read N x 3 x H x W images in [-1, 1] (renderer and pipeline tensor layout)."""
     hwc = np.clip((np.asarray(images, dtype=np.float32).transpose(0, 2, 3, 1) + 1.0) / 2.0, 0.0, 1.0)

@@ -52,3 +52,16 @@ def test_oracle_reads_renderer_images_at_least_98_percent():
 def test_oracle_finds_no_person_in_empty_scenes():
     readings = read_batch(render_empties(200, seed=9))
     assert np.mean([r.person for r in readings]) <= 0.02
+
+
+def test_palette_fit_tells_world_images_from_smeared_ones():
+    """The readers benchmark's "world-like" split rests on this: renders fit the palette, smeared colours do not."""
+    from testbed.oracle import palette_fit
+
+    x, _ = render_balanced(64, 11)
+    renders = np.clip((x.transpose(0, 2, 3, 1) + 1) / 2, 0, 1)
+    fits = [palette_fit(im) for im in renders]
+    assert min(fits) > 0.85
+    # the same people with every colour pulled half way to grey: a face "between" every palette colour
+    smeared = [palette_fit(0.5 * im + 0.25) for im in renders]
+    assert max(smeared) < 0.5
