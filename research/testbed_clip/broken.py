@@ -23,7 +23,6 @@ from adaptors.readers.registry import load_reader, load_reader_folder  # noqa: E
 from testbed import oracle  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
 from testbed.oracle import palette_fit  # noqa: E402
-from testbed.world import ATTRIBUTES  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
     fits = np.asarray([palette_fit(im) for im in hwc])
     wrong = np.zeros(len(images), bool)
     person = np.asarray([r.person for r in readings])
-    for attr, classes in ATTRIBUTES.items():
+    for attr, classes in reader.attributes.items():
         got = [classes[int(v.argmax())] for v in pred.probs[attr]]
         wrong |= np.asarray([r.person and g != getattr(r, attr) for g, r in zip(got, readings)])
     render_fit = np.asarray([palette_fit(im) for im in renders])
@@ -60,7 +59,7 @@ def main() -> None:
            "share_below_roundtrip_p01": round(float((fits[person] < cut).mean()), 3),
            "disagreements": int(wrong.sum()), "disagreements_below_roundtrip_p01": int((wrong & (fits < cut)).sum()),
            "people": int(person.sum())}  # fmt: skip
-    for attr, classes in ATTRIBUTES.items():
+    for attr, classes in reader.attributes.items():
         got = [classes[int(v.argmax())] for v in pred.probs[attr]]
         ok = np.asarray([g == getattr(r, attr) for g, r in zip(got, readings)])
         keep = person & (fits >= cut)

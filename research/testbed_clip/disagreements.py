@@ -60,7 +60,7 @@ def main() -> None:
     for i, r in enumerate(readings):
         if not r.person:
             continue
-        for attr, classes in ATTRIBUTES.items():
+        for attr, classes in reader.attributes.items():
             probs = pred.probs[attr][i]
             got = classes[int(probs.argmax())]
             if got != getattr(r, attr):
