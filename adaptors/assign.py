@@ -493,7 +493,7 @@ class ClassifierGuidance:
     Text directions move an image along whatever axis the text encoder learned; for an ordinal
     attribute (skin tone) "towards class II, away from the others" overshoots past the middle
     classes (measured on the testbed: 0 of 32 senators assigned tone II came out II). The
-    gradient of the audit classifier's log-probability of the assigned class, taken on the
+    gradient of the steering reader's log-probability of the assigned class, taken on the
     predicted clean image, steers by what the image actually shows, so middle classes become
     reachable. `classes[i]` is image i's {attribute: class}; `scale` multiplies the gradient in
     the usual classifier-guidance form eps -= scale * sqrt(1 - abar) / sqrt(abar) * grad(x0);

@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     assign_classifier_scale: float = Field(
         0.3,
         ge=0.0,
-        description="Classifier guidance (the audit classifier) for attributes of more than two classes in "
-        "`assign`/`enforce` (0: off; 0.3 measured best on the testbed, 0.5 starts to lose the occupation).",
+        description="Classifier guidance by the steering reader (FAIRDIFF_CLASSIFIER) for attributes of more than two "
+        "classes in `assign`/`enforce` (0: off; 0.3 measured best on the testbed, 0.5 starts to lose the occupation).",
     )
     enforce_max_rounds: int = Field(3, ge=0, le=20, description="Regeneration rounds `enforce` may spend per request.")
     auto_max_tv: float = Field(
