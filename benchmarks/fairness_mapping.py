@@ -1,4 +1,4 @@
-"""Fair Mapping on the testbed, beside DFT's text-encoder LoRA: one JSON object.
+"""Fair Mapping on the testbed, beside DFT's text-encoder LoRA and IDA in the same run: one JSON object.
 
 Each mapping run trains a `fair_mapping` adaptor on the 12 training occupations (text space only,
 gates off so every run is measured; whether the default gates would pass is recorded), attaches
@@ -6,13 +6,19 @@ it to the pipeline and generates, on the same seeds before and after, the traini
 the held-out ones, read by the independent oracle: bias and total variation (TV) to the target per
 occupation, occupation kept, person recognisable, similarity to the base image. Runs: gender 50/50,
 skin tone uniform, and gender 30/70 (the weighted fair-distance term, an extension beyond the
-paper). DFT's text-encoder LoRA at its default recipe is trained and measured the same way in the
-same run (`--no-dft` leaves it out). IDA is not run here: it calibrates per prompt and has its own
-benchmark (benchmarks/fairness_ida.py); its committed held-out figures are quoted, marked as such.
+paper). In the same process, on the same base images and seeds:
+- DFT's text-encoder LoRA at its default recipe, gender 50/50, trained and measured the same way (`--no-dft`);
+- IDA at its default recipe (`--no-ida`; `--ida-runs` picks the targets, gender 50/50 by default). IDA calibrates
+  guidance weights per prompt and cannot serve a prompt it was not calibrated on, so it is calibrated twice: on
+  the 12 training prompts (measured on the training occupations) and on the 4 held-out prompts themselves
+  (measured on the held-out occupations, marked as such in the JSON). It is calibrated for the sampler steps
+  and guidance the measurement generates with, on seeds the measurement never uses; the calibration's seconds
+  and images are its training cost.
 
 Sizes are flags so a loaded machine can run it reduced; the sizes used are in the JSON.
 
     python benchmarks/fairness_mapping.py [--per-seed 8 --seeds 2 --train-images 16] [--hp JSON] [--no-dft]
+        [--no-ida] [--ida-runs gender_50_50 ...] [--ida-hp JSON]
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks.fairness_dft import BASE_HP as DFT_BASE_HP  # noqa: E402
 from benchmarks.fairness_dft import SEEDS, held_out_images, oracle_summary  # noqa: E402
-from benchmarks.results_io import RESULTS, code_revision, environment, publish, weights_fingerprint  # noqa: E402
+from benchmarks.results_io import code_revision, environment, publish, weights_fingerprint  # noqa: E402
 from common.bias import total_variation  # noqa: E402
 
 GENDER = {"gender": {"female": 0.5, "male": 0.5}}
@@ -43,16 +49,23 @@ RUNS: dict[str, dict] = {
 # gates off so that every run is measured; `gates` records whether the defaults would have published it
 MAPPING_HP = {"eval_images": 8, "min_subject_kept": 0, "min_fairness_gain": 0}
 TRAIN_SEED = 20_100  # the training occupations' images: seeds no trainer sampled
+# IDA's default recipe (common.finetune_config.IDAConfig) with its gate off, like the runs above; its calibration draws
+# seeds `seed` + 10000 x prompt + iteration, so the default seed 0 would calibrate the third prompt on SEEDS' noise
+IDA_HP = {"min_fairness_gain": 0, "seed": 100_000}
+IDA_RUN_NAMES = {"gender_50_50": "ida_gender_50_50", "skin_tone_uniform": "ida_skin_tone_uniform",
+                 "gender_30_70_weighted": "ida_gender_30_70"}  # fmt: skip
+PER_PROMPT_NOTE = "calibrated on these prompts (per-prompt method)"
 
 
-def train(method: str, target: dict, hp: dict, pipe, classifier, store: Path, name: str):
+def train(method: str, target: dict, hp: dict, pipe, classifier, store: Path, name: str, prompts: str = "testbed-train"):
+    """Train (or, for `ida`, calibrate) an adaptor on the prompt set `prompts`; returns it, its manifest and seconds."""
     from adaptors.loading import load_adaptor
     from adaptors.trainers import get_trainer
     from common.schemas import FinetuneJob
     from testbed.world import prompt_set
 
-    job = FinetuneJob(method=method, base_model="testbed", fairness_target=target, prompts=prompt_set("testbed-train"),
-                      prompt_set="testbed-train", eval_prompts=prompt_set("testbed-test"), hyperparameters=hp,
+    job = FinetuneJob(method=method, base_model="testbed", fairness_target=target, prompts=prompt_set(prompts),
+                      prompt_set=prompts, eval_prompts=prompt_set("testbed-test"), hyperparameters=hp,
                       name=name)  # fmt: skip
     t0 = time.time()
     manifest = get_trainer(method)(job, pipe, classifier, store / name, store / f"{name}.ckpt", lambda _: None, lambda: False)
@@ -111,6 +124,62 @@ def measure(pipe, classifier, adaptor, target: dict, base: dict, sizes: dict) ->
     return out
 
 
+def directed_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...], seeds: tuple[int, ...]) -> dict:
+    """held_out_images' images (same prompts, seeds, steps and guidance, hence the same noise) with IDA's weights."""
+    import torch
+
+    from adaptors.assign import generate_directed
+    from adaptors.generation import GenerationSpec
+    from common.settings import Settings
+    from testbed.world import prompt_for
+
+    settings = Settings()
+    out = {}
+    for occ in occupations:
+        directions = adaptor.directions(prompt_for(occ))
+        if directions is None:
+            raise ValueError(f"the ida adaptor was not calibrated on {prompt_for(occ)!r}")
+        batches = []
+        for seed in seeds:
+            spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=settings.default_steps,
+                                  guidance_scale=settings.default_guidance_scale)  # fmt: skip
+            batches.append(generate_directed(pipe, spec, [directions] * per_seed, adaptor.warmup_steps, max_batch=64))
+        out[occ] = torch.cat(batches)
+    return out
+
+
+def ida_run(pipe, classifier, target: dict, hp: dict, base: dict, sizes: dict, store: Path, name: str) -> dict:
+    """IDA calibrated on the training prompts (measured there) and on the held-out prompts (measured there)."""
+    from testbed.world import TEST_OCCUPATIONS, TRAIN_OCCUPATIONS
+
+    sides = {"training_occupations": ("testbed-train", TRAIN_OCCUPATIONS, sizes["train_images"], (TRAIN_SEED,)),
+             "held_out_occupations": ("testbed-test", TEST_OCCUPATIONS, sizes["per_seed"], sizes["seeds"])}  # fmt: skip
+    calibration, images, seconds = {}, {}, 0.0
+    for side, (prompts, occupations, per_seed, seeds) in sides.items():
+        adaptor, manifest, calibration_seconds = train("ida", target, hp, pipe, classifier, store, f"{name}-{prompts}", prompts)
+        t0 = time.perf_counter()
+        images[side] = directed_images(pipe, adaptor, per_seed, occupations, seeds)
+        seconds = time.perf_counter() - t0  # the held-out side's, timed like `measure`'s
+        per_prompt = manifest.metrics["per_prompt"].values()
+        calibration[side] = {"prompt_set": prompts, "seconds": calibration_seconds,
+                             "images": manifest.metrics["images_generated"],
+                             "iterations_mean": round(sum(r["iterations"] for r in per_prompt) / len(per_prompt), 2),
+                             "adaptor_bytes": adaptor.manifest.size_bytes}  # fmt: skip
+    calibration["held_out_occupations"]["note"] = PER_PROMPT_NOTE
+    attrs = list(target)
+    held, trained = images["held_out_occupations"], images["training_occupations"]
+    return {
+        "training_occupations": summarise(oracle_summary(base["train"], attrs), oracle_summary(trained, attrs), target),
+        "held_out_occupations": {"note": PER_PROMPT_NOTE,
+                                 **summarise(oracle_summary(base["held"], attrs), oracle_summary(held, attrs), target)},
+        "similarity_to_base": similarity(classifier, {**base["held"], **base["train"]}, {**held, **trained}),
+        "generation_cost_vs_none": round(seconds / base["seconds"], 3),
+        "calibration": calibration,
+        "train_seconds": round(sum(c["seconds"] for c in calibration.values()), 2),
+        "adaptor_bytes": sum(c["adaptor_bytes"] for c in calibration.values()),
+    }  # fmt: skip
+
+
 def gates(manifest) -> dict:
     """Whether the default gates (DFT's and the mapping's defaults alike) would publish it, from the trainer's own figures."""
     from common.finetune_config import FairMappingConfig
@@ -148,20 +217,10 @@ def generation_cost(pipe, classifier, hp: dict, repeats: int, store: Path) -> di
             "batch": 16, "steps": 20}  # fmt: skip
 
 
-def ida_reference() -> dict | None:
-    path = RESULTS / "fairness_ida.json"
-    if not path.is_file():
-        return None
-    d = json.loads(path.read_text())
-    keys = ("gender_50_50_bias_before", "gender_50_50_bias_after", "gender_50_50_occupation_kept",
-            "gender_30_70_kl_before", "gender_30_70_kl_after", "gender_50_50_cost_per_image_vs_plain")  # fmt: skip
-    return {"note": "not this run: benchmarks/results/fairness_ida.json (calibrated on the held-out prompts themselves)",
-            "code_revision": d.get("code_revision"), **{k: d[k] for k in keys if k in d}}  # fmt: skip
-
-
 def main() -> None:
     from adaptors.classifiers import TestbedAttributeClassifier
     from adaptors.generation import configure_threads, load_pipeline, resolve_model_path
+    from common.settings import Settings
     from testbed.world import TRAIN_OCCUPATIONS
 
     parser = argparse.ArgumentParser()
@@ -171,6 +230,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--hp", default="{}", help="JSON fair_mapping hyperparameters for every mapping run (recorded)")
     parser.add_argument("--no-dft", action="store_true", help="leave out DFT's text-encoder LoRA")
+    parser.add_argument("--no-ida", action="store_true", help="leave out IDA")
+    parser.add_argument("--ida-runs", nargs="+", default=["gender_50_50"], choices=list(IDA_RUN_NAMES), help="IDA's targets")
+    parser.add_argument("--ida-hp", default="{}", help="JSON overrides of IDA's default recipe (recorded)")
     parser.add_argument("--cost-only", type=int, metavar="REPEATS", help="only the alternated generation-cost measurement, "
                         "merged into the committed JSON under `generation_cost`")  # fmt: skip
     parser.add_argument("--dft-hp", default="{}", help="JSON overrides of DFT's default recipe (recorded; none by default)")
@@ -213,7 +275,15 @@ def main() -> None:
             run = {"target": GENDER, "train_seconds": seconds, "hyperparameters": dft_hp,
                    **measure(pipe, classifier, adaptor, GENDER, base, sizes)}  # fmt: skip
             result["runs"]["dft_te_lora_gender_50_50"] = run
-    result["ida_reference"] = ida_reference()
+        if not args.no_ida:
+            settings = Settings()  # IDA's weights hold for one step count: the one held_out_images generates with
+            ida_hp = {**IDA_HP, "steps": settings.default_steps, "guidance_scale": settings.default_guidance_scale,
+                      **json.loads(args.ida_hp)}  # fmt: skip
+            for name in args.ida_runs:
+                run = {"target": RUNS[name], "hyperparameters": ida_hp,
+                       **ida_run(pipe, classifier, RUNS[name], ida_hp, base, sizes, Path(tmp), IDA_RUN_NAMES[name])}  # fmt: skip
+                result["runs"][IDA_RUN_NAMES[name]] = run
+                print(f"{IDA_RUN_NAMES[name]}: {json.dumps(run['training_occupations']['after'])}", file=sys.stderr)
     result["summary"] = summary(result["runs"])
     result.update(environment(threads))
     publish("fairness_mapping", result)
@@ -237,6 +307,10 @@ def summary(runs: dict) -> dict:
             "adaptor_bytes": run["adaptor_bytes"],
             "generation_cost_vs_none": run["generation_cost_vs_none"],
         }
+        if "calibration" in run:  # IDA: per prompt, so the held-out figures are on prompts it was calibrated on
+            out[name]["calibration_seconds"] = {s: c["seconds"] for s, c in run["calibration"].items()}
+            out[name]["calibration_images"] = {s: c["images"] for s, c in run["calibration"].items()}
+            out[name]["held_out"] = PER_PROMPT_NOTE
     g = out.get("gender_50_50")
     if g:
         g["target_met"] = g["train_bias"][1] <= 0.5 * g["train_bias"][0] and g["occupation_kept_min"] >= 0.95
