@@ -8,7 +8,7 @@ occupation, occupation kept, person recognisable, similarity to the base image. 
 skin tone uniform, and gender 30/70 (the weighted fair-distance term, an extension beyond the
 paper). In the same process, on the same base images and seeds:
 - DFT's text-encoder LoRA at its default recipe, gender 50/50, trained and measured the same way (`--no-dft`);
-- IDA at its default recipe (`--no-ida`; `--ida-runs` picks the targets, gender 50/50 by default). IDA calibrates
+- IDA at its default recipe (`--no-ida`; `--ida-runs` picks the targets, all three by default). IDA calibrates
   guidance weights per prompt and cannot serve a prompt it was not calibrated on, so it is calibrated twice: on
   the 12 training prompts (measured on the training occupations) and on the 4 held-out prompts themselves
   (measured on the held-out occupations, marked as such in the JSON). It is calibrated for the sampler steps
@@ -231,7 +231,8 @@ def main() -> None:
     parser.add_argument("--hp", default="{}", help="JSON fair_mapping hyperparameters for every mapping run (recorded)")
     parser.add_argument("--no-dft", action="store_true", help="leave out DFT's text-encoder LoRA")
     parser.add_argument("--no-ida", action="store_true", help="leave out IDA")
-    parser.add_argument("--ida-runs", nargs="+", default=["gender_50_50"], choices=list(IDA_RUN_NAMES), help="IDA's targets")
+    parser.add_argument("--ida-runs", nargs="+", default=list(IDA_RUN_NAMES), choices=list(IDA_RUN_NAMES),
+                        help="IDA's targets (default: all three runs)")  # fmt: skip
     parser.add_argument("--ida-hp", default="{}", help="JSON overrides of IDA's default recipe (recorded)")
     parser.add_argument("--cost-only", type=int, metavar="REPEATS", help="only the alternated generation-cost measurement, "
                         "merged into the committed JSON under `generation_cost`")  # fmt: skip
