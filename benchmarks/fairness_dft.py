@@ -116,9 +116,10 @@ def _median(values: list[float]) -> float | None:
 
 
 def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] | None = None, seeds: tuple[int, ...] = SEEDS,
-                    steps: int | None = None):  # fmt: skip
+                    steps: int | None = None, render=None):  # fmt: skip
     """Occupation (held-out by default) -> images (N x 3 x H x W in [0, 1]) on fixed seeds, with or without `adaptor`,
-    at `steps` sampling steps (None: the service's default)."""
+    at `steps` sampling steps (None: the service's default). `render(spec)` replaces the plain generation (guidance
+    methods), keeping the same specs and so the same noise."""
     import torch
 
     from adaptors.generation import GenerationSpec, generate
@@ -133,7 +134,7 @@ def held_out_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...] |
         for seed in seeds:
             spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=steps or settings.default_steps,
                                   guidance_scale=settings.default_guidance_scale)  # fmt: skip
-            batches.append(generate(pipe, spec, max_batch=64, encode_prompt=encoder))
+            batches.append(render(spec) if render else generate(pipe, spec, max_batch=64, encode_prompt=encoder))
         out[occ] = torch.cat(batches)
     return out
 

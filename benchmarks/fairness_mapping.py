@@ -126,26 +126,15 @@ def measure(pipe, classifier, adaptor, target: dict, base: dict, sizes: dict) ->
 
 def directed_images(pipe, adaptor, per_seed: int, occupations: tuple[str, ...], seeds: tuple[int, ...]) -> dict:
     """held_out_images' images (same prompts, seeds, steps and guidance, hence the same noise) with IDA's weights."""
-    import torch
-
     from adaptors.assign import generate_directed
-    from adaptors.generation import GenerationSpec
-    from common.settings import Settings
-    from testbed.world import prompt_for
 
-    settings = Settings()
-    out = {}
-    for occ in occupations:
-        directions = adaptor.directions(prompt_for(occ))
+    def render(spec):
+        directions = adaptor.directions(spec.prompt)
         if directions is None:
-            raise ValueError(f"the ida adaptor was not calibrated on {prompt_for(occ)!r}")
-        batches = []
-        for seed in seeds:
-            spec = GenerationSpec(prompt_for(occ), num_images=per_seed, seed=seed, steps=settings.default_steps,
-                                  guidance_scale=settings.default_guidance_scale)  # fmt: skip
-            batches.append(generate_directed(pipe, spec, [directions] * per_seed, adaptor.warmup_steps, max_batch=64))
-        out[occ] = torch.cat(batches)
-    return out
+            raise ValueError(f"the ida adaptor was not calibrated on {spec.prompt!r}")
+        return generate_directed(pipe, spec, [directions] * spec.num_images, adaptor.warmup_steps, max_batch=64)
+
+    return held_out_images(pipe, None, per_seed, occupations, seeds, render=render)
 
 
 def ida_run(pipe, classifier, target: dict, hp: dict, base: dict, sizes: dict, store: Path, name: str) -> dict:

@@ -40,6 +40,7 @@ from adaptors.ida import ida_directions  # noqa: E402
 from adaptors.readers.registry import load_reader, testbed_clip_dir  # noqa: E402
 from benchmarks.results_io import RESULTS, environment, publish, weights_fingerprint  # noqa: E402
 from common.settings import Settings  # noqa: E402
+from testbed.classifier import _vae_roundtrip  # noqa: E402
 from testbed.data import render_balanced  # noqa: E402
 from testbed.oracle import palette_fit, read_batch  # noqa: E402
 from testbed.world import ATTRIBUTES, TEST_OCCUPATIONS, prompt_for  # noqa: E402
@@ -165,8 +166,7 @@ def main() -> None:
     renders = (torch.from_numpy(x) + 1) / 2
     render_readings = read_batch(x)
     # "world-like": at least the palette fit of 99% of VAE round-trips of renders (what the decoder's blur alone does)
-    with torch.no_grad():
-        roundtrips = (pipe.vae.decode(pipe.vae.encode(torch.from_numpy(x)).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    roundtrips = (_vae_roundtrip(pipe.vae, torch.from_numpy(x)) + 1) / 2
     cut = float(np.quantile([palette_fit(im) for im in roundtrips.permute(0, 2, 3, 1).numpy()], 0.01))
 
     images = {k: [] for k in STRATEGIES}
@@ -250,7 +250,6 @@ def clip_accuracy(folder: Path, seed: int = 12345) -> dict:
     """Accuracy against the oracle on fresh renders, their VAE round-trips and plain generated images."""
     from adaptors.generation import GenerationSpec, generate, load_pipeline
     from adaptors.readers.registry import load_reader_folder
-    from testbed.classifier import _vae_roundtrip
     from testbed.data import render_balanced
     from testbed.world import OCCUPATIONS, PROMPT_TEMPLATE
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from testbed.world import ATTRIBUTES, BACKGROUND_RGB, HAIR_RGB, OCCUPATIONS, SHIRT_RGB, SKIN_RGB
+from testbed.world import ATTRIBUTES, BACKGROUND_RGB, EYE_COLOUR, HAIR_RGB, OCCUPATIONS, SHIRT_RGB, SKIN_RGB
 
 _BG = np.asarray(BACKGROUND_RGB, dtype=np.float32) / 255.0
 _SHIRT = np.asarray(SHIRT_RGB, dtype=np.float32) / 255.0
@@ -81,7 +81,7 @@ def read(image: np.ndarray) -> OracleReading:
     )
 
 
-_ALL_COLOURS = np.concatenate([_BG, _SHIRT, _SKIN, _HAIR, [[0.1, 0.1, 0.12]]])  # the eyes' colour last
+_ALL_COLOURS = np.concatenate([_BG, _SHIRT, _SKIN, _HAIR, np.asarray([EYE_COLOUR], dtype=np.float32)])
 _FIT_DISTANCE = 0.15
 
 

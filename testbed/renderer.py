@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from testbed.world import ATTRIBUTES, BACKGROUND_RGB, HAIR_RGB, OCCUPATIONS, SHIRT_RGB, SKIN_RGB
+from testbed.world import ATTRIBUTES, BACKGROUND_RGB, EYE_COLOUR, HAIR_RGB, OCCUPATIONS, SHIRT_RGB, SKIN_RGB
 
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4
@@ -57,7 +57,7 @@ def render(person: Person, seed: int) -> np.ndarray:
     cap = ((xx - cx) ** 2 + ((yy - cy) / 1.1) ** 2 < (r + 1.0) ** 2) & (yy < cy - r * 0.3)
     img[cap] = hair
     eyes = (np.abs(np.abs(xx - cx) - r * 0.4) < 0.7) & (np.abs(yy - cy - 0.5) < 0.7)
-    img[eyes] = np.asarray([0.1, 0.1, 0.12], dtype=np.float32)
+    img[eyes] = np.asarray(EYE_COLOUR, dtype=np.float32)
 
     small = img.reshape(IMAGE_SIZE, _SUPERSAMPLE, IMAGE_SIZE, _SUPERSAMPLE, 3).mean(axis=(1, 3))
     small = small * rng.uniform(0.94, 1.06) + rng.normal(0.0, 0.02, small.shape)

@@ -36,6 +36,7 @@ BACKGROUND_RGB: tuple[tuple[int, int, int], ...] = (
     (150, 225, 50),  # lime
 )
 SHIRT_RGB: tuple[tuple[int, int, int], ...] = ((240, 135, 20), (50, 50, 62))  # orange, charcoal
+EYE_COLOUR: tuple[float, float, float] = (0.1, 0.1, 0.12)  # in [0, 1]
 
 
 @dataclass(frozen=True)
